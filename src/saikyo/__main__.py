@@ -1,0 +1,3 @@
+from saikyo.cli import main
+
+main()

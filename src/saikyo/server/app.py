@@ -1,0 +1,60 @@
+"""The app factory: one FastAPI app per Settings, used by `saikyo serve` and by the Ray deployment."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from saikyo import __version__
+from saikyo.server import classify, demo, docs, metrics, v2
+from saikyo.server.auth import ApiKeyMiddleware, load_keys
+from saikyo.server.errors import install_handlers
+from saikyo.server.limits import LimitsMiddleware
+from saikyo.server.registry import ModelRegistry
+from saikyo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reg = registry or ModelRegistry(settings, on_batch=app.state.metrics.observe_batch)
+        app.state.registry = reg
+        app.state.metrics.model_registry = reg
+        reg.start_loading()
+        try:
+            yield
+        finally:
+            await reg.close()
+
+    app = FastAPI(
+        title="saikyo",
+        version=__version__,
+        description="Image classification inference: the 2018 /classify API and Open Inference Protocol v2.",
+        lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs without a CDN
+        redoc_url=None,
+    )
+    app.state.metrics = metrics.Metrics()
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(classify.router)
+    app.include_router(v2.router)
+    app.include_router(metrics.router)
+    docs.install(app)
+    demo.install(app)
+    # The last added runs first: keys are checked before admission control and body limits, so an
+    # unauthenticated flood takes no request slot. load_keys raises AuthConfigError on unusable settings.
+    app.add_middleware(LimitsMiddleware, settings=settings)
+    keys = load_keys(settings)
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public=settings.public_endpoints)
+    # Outermost: every request is counted, including those refused by the middlewares above.
+    app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,144 @@
+"""POST /classify: the 2018 contract, byte-compatible, plus model/topk/labels options."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from saikyo import labels as imagenet_labels
+from saikyo.predictions import top_k
+from saikyo.server.errors import ApiError
+from saikyo.server.pipeline import Timer, decode_or_400, registry_of, run_batch, served_model
+
+router = APIRouter()
+
+FIELD = "images"
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "detail": {}},
+}
+_ERROR = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+CLASSIFY_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FIELD],
+                    "properties": {
+                        FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more encoded images (JPEG, PNG, WebP, BMP, GIF)",
+                        }
+                    },
+                },
+                "encoding": {FIELD: {"contentType": "image/*, application/octet-stream"}},
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "one object per image, in request order: class key -> probability, highest first",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "array",
+                        "items": {"type": "object", "additionalProperties": {"type": "number"}},
+                    },
+                    "example": [{"282": 0.39, "285": 0.36, "281": 0.17, "287": 0.014, "904": 0.001}],
+                }
+            },
+        },
+        "400": {"description": "no images field, or a file that is not a usable image", **_ERROR},
+        "404": {"description": "unknown model", **_ERROR},
+        "413": {"description": "body, image or image count over its limit", **_ERROR},
+        "415": {"description": "body is not multipart/form-data", **_ERROR},
+        "503": {"description": "overloaded or model not ready; see Retry-After", **_ERROR},
+        "504": {"description": "deadline passed before inference started", **_ERROR},
+    },
+}
+
+
+def predictions_json(probs: np.ndarray, k: int, with_labels: bool) -> list[dict[str, float]]:
+    idx, vals = top_k(probs, k)
+    out: list[dict[str, float]] = []
+    for row_i, row_v in zip(idx.tolist(), vals.tolist()):
+        if with_labels:
+            out.append({f"{i}:{imagenet_labels.name(i)}": v for i, v in zip(row_i, row_v)})
+        else:
+            out.append({str(i): v for i, v in zip(row_i, row_v)})
+    return out
+
+
+@router.post(
+    "/classify",
+    summary="Classify one or more images (the 2018 API)",
+    description=(
+        "Multipart upload, field `images`, one or more files. Returns one object per image in request "
+        "order mapping the top-k ImageNet class indices (strings) to probabilities, highest first. "
+        "With `labels=true` keys read `\"<index>:<label>\"`, e.g. `\"282:tiger cat\"`."
+    ),
+    openapi_extra=CLASSIFY_OPENAPI,
+    response_class=JSONResponse,
+    responses={200: {"model": None}},
+)
+async def classify(
+    request: Request,
+    model: Annotated[str | None, Query(description="model name; default: the server's first model")] = None,
+    topk: Annotated[int, Query(ge=1, le=1000, description="how many classes per image")] = 5,
+    labels: Annotated[bool, Query(description="keys become `\"<index>:<label>\"`")] = False,
+) -> JSONResponse:
+    registry = registry_of(request)
+    settings = registry.settings
+    served = served_model(registry, model)
+    timer = Timer()
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, f"expected a multipart/form-data body with the field {FIELD!r}, got {content_type or 'none'!r}")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
+
+    try:
+        form = await request.form(max_files=settings.max_images_per_request, max_fields=100)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request") from None
+        raise ApiError(400, f"malformed multipart body: {exc.detail}") from None
+    try:
+        uploads = form.getlist(FIELD)
+        if not uploads:
+            present = sorted(set(form.keys()))
+            raise ApiError(400, f"no {FIELD!r} field in the form", {"fields": present})
+        blobs: list[bytes] = []
+        names: list[str] = []
+        for i, up in enumerate(uploads):
+            if not isinstance(up, UploadFile):
+                raise ApiError(400, f"form field {FIELD!r} item {i} is text, not a file upload")
+            data = await up.read()
+            name = up.filename or f"image {i}"
+            if len(data) > settings.max_image_bytes:
+                raise ApiError(413, f"image {i} ({name!r}) is {len(data)} bytes; the limit is {settings.max_image_bytes}")
+            blobs.append(data)
+            names.append(name)
+    finally:
+        await form.close()
+    timer.mark("read")
+
+    pixels = await decode_or_400(registry, served, blobs, names)
+    timer.mark("decode")
+    assert served.pixels is not None
+    probs = await run_batch(served.pixels, pixels)
+    timer.mark("infer")
+    return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), labels), headers=timer.header())

@@ -1,0 +1,110 @@
+"""Request-level helpers shared by the routes: pick the model, read the files, map pipeline errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from saikyo import imaging
+from saikyo.batching import BatcherClosed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
+from saikyo.server import deadline as deadlines
+from saikyo.server.errors import ApiError
+from saikyo.server.registry import ModelRegistry, ModelState, ServedModel
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def served_model(registry: ModelRegistry, name: str | None) -> ServedModel:
+    name = name or registry.settings.default_model
+    model = registry.models.get(name)
+    if model is None:
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(registry.models)})
+    if model.state is ModelState.LOADING:
+        raise ApiError(503, f"model {name!r} is still loading", headers={"Retry-After": "2"})
+    if model.state is ModelState.FAILED:
+        raise ApiError(503, f"model {name!r} is not available: it failed to load", {"reason": model.error})
+    return model
+
+
+async def run_batch(
+    batcher: DynamicBatcher, items: Sequence[np.ndarray], deadline: float | None = None
+) -> np.ndarray:
+    """Submit to the batcher, mapping its failures onto HTTP statuses.
+
+    The request's deadline (X-Request-Timeout-Ms or the server default) applies too; with an explicit
+    `deadline` (monotonic seconds, e.g. the v2 `timeout` parameter) the earlier of the two wins.
+    """
+    check_deadline("inference")
+    request_deadline = deadlines.current.get()
+    if request_deadline is not None:
+        deadline = request_deadline.at if deadline is None else min(deadline, request_deadline.at)
+    try:
+        return await batcher.submit(items, deadline)
+    except QueueFull as exc:
+        raise ApiError(
+            503,
+            "server overloaded: the model's queue is full, retry later",
+            {"queued_images": exc.pending, "limit": exc.limit},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    except DeadlineExceeded:
+        raise _deadline_error("inference") from None
+    except BatchFailed:
+        raise ApiError(500, "inference failed for the batch holding this request") from None
+    except BatcherClosed:
+        raise ApiError(503, "server is shutting down", headers={"Retry-After": "1"}) from None
+
+
+async def decode_or_400(
+    registry: ModelRegistry, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str]
+) -> list[np.ndarray]:
+    check_deadline("decoding")
+    decoded = await registry.decode(model, blobs)
+    bad = [
+        {"index": i, "filename": names[i], "reason": str(r)}
+        for i, r in enumerate(decoded)
+        if isinstance(r, imaging.ImageError)
+    ]
+    if bad:
+        first = bad[0]
+        raise ApiError(400, f"image {first['index']} ({first['filename']!r}) is not usable: {first['reason']}", bad)
+    return decoded  # type: ignore[return-value]
+
+
+def _deadline_error(phase: str) -> ApiError:
+    d = deadlines.current.get()
+    budget = f"{d.budget_ms:g} ms " if d is not None else ""
+    return ApiError(
+        504,
+        f"deadline of {budget}exceeded before {phase} started",
+        {"timeout_ms": d.budget_ms if d is not None else None, "header": deadlines.HEADER},
+    )
+
+
+def check_deadline(phase: str) -> None:
+    """504 now if the request's deadline has passed: its remaining work is never done."""
+    d = deadlines.current.get()
+    if d is not None and d.expired():
+        raise _deadline_error(phase)
+
+
+class Timer:
+    """Collects phase durations for the Server-Timing header (what the demo page shows)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = (now - self._last) * 1000
+        self._last = now
+
+    def header(self) -> dict[str, Any]:
+        return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in self.phases.items())}

@@ -1,0 +1,374 @@
+"""Open Inference Protocol v2 (KServe / Triton HTTP) routes.
+
+Each model has one version, "1": `/versions/1` is accepted wherever the protocol allows a version
+segment, any other version is a 404. A model takes exactly one of two inputs:
+- `images`  BYTES [-1]         encoded images (JPEG, PNG, WebP, BMP, GIF), decoded and preprocessed here,
+                               as binary data or, in JSON, as base64 strings;
+- `input`   FP32  [-1,3,H,W]   an already preprocessed, normalised tensor;
+and has one output, `probabilities` FP32 [-1, classes]. Both inputs go through the model's
+DynamicBatchers, shared with /classify.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import json
+import time
+import zlib
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+
+from saikyo import __version__
+from saikyo import labels as imagenet_labels
+from saikyo.server import v2_openapi as doc
+from saikyo.server import v2_protocol as wire
+from saikyo.server.errors import ApiError
+from saikyo.server.pipeline import Timer, decode_or_400, registry_of, run_batch, served_model
+from saikyo.server.registry import ModelRegistry, ModelState, ServedModel
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+
+VERSION = "1"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+IMAGES = "images"
+TENSOR = "input"
+OUTPUT = "probabilities"
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
+# Compressing small bodies costs more than it saves.
+COMPRESS_MIN_BYTES = 1024
+
+ModelName = Annotated[str, Path(description="model name, as in GET /v2/repository/index")]
+ModelVersion = Annotated[str, Path(description=f"model version; every model has exactly one: {VERSION!r}")]
+
+
+# ---- health and metadata ----
+@router.get(
+    "/health/live", summary="Liveness: 200 while the process serves HTTP", responses=doc.LIVE, response_class=Response
+)
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get(
+    "/health/ready",
+    summary="Readiness: 200 once every model loaded and passed warm-up, else 400",
+    responses=doc.READY,
+    response_class=Response,
+)
+async def ready(request: Request) -> Response:
+    registry = registry_of(request)
+    if registry.ready:
+        return Response(status_code=200)
+    # The v2 spec: a 4xx status means "false".
+    states = {name: m.state.value for name, m in registry.models.items()}
+    return JSONResponse({"error": "not ready", "detail": states}, status_code=400)
+
+
+@router.get("", summary="Server metadata: name, version, protocol extensions", responses=doc.SERVER_METADATA)
+async def server_metadata() -> JSONResponse:
+    return JSONResponse({"name": "saikyo", "version": __version__, "extensions": EXTENSIONS})
+
+
+@router.post(
+    "/repository/index",
+    summary="Every model the server holds, with its state (Triton's repository index)",
+    description=(
+        'Optional JSON body `{"ready": true}` lists only the models ready for inference. Models are fixed '
+        "when the server starts, so the rest of Triton's model repository extension (load, unload) is not offered."
+    ),
+    openapi_extra=doc.REPOSITORY_INDEX_BODY,
+    responses=doc.REPOSITORY_INDEX,
+)
+async def repository_index(request: Request) -> JSONResponse:
+    body = await request.body()
+    only_ready = False
+    if body.strip():
+        try:
+            query = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ApiError(400, "repository index request body must be a JSON object") from None
+        if not isinstance(query, dict):
+            raise ApiError(400, "repository index request body must be a JSON object")
+        only_ready = query.get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise ApiError(400, "'ready' must be true or false")
+    registry = registry_of(request)
+    index = [_index_entry(m) for m in registry.models.values() if m.ready or not only_ready]
+    return JSONResponse(index)
+
+
+def _index_entry(model: ServedModel) -> dict[str, str]:
+    state = {ModelState.READY: "READY", ModelState.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
+    return {"name": model.name, "version": VERSION, "state": state, "reason": model.error or ""}
+
+
+@router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
+async def model_metadata(request: Request, model_name: ModelName) -> JSONResponse:
+    return JSONResponse(metadata(_model(registry_of(request), model_name, None)))
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}",
+    summary="Model metadata, for one version",
+    responses=doc.MODEL_METADATA,
+)
+async def model_version_metadata(request: Request, model_name: ModelName, model_version: ModelVersion) -> JSONResponse:
+    return JSONResponse(metadata(_model(registry_of(request), model_name, model_version)))
+
+
+def metadata(served: ServedModel) -> dict[str, Any]:
+    runner = served.runner
+    assert runner is not None
+    size = runner.preprocessing.input_size
+    backend = str(runner.meta.get("backend", "onnxruntime"))
+    parameters = {
+        key: runner.meta[key]
+        for key in ("family", "weights", "backend", "device", "input_size")
+        if isinstance(runner.meta.get(key), (str, int))
+    }
+    return {
+        "name": served.name,
+        "versions": [VERSION],
+        "platform": PLATFORMS.get(backend, backend),
+        "inputs": [
+            {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR, "datatype": "FP32", "shape": [-1, 3, size, size]},
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, runner.num_classes]}],
+        "parameters": parameters,
+    }
+
+
+@router.get(
+    "/models/{model_name}/ready",
+    summary="Model readiness: 200 ready, 400 not (yet)",
+    responses=doc.MODEL_READY,
+    response_class=Response,
+)
+async def model_ready(request: Request, model_name: ModelName) -> Response:
+    return _readiness(registry_of(request), model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}/ready",
+    summary="Model readiness, for one version",
+    responses=doc.MODEL_READY,
+    response_class=Response,
+)
+async def model_version_ready(request: Request, model_name: ModelName, model_version: ModelVersion) -> Response:
+    return _readiness(registry_of(request), model_name, model_version)
+
+
+def _readiness(registry: ModelRegistry, model_name: str, model_version: str | None) -> Response:
+    model = _known(registry, model_name, model_version)
+    if model.ready:
+        return Response(status_code=200)
+    reason = f": {model.error}" if model.error else ""
+    return JSONResponse({"error": f"model {model_name!r} is not ready ({model.state.value}){reason}"}, status_code=400)
+
+
+def _known(registry: ModelRegistry, name: str, version: str | None) -> ServedModel:
+    model = registry.models.get(name)
+    if model is None:
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(registry.models)})
+    if version is not None and version != VERSION:
+        raise ApiError(404, f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
+    return model
+
+
+def _model(registry: ModelRegistry, name: str, version: str | None) -> ServedModel:
+    _known(registry, name, version)
+    return served_model(registry, name)
+
+
+# ---- inference ----
+@router.post(
+    "/models/{model_name}/infer",
+    summary="Inference: encoded images (BYTES) or a preprocessed tensor (FP32) -> class probabilities",
+    description=doc.INFER_DESCRIPTION,
+    openapi_extra=doc.INFER_BODY,
+    responses=doc.INFER_RESPONSES,
+)
+async def infer(request: Request, model_name: ModelName) -> Response:
+    return await _infer(request, model_name, None)
+
+
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    summary="Inference, for one version",
+    description=doc.INFER_DESCRIPTION,
+    openapi_extra=doc.INFER_BODY,
+    responses=doc.INFER_RESPONSES,
+)
+async def infer_version(request: Request, model_name: ModelName, model_version: ModelVersion) -> Response:
+    return await _infer(request, model_name, model_version)
+
+
+async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
+    registry = registry_of(request)
+    served = _model(registry, model_name, model_version)
+    settings = registry.settings
+    timer = Timer()
+
+    body = await _read_body(request, settings.max_body_bytes)
+    try:
+        body = wire.decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
+        req = wire.parse_request(body, request.headers.get(wire.HEADER_LENGTH))
+        outputs = _requested_outputs(req)
+        timeout_us = req.timeout_us
+    except wire.TooLarge as exc:
+        raise ApiError(413, str(exc)) from None
+    except wire.ProtocolError as exc:
+        raise ApiError(400, str(exc)) from None
+    if len(req.inputs) != 1:
+        names = [t.name for t in req.inputs]
+        raise ApiError(400, f"supply exactly one input, {IMAGES!r} or {TENSOR!r}; got {names}")
+    deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+    tensor = req.inputs[0]
+    timer.mark("read")
+
+    if tensor.name == IMAGES:
+        blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
+        pixels = await decode_or_400(registry, served, blobs, [f"{IMAGES}[{i}]" for i in range(len(blobs))])
+        timer.mark("decode")
+        assert served.pixels is not None
+        probs = await run_batch(served.pixels, pixels, deadline)
+    elif tensor.name == TENSOR:
+        batch = _fp32_batch(tensor, served, settings.max_images_per_request)
+        assert served.tensors is not None
+        probs = await run_batch(served.tensors, list(batch), deadline)
+    else:
+        raise ApiError(
+            400, f"unknown input {tensor.name!r}; model {served.name!r} takes {IMAGES!r} (BYTES) or {TENSOR!r} (FP32)"
+        )
+    timer.mark("infer")
+    if not np.isfinite(probs).all():
+        raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
+
+    payload, headers = wire.encode_response(served.name, VERSION, req.id, [_output(spec, probs) for spec in outputs])
+    headers.update(timer.header())
+    return _maybe_compressed(payload, headers, request.headers.get("accept-encoding", ""))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _requested_outputs(req: wire.InferenceRequest) -> list[wire.RequestedOutput]:
+    if req.outputs is None:
+        return [wire.RequestedOutput(OUTPUT, req.binary_output, 0)]
+    for out in req.outputs:
+        if out.name != OUTPUT:
+            raise wire.ProtocolError(f"unknown output {out.name!r}; the model's output is {OUTPUT!r}")
+    return req.outputs
+
+
+def _image_blobs(tensor: wire.InputTensor, max_images: int, max_image_bytes: int) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise ApiError(400, f"input {IMAGES!r} must have datatype BYTES, not {tensor.datatype!r}")
+    shape = list(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise ApiError(400, f"input {IMAGES!r} must have shape [N] or [N, 1] with N >= 1, not {shape}")
+    if shape[0] > max_images:
+        raise ApiError(413, f"too many images: {shape[0]}; the limit is {max_images} per request")
+    try:
+        blobs = wire.bytes_elements(tensor, _base64_image)
+    except wire.ProtocolError as exc:
+        raise ApiError(400, str(exc)) from None
+    for i, blob in enumerate(blobs):
+        if len(blob) > max_image_bytes:
+            raise ApiError(413, f"{IMAGES}[{i}] is {len(blob)} bytes; the limit is {max_image_bytes}")
+    return blobs
+
+
+def _base64_image(value: Any, i: int) -> bytes:
+    """JSON can't carry raw bytes: an image in JSON data is base64 (a data: URL prefix is allowed)."""
+    if not isinstance(value, str):
+        raise wire.ProtocolError(f"{IMAGES}[{i}] must be a base64 string in JSON data")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise wire.ProtocolError(
+            f"{IMAGES}[{i}] is not valid base64; in JSON, images are base64 strings "
+            "(or send them as binary data with the Inference-Header-Content-Length header)"
+        ) from None
+
+
+def _fp32_batch(tensor: wire.InputTensor, served: ServedModel, max_images: int) -> np.ndarray:
+    assert served.runner is not None
+    size = served.runner.preprocessing.input_size
+    want = [3, size, size]
+    if tensor.datatype != "FP32":
+        raise ApiError(400, f"input {TENSOR!r} must have datatype FP32, not {tensor.datatype!r}")
+    shape = list(tensor.shape)
+    if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
+        raise ApiError(
+            400, f"input {TENSOR!r} of model {served.name!r} must have shape [N, {3}, {size}, {size}], not {shape}"
+        )
+    if shape[0] > max_images:
+        raise ApiError(413, f"too many images: {shape[0]}; the limit is {max_images} per request")
+    try:
+        batch = wire.fp32_array(tensor)
+    except wire.ProtocolError as exc:
+        raise ApiError(400, str(exc)) from None
+    if not np.isfinite(batch).all():
+        raise ApiError(400, f"input {TENSOR!r} holds NaN or infinite values")
+    return batch
+
+
+def _output(spec: wire.RequestedOutput, probs: np.ndarray) -> wire.OutputTensor:
+    n, classes = probs.shape
+    if spec.classification:
+        k = min(spec.classification, classes)
+        label = imagenet_labels.name if classes == len(imagenet_labels.NAMES) else None
+        strings = wire.classification_strings(probs, k, label)
+        return wire.OutputTensor(spec.name, "BYTES", (n, k), strings=strings, binary=spec.binary)
+    return wire.OutputTensor(spec.name, "FP32", (n, classes), array=probs, binary=spec.binary)
+
+
+def _maybe_compressed(payload: bytes, headers: dict[str, str], accept: str) -> Response:
+    """Honour Accept-Encoding gzip / deflate (tritonclient's response_compression_algorithm)."""
+    wanted = _accepted_codings(accept)
+    if len(payload) >= COMPRESS_MIN_BYTES:
+        if "gzip" in wanted:
+            payload = gzip.compress(payload, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        elif "deflate" in wanted:
+            payload = zlib.compress(payload, 5)
+            headers["Content-Encoding"] = "deflate"
+    headers["Vary"] = "Accept-Encoding"
+    media = headers.pop("Content-Type")
+    return Response(payload, media_type=media, headers=headers)
+
+
+def _accepted_codings(accept: str) -> set[str]:
+    codings: set[str] = set()
+    for part in accept.lower().split(","):
+        coding, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if coding and q > 0:
+            codings.add(coding)
+    return codings

@@ -1,0 +1,236 @@
+"""DynamicBatcher unit tests: a fake runner whose output row i is the input item i's marker value."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from saikyo.batching import BatchFailed, BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
+
+POISON = 666.0
+
+
+class FakeRunner:
+    """Returns each item's marker (item[0]) as a 1-column row; can be gated and poisoned."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(10)
+        markers = batch[:, 0].copy()
+        self.batches.append(markers.tolist())
+        if (markers == POISON).any():
+            raise RuntimeError("poisoned batch")
+        return markers.reshape(-1, 1) * 2
+
+
+def items(*markers: float) -> list[np.ndarray]:
+    return [np.full(4, m, np.float32) for m in markers]
+
+
+def make(runner: FakeRunner, **kw) -> tuple[DynamicBatcher, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(1)
+    kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_queue_images", 64)
+    batcher = DynamicBatcher(runner, (4,), np.float32, executor, **kw)
+    batcher.start()
+    return batcher, executor
+
+
+async def wait_entered(runner: FakeRunner) -> None:
+    while not runner.entered.is_set():
+        await asyncio.sleep(0.001)
+
+
+def test_results_come_back_in_request_order_across_concurrent_requests() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        batcher, ex = make(runner)
+        requests = [items(*(100 * r + i for i in range(r % 5 + 1))) for r in range(20)]
+        results = await asyncio.gather(*(batcher.submit(req) for req in requests))
+        for req, res in zip(requests, results):
+            assert res[:, 0].tolist() == [float(x[0]) * 2 for x in req]
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_one_request_spans_batches_and_max_size_is_respected() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        sizes: list[int] = []
+        batcher, ex = make(runner, on_batch=lambda n, s: sizes.append(n))
+        res = await batcher.submit(items(*range(10)))
+        assert res[:, 0].tolist() == [2.0 * i for i in range(10)]
+        assert sizes == [4, 4, 2]
+        # Many concurrent requests: no batch exceeds the limit.
+        await asyncio.gather(*(batcher.submit(items(*range(3))) for _ in range(15)))
+        assert max(sizes) <= 4
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_batches_fill_while_the_runner_is_busy() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner, max_batch_size=8)
+        first = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+        later = [asyncio.ensure_future(batcher.submit(items(10 + i))) for i in range(6)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await asyncio.gather(first, *later)
+        # Idle: the first image ran alone at once; the six that arrived meanwhile ran as one batch.
+        assert runner.batches == [[1.0], [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]]
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_full_queue_refuses_at_once_with_retry_after() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner, max_batch_size=2, max_queue_images=4)
+        running = asyncio.ensure_future(batcher.submit(items(1, 2)))
+        await wait_entered(runner)
+        queued = asyncio.ensure_future(batcher.submit(items(3, 4, 5)))
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit(items(6, 7))
+        assert time.perf_counter() - t0 < 0.5
+        assert info.value.retry_after >= 1
+        assert batcher.queued_images == 3
+        runner.gate.set()
+        assert (await queued)[:, 0].tolist() == [6.0, 8.0, 10.0]
+        await running
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_runner_error_fails_only_the_requests_in_that_batch() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner, max_batch_size=4)
+        before = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+        poisoned = asyncio.ensure_future(batcher.submit(items(POISON)))
+        neighbour = asyncio.ensure_future(batcher.submit(items(2)))
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        assert (await before)[0, 0] == 2.0
+        with pytest.raises(BatchFailed):
+            await poisoned
+        with pytest.raises(BatchFailed):  # shared the poisoned batch
+            await neighbour
+        after = await batcher.submit(items(3))  # the batcher keeps serving
+        assert after[0, 0] == 6.0
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_does_not_poison_a_batch() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+        gone = asyncio.ensure_future(batcher.submit(items(50, 51, 52)))
+        kept = asyncio.ensure_future(batcher.submit(items(7, 8)))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client disconnected
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await first
+        assert (await kept)[:, 0].tolist() == [14.0, 16.0]
+        assert gone.cancelled()
+        assert [50.0] not in runner.batches and all(50.0 not in b for b in runner.batches)
+        assert batcher.queued_images == 0
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_max_delay_waits_for_more_images_when_idle() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        batcher, ex = make(runner, max_batch_size=4, max_delay_ms=300)
+        a = asyncio.ensure_future(batcher.submit(items(1)))
+        await asyncio.sleep(0.02)
+        b = asyncio.ensure_future(batcher.submit(items(2)))
+        await asyncio.gather(a, b)
+        assert runner.batches == [[1.0, 2.0]]
+        # A full batch does not wait for the delay.
+        t0 = time.perf_counter()
+        await batcher.submit(items(1, 2, 3, 4))
+        assert time.perf_counter() - t0 < 0.25
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_expired_deadline_is_refused_before_running() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner)
+        first = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+        late = asyncio.ensure_future(batcher.submit(items(2), deadline=time.monotonic() + 0.01))
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert runner.batches == [[1.0]]
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_close_fails_queued_work_and_refuses_new() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher, ex = make(runner, max_batch_size=1)
+        running = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+        queued = asyncio.ensure_future(batcher.submit(items(2)))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await closing
+        assert (await running)[0, 0] == 2.0  # the batch in flight completes
+        with pytest.raises(BatcherClosed):
+            await queued
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(items(3))
+        ex.shutdown()
+
+    asyncio.run(main())

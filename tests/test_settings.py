@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from saikyo.settings import Settings
+
+
+def test_env_overrides_defaults_and_flags_override_env() -> None:
+    env = {"SAIKYO_MAX_BATCH_SIZE": "32", "SAIKYO_MODELS": "resnet50, squeezenet1_1", "SAIKYO_ORT_SPINNING": "yes"}
+    s = Settings.from_env(env)
+    assert s.max_batch_size == 32 and s.models == ("resnet50", "squeezenet1_1") and s.ort_spinning is True
+    assert s.default_model == "resnet50"
+    s = Settings.from_env(env, max_batch_size=4, repository="/tmp/x", port=None)
+    assert s.max_batch_size == 4 and s.repository == Path("/tmp/x") and s.port == 8080
+
+
+@pytest.mark.parametrize(("env", "match"), [({"SAIKYO_PORT": "eighty"}, "invalid literal"),
+                                            ({"SAIKYO_ORT_SPINNING": "maybe"}, "true or false"),
+                                            ({"SAIKYO_MODELS": " , "}, "at least one")])
+def test_bad_values_say_which_setting(env: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Settings.from_env(env)

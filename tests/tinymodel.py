@@ -1,0 +1,59 @@
+"""Small generated ONNX classifiers: real graphs, milliseconds per batch, for tests where speed matters."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from saikyo.repository import Entry, ModelRepository
+from saikyo.zoo import Preprocessing
+
+
+def tiny_classifier(input_size: int = 32, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """conv 3x3 (8 channels) -> relu -> global average pool -> dense: input [N,3,S,S] -> logits [N,classes]."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    fc = rng.standard_normal((8, classes)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, input_size, input_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(fc, "fc")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def add_tiny_model(repository: ModelRepository, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Entry:
+    pp = Preprocessing(input_size=input_size, crop_pct=0.875)
+    with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False, dir=repository.root if repository.root.exists() else None) as f:
+        path = Path(f.name)
+    onnx.save(tiny_classifier(input_size, seed=seed), str(path))
+    meta = {
+        "name": name,
+        "family": "Tiny",
+        "base_model": name,
+        "weights": "random",
+        "input_size": input_size,
+        "preprocessing": pp.to_dict(),
+        "opset": 17,
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "num_classes": 1000,
+    }
+    return repository.write(name, path, meta)
