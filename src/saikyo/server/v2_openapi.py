@@ -1,0 +1,339 @@
+"""OpenAPI descriptions of the v2 routes. The routes read raw bodies (JSON or JSON + binary tensors), so
+their request and response shapes are written out here, from the KServe v2 spec and Triton's extensions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "detail": {}},
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+
+
+NO_BODY: dict[str, Any] = {"description": "true", "content": {}}
+NOT_FOUND = _error('unknown model, or a version other than "1"')
+LOADING = _error("the model is still loading, or failed to load; see Retry-After")
+
+LIVE: dict[int | str, dict[str, Any]] = {200: {"description": "the server is live", "content": {}}}
+READY: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every model is loaded and warmed up", "content": {}},
+    400: _error("not ready; detail maps each model to its state"),
+}
+
+SERVER_METADATA: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "server name, version and the protocol extensions it supports",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "version", "extensions"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "version": {"type": "string"},
+                        "extensions": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "example": {
+                    "name": "saikyo",
+                    "version": "0.1.0",
+                    "extensions": ["classification", "binary_tensor_data"],
+                },
+            }
+        },
+    }
+}
+
+_TENSOR_METADATA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}, "description": "-1: any size (the batch)"},
+    },
+}
+
+MODEL_METADATA: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the model's inputs (supply exactly one) and output",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "platform", "inputs", "outputs"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "versions": {"type": "array", "items": {"type": "string"}},
+                        "platform": {"type": "string"},
+                        "inputs": {"type": "array", "items": _TENSOR_METADATA},
+                        "outputs": {"type": "array", "items": _TENSOR_METADATA},
+                        "parameters": {
+                            "type": "object",
+                            "description": "provenance: family, weights, backend, device",
+                        },
+                    },
+                },
+                "example": {
+                    "name": "efficientnet_lite0",
+                    "versions": ["1"],
+                    "platform": "onnxruntime_onnx",
+                    "inputs": [
+                        {"name": "images", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]},
+                    ],
+                    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
+                    "parameters": {"weights": "imagenet-pretrained", "backend": "onnxruntime", "device": "cpu"},
+                },
+            }
+        },
+    },
+    404: NOT_FOUND,
+    503: LOADING,
+}
+
+MODEL_READY: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the model is ready for inference", "content": {}},
+    400: _error("the model is loading or failed to load"),
+    404: NOT_FOUND,
+}
+
+REPOSITORY_INDEX_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"ready": {"type": "boolean", "description": "list only ready models"}},
+                }
+            }
+        },
+    }
+}
+
+REPOSITORY_INDEX: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "one entry per model",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "version", "state", "reason"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "string"},
+                            "state": {"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                }
+            }
+        },
+    },
+    400: _error("the body is not a JSON object with an optional boolean 'ready'"),
+}
+
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"
+
+_REQUEST_INPUT = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "enum": ["images", "input"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_size": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "this tensor's bytes follow the JSON header (binary tensor data extension)",
+                }
+            },
+            "additionalProperties": True,
+        },
+        "data": {
+            "description": (
+                "row-major tensor data, flat or nested. `images`: base64 strings, one per image. `input`: numbers."
+            ),
+        },
+    },
+}
+
+_REQUEST_OUTPUT = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "enum": ["probabilities"]},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data": {"type": "boolean", "description": "return this output as binary data"},
+                "classification": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": 'return the top k as BYTES strings "<score>:<index>:<label>" instead',
+                },
+            },
+            "additionalProperties": True,
+        },
+    },
+}
+
+INFERENCE_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string", "description": "echoed in the response"},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_output": {"type": "boolean", "description": "return every output as binary data"},
+                "timeout": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "microseconds the request may wait before inference starts (504 after); 0: none",
+                },
+            },
+            "additionalProperties": True,
+        },
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _REQUEST_INPUT},
+        "outputs": {"type": "array", "items": _REQUEST_OUTPUT},
+    },
+}
+
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": INFERENCE_REQUEST,
+                # A real request: an 8x8 orange PNG, base64-encoded. "Try it out" in /docs works as is.
+                "example": {
+                    "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [EXAMPLE_PNG]}],
+                    "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": (
+                        "the JSON inference request, then the binary data of each input that has "
+                        "binary_data_size, in input order; the header Inference-Header-Content-Length gives "
+                        "the JSON's length. BYTES elements: 4-byte little-endian length, then the bytes."
+                    ),
+                }
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "length of the JSON header when binary tensor data follows it",
+        }
+    ],
+}
+
+_RESPONSE_OUTPUT = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+        },
+        "data": {
+            "type": "array",
+            "items": {"type": ["number", "string"]},
+            "description": "flat, row-major; absent when the output is sent as binary data",
+        },
+    },
+}
+
+INFERENCE_RESPONSE = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _RESPONSE_OUTPUT},
+    },
+}
+
+INFER_DESCRIPTION = """\
+Supply exactly one input:
+
+- `images`, datatype `BYTES`, shape `[N]` (or `[N, 1]`): encoded images (JPEG, PNG, WebP, BMP, GIF), decoded
+  and preprocessed by the server as in `/classify`. As binary data (Triton's binary tensor data extension),
+  each element is a 4-byte little-endian length followed by the file's bytes; in JSON `data`, each element
+  is the file base64-encoded (a `data:` URL prefix is allowed).
+- `input`, datatype `FP32`, shape `[N, 3, H, W]` (H and W from the model metadata): a preprocessed,
+  normalised tensor, as JSON numbers or binary little-endian float32.
+
+The output `probabilities` is FP32 `[N, classes]`. With `"parameters": {"classification": k}` on the
+requested output it is instead BYTES `[N, k]`, each element `"<score>:<index>:<label>"` (Triton's
+classification extension), e.g. `"0.391234:282:tiger cat"`. Outputs asked for with `"binary_data": true`
+(or the request parameter `"binary_data_output": true`) follow the JSON header as raw bytes; the response
+then carries `Inference-Header-Content-Length`. Request bodies may be gzip or deflate encoded
+(`Content-Encoding`), responses are compressed when `Accept-Encoding` asks for it.
+"""
+
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the requested outputs",
+        "headers": {
+            "Inference-Header-Content-Length": {
+                "description": "length of the JSON header, present when binary output data follows it",
+                "schema": {"type": "integer"},
+            }
+        },
+        "content": {
+            "application/json": {
+                "schema": INFERENCE_RESPONSE,
+                "example": {
+                    "model_name": "efficientnet_lite0",
+                    "model_version": "1",
+                    "outputs": [
+                        {
+                            "name": "probabilities",
+                            "datatype": "BYTES",
+                            "shape": [1, 2],
+                            "data": ["0.391234:282:tiger cat", "0.362812:285:Egyptian cat"],
+                        }
+                    ],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "JSON response header, then each binary output's bytes",
+                }
+            },
+        },
+    },
+    400: _error("malformed request: bad JSON, unknown input or output, wrong datatype or shape, unusable image"),
+    404: NOT_FOUND,
+    413: _error("body, image or image count over its limit"),
+    500: _error("the runtime failed on the batch holding this request"),
+    503: _error("model loading, queue full or server shutting down; see Retry-After"),
+    504: _error("the request's timeout passed before inference started"),
+}
