@@ -1,0 +1,157 @@
+"""Admission control and request-body limits, as one pure ASGI middleware in front of every route.
+
+Everything here happens before a route reads the body, so a flood or an oversized upload costs the
+server a header parse, not memory:
+- too many requests in flight: 503 + Retry-After at once (health, metrics and docs are never counted);
+- Content-Length over max_body_bytes: 413 at once, without reading a byte of the body;
+- a body (chunked, or lying about its length) that grows past the limit while streaming: 413 as soon as
+  the limit is crossed, whatever the route was doing with it;
+- a body that is still arriving after body_timeout_s: 408, so slow uploads cannot hold slots forever;
+- the request's deadline (see deadline.py) is parsed and published for the pipeline; a bad header is 400.
+Responses that cut a body short carry `Connection: close`: the rest of the body is never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from saikyo.server import deadline
+from saikyo.server.endpoints import endpoint_group
+from saikyo.server.errors import error_body
+from saikyo.settings import Settings
+
+
+class _BodyRefused(Exception):
+    """Raised into the route from `receive`; the middleware answers instead of the route."""
+
+    def __init__(self, status: int, error: str, detail: dict[str, Any]) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+async def send_json(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    error: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    await JSONResponse(error_body(error, detail), status_code=status, headers=headers)(scope, receive, send)
+
+
+class LimitsMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.max_body = settings.max_body_bytes
+        self.body_timeout = settings.body_timeout_s
+        self.max_in_flight = settings.max_concurrent_requests
+        self.default_timeout_ms = settings.request_timeout_ms
+        self.in_flight = 0  # only touched from the event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            request_deadline = deadline.parse(headers.get(deadline.HEADER), self.default_timeout_ms)
+        except ValueError as exc:
+            await send_json(scope, receive, send, 400, str(exc), {"header": deadline.HEADER})
+            return
+
+        counted = endpoint_group(scope["path"]) is None
+        if counted:
+            if self.in_flight >= self.max_in_flight:
+                await send_json(
+                    scope, receive, send, 503,
+                    "server overloaded: too many requests in flight, retry later",
+                    {"in_flight": self.in_flight, "limit": self.max_in_flight},
+                    headers={"Retry-After": "1"},
+                )  # fmt: skip
+                return
+            self.in_flight += 1
+        token = deadline.current.set(request_deadline)
+        try:
+            await self._with_body_limits(scope, receive, send, headers)
+        finally:
+            deadline.current.reset(token)
+            if counted:
+                self.in_flight -= 1
+
+    async def _with_body_limits(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+        length = headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+            await send_json(
+                scope, receive, send, 413,
+                f"request body of {int(length)} bytes exceeds the limit of {self.max_body} bytes",
+                {"limit_bytes": self.max_body, "content_length": int(length)},
+                headers={"Connection": "close"},
+            )  # fmt: skip
+            return
+
+        received = 0
+        body_done = False
+        started = time.monotonic()
+        refused: _BodyRefused | None = None
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done, refused
+            if body_done or refused is not None:
+                return await receive()
+            remaining = self.body_timeout - (time.monotonic() - started)
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    message = await receive()
+            except TimeoutError:
+                refused = _BodyRefused(
+                    408,
+                    f"request body not received within {self.body_timeout:g} s",
+                    {"timeout_s": self.body_timeout, "received_bytes": received},
+                )
+                raise refused from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    refused = _BodyRefused(
+                        413,
+                        f"request body exceeds the limit of {self.max_body} bytes",
+                        {"limit_bytes": self.max_body, "received_bytes": received},
+                    )
+                    raise refused
+                if not message.get("more_body", False):
+                    body_done = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if refused is not None and not response_started:
+                return  # the route's answer to a body it could not read is replaced by ours
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyRefused:
+            pass
+        except Exception:
+            if refused is None:
+                raise
+        if refused is not None and not response_started:
+            await send_json(
+                scope, receive, send, refused.status, refused.error, refused.detail,
+                headers={"Connection": "close"},
+            )  # fmt: skip
