@@ -1,0 +1,416 @@
+"""`saikyo bench ...`: run, sweep, plot, recommend, report, prices."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(
+    help="The cost lab: load, sweeps, cost performance (thousand images per $), plots, capacity plans.",
+    no_args_is_help=True,
+)
+err = Console(stderr=True, soft_wrap=True)  # messages stay one line each: greppable logs
+
+
+class _Stdout:
+    """stdout as a rich Console, made when printing: a pipe or a file gets wide tables, not ellipses."""
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        Console(width=None if sys.stdout.isatty() else 160).print(*args, **kwargs)
+
+
+console = _Stdout()
+
+InstanceOpt = Annotated[Optional[str], typer.Option("--instance-type", help="price row (see `saikyo bench prices`)")]
+PriceOpt = Annotated[Optional[float], typer.Option("--price-per-hour", help="$/hour; overrides the price table")]
+PricesOpt = Annotated[
+    Optional[Path],
+    typer.Option("--prices", help="TOML price file merged over the bundled one", exists=True, dir_okay=False),
+]
+RecordsArg = Annotated[list[Path], typer.Argument(help="JSONL record files", exists=True, dir_okay=False)]
+ImagesOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="directory of images [default: the bundled cat photo]", exists=True, file_okay=False),
+]
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/] {msg}")
+    return typer.Exit(code)
+
+
+def parse_ms(text: str) -> float:
+    """'200ms', '0.2s', '200' (milliseconds) -> 200.0."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", text)
+    if not m:
+        raise typer.BadParameter(f"not a duration: {text!r} (e.g. 200ms, 0.2s)")
+    value = float(m.group(1))
+    return value * 1000 if m.group(2) == "s" else value
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, not {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, not {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _pricing(instance_type: str | None, price_per_hour: float | None, prices: Path | None) -> Any:
+    from saikyo.bench.cost import UnknownInstanceType, resolve_pricing
+
+    try:
+        return resolve_pricing(instance_type, price_per_hour, prices)
+    except (UnknownInstanceType, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _need_bench_extra() -> None:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise _fail("the load generator needs aiohttp: pip install 'saikyo[bench]'") from None
+
+
+@bench_app.command()
+def run(
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8080",
+    model: Annotated[Optional[str], typer.Option(help="model name [default: the server's default model]")] = None,
+    mode: Annotated[str, typer.Option(help="seed (2018: sequential) | closed | open")] = "seed",
+    images_per_request: Annotated[int, typer.Option(min=1, help="images in each request (2018: batch size)")] = 1,
+    requests: Annotated[int, typer.Option(min=1, help="seed mode: measured sequential requests")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="unmeasured requests first")] = 1,
+    concurrency: Annotated[int, typer.Option(min=1, help="closed mode: workers")] = 1,
+    rate: Annotated[Optional[float], typer.Option(help="open mode: Poisson arrivals, requests/s")] = None,
+    seconds: Annotated[float, typer.Option(help="closed/open mode: how long to offer load")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 60.0,
+    max_outstanding: Annotated[int, typer.Option(min=1, help="open mode: in flight at once; beyond: dropped")] = 256,
+    seed: Annotated[int, typer.Option(help="open mode: arrival schedule seed")] = 0,
+    images: ImagesOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="append the record (one JSON line) to this file")] = None,
+    instance_type: InstanceOpt = None,
+    price_per_hour: PriceOpt = None,
+    prices: PricesOpt = None,
+    backend: Annotated[Optional[str], typer.Option(help="record this backend [default: ask the server]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="record this device [default: ask the server]")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="record the server's max batch size")] = None,
+    hardware: Annotated[Optional[str], typer.Option(help="the server's hardware [default: this machine]")] = None,
+    api_key_file: Annotated[
+        Optional[Path],
+        typer.Option(help="file holding the server's API key [env SAIKYO_BENCH_API_KEY]", exists=True, dir_okay=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+) -> None:
+    """Measure one server: one record (mean/p50/p90/p99, images/s, thousand images per $)."""
+    from dataclasses import replace
+
+    from saikyo.bench import hardware as hw_module
+    from saikyo.bench import records
+    from saikyo.bench.load import LoadError, LoadSpec, read_images, rich_progress, run_load
+
+    _need_bench_extra()
+    pricing = _pricing(instance_type, price_per_hour, prices)
+    # Never a flag: `ps` would show it.
+    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SAIKYO_BENCH_API_KEY")
+    try:
+        spec = LoadSpec(
+            url=url, model=model, mode=mode, images_per_request=images_per_request, requests=requests,
+            warmup=warmup, concurrency=concurrency, rate=rate, seconds=seconds, timeout=timeout,
+            max_outstanding=max_outstanding, seed=seed, api_key=api_key or None,
+        )  # fmt: skip
+        files = read_images(images)
+    except (ValueError, LoadError) as exc:
+        raise _fail(str(exc)) from None
+    hw = hw_module.describe()
+    if hardware:
+        hw = replace(hw, cpu_model=hardware, cores=None, memory_gib=None, accelerator="", virtualised=False)
+    info = records.server_info(url, model, api_key=spec.api_key)
+    bar = rich_progress(spec, enabled=sys.stdout.isatty() and not as_json)
+    try:
+        if bar is not None:
+            with bar:
+                result = asyncio.run(run_load(spec, files, progress=bar))
+        else:
+            result = asyncio.run(run_load(spec, files))
+    except LoadError as exc:
+        raise _fail(str(exc), 1) from None
+    ctx = records.RunContext(
+        hardware=hw,
+        pricing=pricing,
+        family=info.family,
+        backend=backend or info.backend,
+        device=device or info.device,
+        max_batch_size=max_batch_size or info.max_batch_size,
+        weights=info.weights,
+    )
+    rec = records.make_record(result, ctx)
+    if out is not None:
+        records.append(out, rec)
+    if as_json:
+        print(json.dumps(rec))
+    else:
+        _print_record(rec, out)
+    if pricing.price_per_hour is None and not as_json:
+        err.print("no price: pass --instance-type or --price-per-hour for cost performance")
+
+
+PERCENTILE_KEYS = ("mean", "p50", "p90", "p99")
+
+
+def _print_record(rec: dict[str, Any], out: Path | None) -> None:
+    table = Table(title=f"{rec['model']} x{rec['images_per_request']} ({rec['mode']}) at {rec['url']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    load = {"closed": f"concurrency {rec['concurrency']}", "open": f"{rec['rate']} req/s offered"}.get(
+        rec["mode"], "sequential"
+    )
+    rows = [
+        ("load", load),
+        ("requests / errors", f"{rec['requests']} / {rec['errors']} {rec['errors_by_kind'] or ''}"),
+        ("latency mean / p50 / p90 / p99 ms", " / ".join(str(rec[f"latency_{k}_ms"]) for k in PERCENTILE_KEYS)),
+        ("images/s", str(rec["images_per_s"])),
+        ("instance, $/h", f"{rec['instance_type']}, {rec['price_per_hour']}"),
+        ("thousand images per $", str(rec["cost_performance_kimg_per_usd"])),
+        ("hardware", rec["hardware"]),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    if out is not None:
+        console.print(f"appended to {out}")
+
+
+@bench_app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="JSONL file: records are appended; finished cells are skipped")],
+    models: Annotated[str, typer.Option(help="comma-separated models, or 'all' for the zoo")] = "all",
+    images_per_request: Annotated[str, typer.Option(help="comma-separated sizes")] = "1,4,8",
+    precisions: Annotated[str, typer.Option(help="fp32,int8 (int8 serves NAME-int8)")] = "fp32",
+    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,torch/cuda")] = "onnxruntime/cpu",
+    max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
+    modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
+    concurrency: Annotated[str, typer.Option(help="closed-mode levels")] = "1,2,4,8",
+    rates: Annotated[str, typer.Option(help="open-mode levels, requests/s")] = "",
+    requests: Annotated[int, typer.Option(min=1, help="seed mode: measured requests per cell")] = 10,
+    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    seconds: Annotated[float, typer.Option(help="closed/open mode: seconds per cell")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 120.0,
+    repository: Annotated[Optional[Path], typer.Option(help="model repository [env SAIKYO_REPOSITORY]")] = None,
+    export_missing: Annotated[bool, typer.Option("--export-missing", help="export missing models first")] = False,
+    export_weights: Annotated[str, typer.Option(help="weights for --export-missing: random | imagenet | PATH")] = "random",
+    server_args: Annotated[str, typer.Option(help="extra `saikyo serve` flags, e.g. '--max-delay-ms 2'")] = "",
+    log_dir: Annotated[Optional[Path], typer.Option(help="server logs [default: a temporary directory]")] = None,
+    images: ImagesOpt = None,
+    instance_type: InstanceOpt = None,
+    price_per_hour: PriceOpt = None,
+    prices: PricesOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the cells and exit")] = False,
+) -> None:
+    """Measure the matrix on this machine, one local server per setting; rerun to resume."""
+    from saikyo import zoo
+    from saikyo.bench.cost import default_instance_type
+    from saikyo.bench.hardware import describe
+    from saikyo.bench.load import LoadError, read_images
+    from saikyo.bench.sweep import SweepConfig, cell_identity, completed_keys, identity_key, plan, run_sweep
+    from saikyo.settings import Settings
+
+    _need_bench_extra()
+    hw = describe()
+    if instance_type is None and price_per_hour is None:
+        if any(not t.endswith("/cpu") for t in _names(targets)) or hw.accelerator:
+            raise _fail("name the machine's price: --instance-type (e.g. g5.xlarge) or --price-per-hour")
+        instance_type = default_instance_type(hw.cores or 1)
+        err.print(f"pricing as {instance_type} (a {hw.cores}-vCPU machine); --instance-type changes it")
+    pricing = _pricing(instance_type, price_per_hour, prices)
+    settings = Settings.from_env(**({"repository": repository} if repository else {}))
+    model_list = list(zoo.ZOO) if models.strip() == "all" else _names(models)
+    try:
+        cfg = SweepConfig(
+            models=model_list, repository=settings.repository, out=out, pricing=pricing,
+            images_per_request=_ints(images_per_request), precisions=_names(precisions),
+            targets=_names(targets), max_batch_sizes=_ints(max_batch_sizes),
+            modes=_names(modes), concurrency=_ints(concurrency), rates=_floats(rates), requests=requests,
+            warmup=warmup, seconds=seconds, timeout=timeout, images=read_images(images),
+            export_missing=export_missing, export_weights=export_weights, server_args=shlex.split(server_args),
+            log_dir=log_dir, hardware=hw,
+        )  # fmt: skip
+        cells = plan(cfg)
+    except (ValueError, LoadError) as exc:
+        raise _fail(str(exc)) from None
+    if dry_run:
+        done = completed_keys(out)
+        for c in cells:
+            state = "done" if identity_key(cell_identity(c, cfg, hw)) in done else "todo"
+            console.print(f"{state}  {c.server.describe()}  x{c.images_per_request}  {c.load.describe()}", markup=False)
+        return
+    try:
+        summary = run_sweep(cfg, say=lambda m: err.print(m, markup=False, highlight=False))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished cells are in {out}; run the same command again to resume")
+        raise typer.Exit(130) from None
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@bench_app.command()
+def plot(
+    records_files: RecordsArg,
+    out_dir: Annotated[Optional[Path], typer.Option(help="where the PNG/SVG go [default: beside the first file]")] = None,
+    stem: Annotated[str, typer.Option(help="file name prefix, e.g. 'c7i-'")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print the plotted data as JSON")] = False,
+) -> None:
+    """The 2018 figure (cost performance vs time per request, Pareto frontier) and throughput-vs-p99 curves."""
+    from dataclasses import asdict
+
+    from saikyo.bench import records
+    from saikyo.bench.plot import render
+
+    recs = records.read(records_files)
+    if not recs:
+        raise _fail(f"no benchmark records in {', '.join(map(str, records_files))}")
+    result = render(recs, out_dir or records_files[0].parent, stem)
+    if as_json:
+        data = {
+            "cost_points": [{k: v for k, v in asdict(p).items() if k != "record"} for p in result.cost_points],
+            "curves": [asdict(c) for c in result.curves],
+            "files": [str(f) for f in result.files],
+        }
+        print(json.dumps(data, indent=2))
+        return
+    for note in result.notes:
+        err.print(note)
+    for f in result.files:
+        console.print(f"wrote {f}")
+    front = [p.label for p in sorted(result.cost_points, key=lambda p: p.time_ms) if p.pareto]
+    if front:
+        console.print("Pareto frontier (fastest first): " + "; ".join(front))
+
+
+@bench_app.command()
+def recommend(
+    records_files: RecordsArg,
+    p99: Annotated[str, typer.Option(help="latency budget for p99, e.g. 200ms or 0.5s")],
+    qps: Annotated[float, typer.Option(help="requests per second to carry")],
+    headroom: Annotated[float, typer.Option(help="plan each instance at this fraction of its measured throughput")] = 0.7,
+    images_per_request: Annotated[int, typer.Option(min=1, help="images in each of the --qps requests")] = 1,
+    model: Annotated[Optional[str], typer.Option(help="only these models (comma-separated)")] = None,
+    max_error_rate: Annotated[float, typer.Option(help="largest error fraction a feasible load level may have")] = 0.0,
+    hours_per_month: Annotated[float, typer.Option(help="hours billed per month")] = 730.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Every measured configuration meeting the p99 budget, instances for --qps, monthly cost; cheapest first."""
+    from saikyo.bench import records
+    from saikyo.bench.recommend import recommend as plan
+
+    recs = records.read(records_files)
+    try:
+        rec = plan(
+            recs, parse_ms(p99), qps, headroom=headroom, images_per_request=images_per_request,
+            models=_names(model) if model else None, max_error_rate=max_error_rate, hours_per_month=hours_per_month,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps({
+            "p99_ms": rec.p99_ms, "qps": rec.qps, "headroom": rec.headroom, "hours_per_month": rec.hours_per_month,
+            "options": [o.to_dict() for o in rec.options], "rejected": rec.rejected,
+        }, indent=2))  # fmt: skip
+        return
+    table = Table(
+        title=f"p99 <= {rec.p99_ms:g} ms at {rec.qps:g} req/s; each instance planned at {rec.headroom:.0%} "
+        f"of measured throughput; {rec.hours_per_month:g} h/month"
+    )
+    for col, just in [("#", "right"), ("model", "left"), ("instance", "left"), ("backend/device", "left"),
+                      ("img/req", "right"), ("measured at", "left"), ("p99 ms", "right"), ("req/s each", "right"),
+                      ("instances", "right"), ("$/h each", "right"), ("monthly", "right")]:  # fmt: skip
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for i, o in enumerate(rec.options, 1):
+        table.add_row(
+            str(i), o.model, o.instance_type, f"{o.backend}/{o.device}", str(o.images_per_request), o.load,
+            f"{o.p99_ms:.1f}", f"{o.capacity_rps:.2f}", str(o.instances), f"{o.price_per_hour:g}",
+            f"${o.monthly_cost:,.2f}",
+        )  # fmt: skip
+    console.print(table)
+    if not rec.options:
+        sizes = sorted({int(r["images_per_request"]) for r in recs})
+        console.print(f"no measured configuration meets the budget (sizes measured: {sizes})")
+    for line in rec.rejected:
+        err.print(f"not feasible: {line}")
+
+
+@bench_app.command()
+def report(
+    records_files: RecordsArg,
+    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("bench-report.html"),
+    title: Annotated[str, typer.Option()] = "saikyo cost lab",
+    p99: Annotated[Optional[str], typer.Option(help="with --qps: add a recommendation")] = None,
+    qps: Annotated[Optional[float], typer.Option()] = None,
+    headroom: Annotated[float, typer.Option()] = 0.7,
+    images_per_request: Annotated[int, typer.Option(min=1, help="images in each of the --qps requests")] = 1,
+) -> None:
+    """One self-contained HTML page: hardware, the plots inline, the tables, a recommendation."""
+    from saikyo.bench import records
+    from saikyo.bench.recommend import recommend as plan
+    from saikyo.bench.report import write_report
+
+    recs = records.read(records_files)
+    if not recs:
+        raise _fail(f"no benchmark records in {', '.join(map(str, records_files))}")
+    recommendation = None
+    if (p99 is None) != (qps is None):
+        raise _fail("--p99 and --qps go together")
+    if p99 is not None and qps is not None:
+        try:
+            recommendation = plan(recs, parse_ms(p99), qps, headroom=headroom, images_per_request=images_per_request)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    write_report(out, recs, recommendation=recommendation, title=title, sources=[str(p) for p in records_files])
+    console.print(f"wrote {out}")
+
+
+@bench_app.command()
+def prices(
+    prices_file: PricesOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The price table: bundled prices.toml merged with --prices."""
+    from dataclasses import asdict
+
+    from saikyo.bench.cost import load_prices
+
+    try:
+        table_data = load_prices(prices_file)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    rows = [table_data.get(n) for n in table_data.names()]
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    table = Table(title="on-demand prices (saikyo bench prices --prices FILE merges your own)")
+    for col in ("instance", "vCPUs", "GiB", "accelerator", "$/hour", "region", "as of"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.name, str(r.vcpus or "-"), f"{r.memory_gib:g}" if r.memory_gib else "-", r.accelerator or "-",
+                      f"{r.price_per_hour:g}", r.region, r.as_of)  # fmt: skip
+    console.print(table)
+    console.print("sources: " + "; ".join(sorted({r.source for r in rows if r.source})))

@@ -1,0 +1,428 @@
+"""The 2018 figure and the throughput-vs-p99 curves, from benchmark records.
+
+The 2018 figure: x = processing time per request (mean response time of the seed method, ms, log
+scale), y = cost performance (thousand images per dollar); one point per (network, images per
+request, hardware), colour = network family, marker = hardware (instance type; with the device
+where one instance type was measured on its CPU and its GPU). Where several
+server settings measured the same point (e.g. max batch sizes), the one with the best cost
+performance stands for it. The Pareto frontier joins the points nothing beats on both axes.
+
+Everything plotted is returned as data (`CostPoint`, `Curve`), so tests check numbers, not pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saikyo import zoo
+
+FAMILY_COLOURS = {
+    "CaffeNet": "#8c564b",
+    "SqueezeNet": "#2ca02c",
+    "ResNet": "#1f77b4",
+    "ResNeXt": "#d62728",
+    "EfficientNet": "#ff7f0e",
+}
+_SPARE_COLOURS = ["#9467bd", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    label: str  # "ResNet, bs=1, c7i.large"
+    network: str  # the family when it has one model here, else the model name
+    model: str
+    family: str
+    images_per_request: int
+    hardware: str  # instance type, "+ device" where one instance type ran on several devices
+    time_ms: float  # mean processing time per request
+    cost_performance: float  # thousand images per dollar
+    images_per_s: float
+    pareto: bool = False
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    images_per_s: float
+    p99_ms: float
+    load: str  # "c=4" or "12/s"
+
+
+@dataclass(frozen=True)
+class Curve:
+    label: str
+    model: str
+    family: str
+    images_per_request: int
+    precision: str
+    points: tuple[CurvePoint, ...]
+
+
+@dataclass
+class PlotResult:
+    cost_points: list[CostPoint]
+    curves: list[Curve]
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def _usable(r: dict[str, Any]) -> bool:
+    return bool(r.get("ok")) and r.get("latency_mean_ms") is not None
+
+
+def cost_points(records: Iterable[dict[str, Any]]) -> list[CostPoint]:
+    """One point per (model, images per request, hardware) from seed-mode records with a price.
+
+    Hardware is the instance type, or "instance device" (e.g. "g5.xlarge cuda") where one instance
+    type was measured on several devices: its CPU and its GPU are two hardware choices at one price.
+    """
+    usable = [
+        r for r in records
+        if r.get("mode") == "seed" and _usable(r) and r.get("cost_performance_kimg_per_usd") is not None
+    ]  # fmt: skip
+    devices: dict[str, set[str]] = {}
+    for r in usable:
+        devices.setdefault(str(r.get("instance_type")), set()).add(str(r.get("device")))
+
+    def hardware_of(r: dict[str, Any]) -> str:
+        instance = str(r.get("instance_type"))
+        return f"{instance} {r.get('device')}" if len(devices[instance]) > 1 else instance
+
+    best: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for r in usable:
+        key = (r["model"], int(r["images_per_request"]), hardware_of(r))
+        if key not in best or r["cost_performance_kimg_per_usd"] > best[key]["cost_performance_kimg_per_usd"]:
+            best[key] = r
+    # Name a point by its family ("ResNet", as in 2018) when the family has one network here, else by model.
+    bases_by_family: dict[str, set[str]] = {}
+    for r in best.values():
+        bases_by_family.setdefault(r.get("family") or r["model"], set()).add(zoo.base_name(r["model"]))
+    points = []
+    for (model, n, hw), r in best.items():
+        family = r.get("family") or model
+        if len(bases_by_family[family]) == 1:
+            variant = model[len(zoo.base_name(model)) :].lstrip("-")  # "int8" for "resnet50-int8"
+            network = f"{family} {variant}" if variant else family
+        else:
+            network = model
+        points.append(
+            CostPoint(
+                label=f"{network}, bs={n}, {hw}",
+                network=network,
+                model=model,
+                family=family,
+                images_per_request=n,
+                hardware=hw,
+                time_ms=float(r["latency_mean_ms"]),
+                cost_performance=float(r["cost_performance_kimg_per_usd"]),
+                images_per_s=float(r["images_per_s"]),
+                record=r,
+            )
+        )
+    front = {id(p) for p in pareto_front(points)}
+    points = [_with_pareto(p, id(p) in front) for p in points]
+    return sorted(points, key=lambda p: (p.family, p.model, p.hardware, p.images_per_request))
+
+
+def _with_pareto(p: CostPoint, flag: bool) -> CostPoint:
+    from dataclasses import replace
+
+    return replace(p, pareto=flag)
+
+
+def pareto_front(points: Sequence[CostPoint]) -> list[CostPoint]:
+    """Points no other point beats on both axes (faster and cheaper per image), fastest first."""
+    front: list[CostPoint] = []
+    best_y = float("-inf")
+    for p in sorted(points, key=lambda p: (p.time_ms, -p.cost_performance)):
+        if p.cost_performance > best_y:
+            front.append(p)
+            best_y = p.cost_performance
+    return front
+
+
+def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
+    """Per configuration (model, images per request, backend, device, max batch, instance): throughput
+    against p99 over the closed- and open-loop load levels, in order of offered load."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("mode") not in ("closed", "open") or not _usable(r) or r.get("latency_p99_ms") is None:
+            continue
+        key = (
+            r["model"], int(r["images_per_request"]), r.get("backend"), r.get("device"),
+            r.get("max_batch_size"), r.get("instance_type"), r["mode"],
+        )  # fmt: skip
+        groups.setdefault(key, []).append(r)
+    curves = []
+    for (model, n, backend, device, mbs, hw, mode), rs in groups.items():
+        load_key = "concurrency" if mode == "closed" else "rate"
+        latest: dict[float, dict[str, Any]] = {}
+        for r in rs:  # a rerun of the same level replaces the earlier one
+            latest[float(r[load_key])] = r
+        pts = tuple(
+            CurvePoint(
+                float(r["images_per_s"]),
+                float(r["latency_p99_ms"]),
+                f"c={r['concurrency']}" if mode == "closed" else f"{r['rate']:g}/s",
+            )
+            for _, r in sorted(latest.items())
+        )
+        any_r = rs[0]
+        label = f"{model} {backend}/{device} max batch {mbs} {hw}"
+        curves.append(
+            Curve(label, model, any_r.get("family") or model, n, any_r.get("precision") or "fp32", pts)
+        )
+    return sorted(curves, key=lambda c: (c.images_per_request, c.family, c.model, c.label))
+
+
+def _colour_map(families: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    spare = iter(_SPARE_COLOURS * 4)
+    for fam in sorted(set(families)):
+        out[fam] = FAMILY_COLOURS.get(fam) or next(spare)
+    return out
+
+
+def _subtitle(records: Sequence[dict[str, Any]]) -> str:
+    hw = sorted({str(r.get("hardware")) for r in records if r.get("hardware")})
+    prices = sorted(
+        {f"{r['instance_type']} ${r['price_per_hour']}/h" for r in records if r.get("price_per_hour") is not None}
+    )
+    parts = []
+    if hw:
+        parts.append("measured on " + "; ".join(hw))
+    if prices:
+        parts.append("priced as " + ", ".join(prices))
+    # "$" starts mathtext in matplotlib: escape it so that prices print as prices.
+    return " | ".join(parts).replace("$", r"\$")
+
+
+def _plain_ticks(axis: Any, span: float = 1.0) -> None:
+    """Log-axis ticks as 20, 50, 200 rather than 2x10^1: read at a glance. Over more than a decade
+    (`span` = max / min of the data) only the 2s and 5s of the minor ticks are labelled."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _pos: int) -> str:
+        if v <= 0:
+            return ""
+        lead = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:g}" if span < 10 or lead in (2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+    axis.set_tick_params(which="minor", labelsize=7)
+
+
+def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(13, 7.5), dpi=110)
+    colours = _colour_map(p.family for p in points)
+    hardware = sorted({p.hardware for p in points})
+    markers = {hw: MARKERS[i % len(MARKERS)] for i, hw in enumerate(hardware)}
+    for hw in hardware:
+        for fam in sorted(colours):
+            sel = [p for p in points if p.hardware == hw and p.family == fam]
+            if not sel:
+                continue
+            ax.scatter(
+                [p.time_ms for p in sel],
+                [p.cost_performance for p in sel],
+                c=colours[fam],
+                marker=markers[hw],
+                s=70,
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+                label=f"{fam} / {hw}",
+            )
+    front = sorted((p for p in points if p.pareto), key=lambda p: p.time_ms)
+    if len(front) > 1:
+        ax.step(
+            [p.time_ms for p in front], [p.cost_performance for p in front], where="post",
+            color="0.35", linestyle="--", linewidth=1.2, zorder=2,
+        )  # fmt: skip
+    ax.set_xscale("log")
+    ys = [p.cost_performance for p in points]
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+        _plain_ticks(ax.yaxis, max(ys) / min(ys))
+    xs = [p.time_ms for p in points]
+    _plain_ticks(ax.xaxis, max(xs) / min(xs))
+    ax.margins(y=0.08)
+    ax.set_xlabel("processing time per request (ms, mean of sequential requests; log scale)")
+    ax.set_ylabel("cost performance (thousand images per $)")
+    ax.set_title("Cost performance vs processing time (the 2018 method)", fontsize=13)
+    sub = _subtitle(records)
+    if sub:
+        fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="0.3")
+    ax.grid(True, which="both", alpha=0.25)
+    fam_handles = [
+        Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="black", markersize=8, label=f)
+        for f, c in colours.items()
+    ]
+    hw_handles = [
+        Line2D([], [], marker=m, linestyle="", color="0.5", markeredgecolor="black", markersize=8, label=hw)
+        for hw, m in markers.items()
+    ]
+    if front:
+        hw_handles.append(Line2D([], [], color="0.35", linestyle="--", label="Pareto frontier (bold labels)"))
+    # Legends outside the axes, so that they never cover a point or a label.
+    leg1 = ax.legend(handles=fam_handles, title="network", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.add_artist(leg1)
+    ax.legend(handles=hw_handles, title="hardware", loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8)
+    # Room on the right for the labels of the slowest points.
+    ax.set_xlim(min(xs) / 1.25, max(xs) * 2.2)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    # One hardware: the legend names it, so labels drop it; the data keep the full 2018 label.
+    single_hw = len(hardware) == 1
+    _place_labels(fig, ax, points, lambda p: p.label.rsplit(", ", 1)[0] if single_hw else p.label)
+    return fig
+
+
+# Label positions tried in turn (offset in points, alignment); the far ones get a leader line.
+_NEAR = [(6, 3, "left", "bottom"), (6, -3, "left", "top"), (-6, 3, "right", "bottom"), (-6, -3, "right", "top"),
+         (0, 8, "center", "bottom"), (0, -8, "center", "top")]  # fmt: skip
+_FAR = [(18, 16, "left", "bottom"), (18, -16, "left", "top"), (-18, 16, "right", "bottom"),
+        (-18, -16, "right", "top"), (0, 24, "center", "bottom"), (0, -24, "center", "top"),
+        (30, 0, "left", "center"), (-30, 0, "right", "center")]  # fmt: skip
+
+
+def _place_labels(fig: Any, ax: Any, points: Sequence[CostPoint], text_of: Any) -> None:
+    """Greedy placement: each label takes the first position that overlaps no marker and no label
+    placed before it (Pareto points first), else the least-overlapping one. Readable without a
+    layout library."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = []
+    for p in points:
+        x, y = ax.transData.transform((p.time_ms, p.cost_performance))
+        taken.append((x - 6, y - 6, x + 6, y + 6))
+
+    def overlap(box: tuple[float, float, float, float]) -> float:
+        x0, y0, x1, y1 = box
+        total = sum(
+            max(0.0, min(x1, b[2]) - max(x0, b[0])) * max(0.0, min(y1, b[3]) - max(y0, b[1])) for b in taken
+        )
+        outside = (x1 - x0) * (y1 - y0) if x0 < frame.x0 or x1 > frame.x1 or y0 < frame.y0 or y1 > frame.y1 else 0
+        return total + outside
+
+    for p in sorted(points, key=lambda p: (not p.pareto, -p.cost_performance)):
+        best: tuple[float, Any, tuple] | None = None
+        for dx, dy, ha, va in _NEAR + _FAR:
+            far = (dx, dy, ha, va) in _FAR
+            t = ax.annotate(
+                text_of(p), (p.time_ms, p.cost_performance), textcoords="offset points", xytext=(dx, dy),
+                ha=ha, va=va, fontsize=7.5, fontweight="bold" if p.pareto else "normal", color="0.15", zorder=4,
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if far else None,
+            )  # fmt: skip
+            bb = t.get_window_extent(renderer)
+            box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
+            cost = overlap(box)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box)
+            else:
+                t.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        taken.append(best[2])
+
+
+def _short_labels(curves: Sequence[Curve]) -> dict[str, str]:
+    """Legend text: the model, plus only those settings that differ between curves."""
+    parts = {c.label: c.label.split(" ") for c in curves}  # model, backend/device, "max", "batch", N, hardware
+    varying = [i for i in range(1, 6) if len({tuple(p[i : i + 1]) for p in parts.values()}) > 1]
+    return {label: " ".join([p[0], *(p[i] for i in varying)]) for label, p in parts.items()}
+
+
+def plot_curves(curves: Sequence[Curve], records: Sequence[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({c.images_per_request for c in curves})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes) + 2.6, 5.8), dpi=110, squeeze=False)
+    colours = _colour_map(c.family for c in curves)
+    models = sorted({zoo.base_name(c.model) for c in curves})
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
+    short = _short_labels(curves)
+    handles: dict[str, Any] = {}
+    for ax, n in zip(axes[0], sizes):
+        for c in (c for c in curves if c.images_per_request == n):
+            (line,) = ax.plot(
+                [p.images_per_s for p in c.points], [p.p99_ms for p in c.points],
+                color=colours[c.family], marker=markers[zoo.base_name(c.model)],
+                linestyle="--" if c.precision == "int8" else "-", label=short[c.label], markersize=5,
+            )  # fmt: skip
+            handles.setdefault(short[c.label], line)
+            for p in c.points:
+                ax.annotate(p.load, (p.images_per_s, p.p99_ms), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6, color="0.35")  # fmt: skip
+        ips = [p.images_per_s for c in curves if c.images_per_request == n for p in c.points]
+        p99s = [p.p99_ms for c in curves if c.images_per_request == n for p in c.points]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_ticks(ax.xaxis, max(ips) / min(ips))
+        _plain_ticks(ax.yaxis, max(p99s) / min(p99s))
+        ax.set_title(f"{n} image{'s' if n > 1 else ''} per request", fontsize=11)
+        ax.set_xlabel("throughput (images/s, log scale)")
+        ax.set_ylabel("p99 latency (ms, log scale)")
+        ax.grid(True, which="both", alpha=0.25)
+    # One legend for all panels, beside them: the curves stay uncovered. Dashed = int8.
+    fig.legend(handles=list(handles.values()), loc="center right", fontsize=7.5, title="dashed: int8")
+    fig.suptitle("Throughput vs p99 latency as load rises (closed loop: concurrency c; open loop: rate)", fontsize=12)
+    sub = _subtitle(records)
+    if sub:
+        fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="0.3")
+    legend_width = 2.6 / fig.get_size_inches()[0]
+    fig.tight_layout(rect=(0, 0.03, 1 - legend_width, 0.95))
+    return fig
+
+
+def render(records: Sequence[dict[str, Any]], out_dir: Path, stem: str = "") -> PlotResult:
+    """Write <stem>cost.{png,svg} and <stem>throughput-p99.{png,svg} (those that have data)."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = cost_points(records)
+    curves = throughput_curves(records)
+    result = PlotResult(points, curves, [])
+    if points:
+        fig = plot_cost(points, records)
+        result.files += _save(fig, out_dir / f"{stem}cost")
+        plt.close(fig)
+    else:
+        result.notes.append("no seed-mode records with a price: no cost figure")
+    if curves:
+        fig = plot_curves(curves, records)
+        result.files += _save(fig, out_dir / f"{stem}throughput-p99")
+        plt.close(fig)
+    else:
+        result.notes.append("no closed- or open-loop records: no throughput-vs-p99 curves")
+    return result
+
+
+def _save(fig: Any, base: Path) -> list[Path]:
+    paths = [base.parent / f"{base.name}.png", base.parent / f"{base.name}.svg"]
+    # A fixed SVG hash salt and no date keep the SVG byte-stable for the same data (clean diffs).
+    import matplotlib
+
+    matplotlib.rcParams["svg.hashsalt"] = "saikyo"
+    fig.savefig(paths[0], metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"Date": None})
+    return paths

@@ -1,0 +1,141 @@
+"""The capacity plan: which measured configuration carries Q requests/s within a p99 budget, cheapest.
+
+For each configuration (model, images per request, backend, device, max batch size, instance type,
+machine) the load levels it was measured at (seed, closed-loop concurrency, open-loop rate) are
+candidates. A level is feasible when its measured p99 is within the budget and its error rate within
+the allowance; the configuration's capacity is the highest request rate among its feasible levels.
+Each instance is then planned at `headroom` x that capacity (default 70%: room for bursts and for
+the latency at a lower load being no worse than the one measured), so
+
+    instances = ceil(Q / (capacity x headroom)),   monthly cost = instances x $/h x 730 h.
+
+Q is in requests per second of `images_per_request` images each (default 1): only configurations
+measured at that size answer (None: every size, each for requests of its own size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from saikyo.bench.cost import DEFAULT_HEADROOM, HOURS_PER_MONTH, instances_needed, monthly_cost
+
+
+@dataclass(frozen=True)
+class Option:
+    model: str
+    family: str
+    images_per_request: int
+    instance_type: str
+    backend: str
+    device: str
+    max_batch_size: int | None
+    load: str  # the measured level that sets the capacity: "seed", "c=4", "20/s"
+    p99_ms: float
+    capacity_rps: float  # measured requests/s at that level
+    planned_rps: float  # capacity x headroom: what one instance is planned to carry
+    instances: int
+    price_per_hour: float
+    monthly_cost: float
+    hardware: str
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "record"}
+        d["monthly_cost"] = round(self.monthly_cost, 2)
+        d["planned_rps"] = round(self.planned_rps, 3)
+        return d
+
+
+@dataclass
+class Recommendation:
+    options: list[Option]  # feasible, cheapest first
+    p99_ms: float
+    qps: float
+    headroom: float
+    hours_per_month: float
+    rejected: list[str]  # configurations with no feasible level, and why (best p99 seen)
+
+
+def _load_label(r: dict[str, Any]) -> str:
+    if r["mode"] == "closed":
+        return f"c={r['concurrency']}"
+    if r["mode"] == "open":
+        return f"{r['rate']:g}/s"
+    return "seed"
+
+
+def _config_key(r: dict[str, Any]) -> tuple:
+    return (
+        r["model"], int(r["images_per_request"]), r.get("instance_type"), r.get("backend"),
+        r.get("device"), r.get("max_batch_size"), r.get("hardware"),
+    )  # fmt: skip
+
+
+def recommend(
+    records: Iterable[dict[str, Any]],
+    p99_ms: float,
+    qps: float,
+    headroom: float = DEFAULT_HEADROOM,
+    images_per_request: int | None = 1,
+    models: Sequence[str] | None = None,
+    max_error_rate: float = 0.0,
+    hours_per_month: float = HOURS_PER_MONTH,
+) -> Recommendation:
+    if p99_ms <= 0 or qps <= 0:
+        raise ValueError("the p99 budget and the request rate must be positive")
+    if not 0 < headroom <= 1:
+        raise ValueError(f"headroom must be in (0, 1], not {headroom}")
+    configs: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("price_per_hour") is None or not r.get("ok") or r.get("latency_p99_ms") is None:
+            continue
+        if images_per_request is not None and int(r["images_per_request"]) != images_per_request:
+            continue
+        if models and r["model"] not in models:
+            continue
+        configs.setdefault(_config_key(r), []).append(r)
+
+    options: list[Option] = []
+    rejected: list[str] = []
+    for key, rs in configs.items():
+        feasible = [
+            r for r in rs
+            if r["latency_p99_ms"] <= p99_ms and r["errors"] / max(r["requests"], 1) <= max_error_rate
+        ]  # fmt: skip
+        if not feasible:
+            best = min(rs, key=lambda r: r["latency_p99_ms"])
+            why = (
+                f"best p99 {best['latency_p99_ms']:.1f} ms ({_load_label(best)}) > {p99_ms:g} ms"
+                if best["latency_p99_ms"] > p99_ms
+                else f"every level within {p99_ms:g} ms had errors over {max_error_rate:.1%}"
+            )
+            rejected.append(f"{key[0]} bs={key[1]} {key[2]}: {why}")
+            continue
+        top = max(feasible, key=lambda r: r["requests_per_s"])
+        capacity = float(top["requests_per_s"])
+        n = instances_needed(qps, capacity, headroom)
+        price = float(top["price_per_hour"])
+        options.append(
+            Option(
+                model=top["model"],
+                family=top.get("family") or top["model"],
+                images_per_request=int(top["images_per_request"]),
+                instance_type=str(top.get("instance_type")),
+                backend=str(top.get("backend")),
+                device=str(top.get("device")),
+                max_batch_size=top.get("max_batch_size"),
+                load=_load_label(top),
+                p99_ms=float(top["latency_p99_ms"]),
+                capacity_rps=capacity,
+                planned_rps=capacity * headroom,
+                instances=n,
+                price_per_hour=price,
+                monthly_cost=monthly_cost(n, price, hours_per_month),
+                hardware=str(top.get("hardware")),
+                record=top,
+            )
+        )
+    options.sort(key=lambda o: (o.monthly_cost, o.p99_ms, o.model))
+    return Recommendation(options, p99_ms, qps, headroom, hours_per_month, sorted(rejected))

@@ -1,0 +1,152 @@
+"""One self-contained HTML page: the hardware, the plots (inline SVG), the tables, a recommendation."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from saikyo import __version__
+from saikyo.bench.plot import render
+from saikyo.bench.recommend import Recommendation
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1300px; color: #222; }
+h1 { margin-bottom: 0.2rem; } .sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+tr.pareto td { font-weight: bold; }
+figure { margin: 1rem 0; } figure svg { max-width: 100%; height: auto; }
+code { background: #f4f4f4; padding: 0 0.2rem; }
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1, classes: Sequence[str] = ()) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{_esc(h)}</th>' for i, h in enumerate(headers))
+    body = []
+    for j, row in enumerate(rows):
+        cls = f' class="{classes[j]}"' if j < len(classes) and classes[j] else ""
+        cells = "".join(f'<td class="{"l" if i < left else ""}">{_esc(v)}</td>' for i, v in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _inline_svg(path: Path) -> str:
+    text = path.read_text()
+    start = text.find("<svg")  # drop the XML prolog and DOCTYPE: inline SVG in HTML needs neither
+    return text[start:] if start >= 0 else text
+
+
+def build_report(
+    records: Sequence[dict[str, Any]],
+    recommendation: Recommendation | None = None,
+    title: str = "saikyo cost lab",
+    sources: Sequence[str] = (),
+) -> str:
+    with tempfile.TemporaryDirectory(prefix="saikyo-report-") as tmp:
+        plots = render(records, Path(tmp))
+        figures = [
+            f"<figure>{_inline_svg(p)}<figcaption>{_esc(p.stem)}</figcaption></figure>"
+            for p in plots.files
+            if p.suffix == ".svg"
+        ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="sub">{len(records)} records from {_esc(", ".join(sources) or "-")}; generated '
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by saikyo {__version__}</p>",
+        "<h2>Hardware and prices</h2>",
+        _hardware_table(records),
+        "<p>Cost performance = images/s &times; 3600 / price per hour / 1000: thousand images per dollar "
+        "(the 2018 metric). Latency percentiles are nearest-rank over successful requests; open-loop latency "
+        "counts from each request's scheduled send time. <code>client_colocated</code>: the load generator "
+        "ran on the server's machine and shared its cores.</p>",
+        "<h2>The 2018 figure</h2>",
+        *(figures[:1] if plots.cost_points else []),
+    ]
+    if plots.cost_points:
+        ranked = sorted(plots.cost_points, key=lambda p: -p.cost_performance)
+        rows = [
+            [p.label, p.model, _fmt(p.time_ms), _fmt(p.images_per_s, 2), _fmt(p.cost_performance),
+             "yes" if p.pareto else ""]
+            for p in ranked
+        ]  # fmt: skip
+        headers = ["point", "model", "mean ms", "images/s", "k images/$", "Pareto"]
+        parts.append(_table(headers, rows, left=2, classes=["pareto" if p.pareto else "" for p in ranked]))
+    if plots.curves:
+        parts += ["<h2>Throughput vs p99</h2>", figures[-1]]
+    if recommendation is not None:
+        parts += ["<h2>Recommendation</h2>", _recommendation_html(recommendation)]
+    parts += ["<h2>All records</h2>", _records_table(records), "</body></html>"]
+    return "\n".join(parts)
+
+
+_HARDWARE_KEYS = ("hardware", "instance_type", "price_per_hour", "price_source", "client_colocated")
+
+
+def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
+    seen: dict[tuple, int] = {}
+    for r in records:
+        key = tuple(r.get(k) for k in _HARDWARE_KEYS)
+        seen[key] = seen.get(key, 0) + 1
+    rows = [
+        [hw, it, "-" if p is None else f"${p}/h", src, "yes" if co else "no", n]
+        for (hw, it, p, src, co), n in seen.items()
+    ]
+    headers = ["measured on", "priced as", "price", "price source", "client colocated", "records"]
+    return _table(headers, rows, left=2)
+
+
+def _records_table(records: Sequence[dict[str, Any]]) -> str:
+    headers = ["model", "backend/device", "max batch", "images/req", "mode", "load", "requests", "errors",
+               "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
+    rows = []
+    def order(r: dict[str, Any]) -> tuple:
+        return (r["model"], r["images_per_request"], r["mode"], r.get("concurrency") or 0, r.get("rate") or 0)
+
+    for r in sorted(records, key=order):
+        load = {"closed": f"c={r.get('concurrency')}", "open": f"{r.get('rate')}/s"}.get(r["mode"], "sequential")
+        rows.append([
+            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("max_batch_size"), r["images_per_request"],
+            r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
+            _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
+            _fmt(r.get("cost_performance_kimg_per_usd")),
+        ])  # fmt: skip
+    return _table(headers, rows, left=2)
+
+
+def _recommendation_html(rec: Recommendation) -> str:
+    intro = (
+        f"<p>Budget p99 &le; {rec.p99_ms:g} ms at {rec.qps:g} requests/s; each instance planned at "
+        f"{rec.headroom:.0%} of its measured throughput; {rec.hours_per_month:g} hours a month.</p>"
+    )
+    if not rec.options:
+        return intro + "<p>No measured configuration meets the budget.</p>"
+    rows = [
+        [o.model, o.instance_type, f"{o.backend}/{o.device}", o.images_per_request, o.load, _fmt(o.p99_ms),
+         _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
+        for o in rec.options
+    ]  # fmt: skip
+    headers = ["model", "instance", "backend/device", "images/req", "measured at", "p99 ms", "req/s each",
+               "instances", "monthly"]  # fmt: skip
+    return intro + _table(headers, rows, left=3)
+
+
+def write_report(path: Path, records: Sequence[dict[str, Any]], **kwargs: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build_report(records, **kwargs), encoding="utf-8")
+    return path

@@ -1,0 +1,293 @@
+"""The sweep: models x precisions x server settings x images per request x load levels, on this machine.
+
+One local server per (model, backend, device, max batch size): only the measured model is loaded, so
+cells do not share memory or threads with models they do not measure. Each finished cell is appended
+to the output at once, with its identity (`cell`); a rerun of the same command skips every cell whose
+identity is already there, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saikyo import zoo
+from saikyo.bench import records
+from saikyo.bench.cost import Pricing
+from saikyo.bench.hardware import Hardware, describe
+from saikyo.bench.load import LoadError, LoadSpec, run_load
+from saikyo.bench.localserver import ServerStartError, local_server
+from saikyo.repository import ModelNotExported, ModelRepository
+
+PRECISIONS = ("fp32", "int8")
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServerSetting:
+    model: str  # the served name: "resnet50" or "resnet50-int8"
+    backend: str
+    device: str
+    max_batch_size: int
+
+    def args(self) -> list[str]:
+        return ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+
+    def describe(self) -> str:
+        return f"{self.model} [{self.backend}/{self.device}, max batch {self.max_batch_size}]"
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    mode: str  # "seed" | "closed" | "open"
+    concurrency: int | None = None
+    rate: float | None = None
+
+    def describe(self) -> str:
+        if self.mode == "closed":
+            return f"closed c={self.concurrency}"
+        if self.mode == "open":
+            return f"open {self.rate:g}/s"
+        return "seed"
+
+
+@dataclass(frozen=True)
+class Cell:
+    server: ServerSetting
+    images_per_request: int
+    load: LoadLevel
+
+
+@dataclass
+class SweepConfig:
+    models: Sequence[str]
+    repository: Path
+    out: Path
+    pricing: Pricing
+    images_per_request: Sequence[int] = (1, 4, 8)
+    precisions: Sequence[str] = ("fp32",)
+    targets: Sequence[str] = ("onnxruntime/cpu",)  # "backend/device" pairs the server is started with
+    max_batch_sizes: Sequence[int] = (16,)
+    modes: Sequence[str] = ("seed",)
+    concurrency: Sequence[int] = (1, 2, 4, 8)  # closed-mode levels
+    rates: Sequence[float] = ()  # open-mode levels, requests/s
+    requests: int = 10  # seed mode
+    warmup: int = 1
+    seconds: float = 10.0  # closed and open modes
+    timeout: float = 120.0
+    images: Sequence[tuple[str, bytes]] | None = None
+    export_missing: bool = False
+    export_weights: str = "random"
+    server_args: Sequence[str] = ()
+    server_timeout: float = 600.0
+    log_dir: Path | None = None
+    hardware: Hardware | None = None
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+        for t in self.targets:
+            backend, _, device = t.partition("/")
+            if not backend or not device:
+                raise ValueError(f"target {t!r} is not backend/device, e.g. onnxruntime/cpu or torch/cuda")
+        if "open" in self.modes and not self.rates:
+            raise ValueError("open mode needs --rates")
+        if not self.models:
+            raise ValueError("no models to sweep")
+
+
+def served_name(model: str, precision: str) -> str:
+    return model if precision == "fp32" else f"{model}-{precision}"
+
+
+def load_levels(cfg: SweepConfig) -> list[LoadLevel]:
+    levels: list[LoadLevel] = []
+    for mode in cfg.modes:
+        if mode == "seed":
+            levels.append(LoadLevel("seed"))
+        elif mode == "closed":
+            levels += [LoadLevel("closed", concurrency=c) for c in cfg.concurrency]
+        elif mode == "open":
+            levels += [LoadLevel("open", rate=r) for r in cfg.rates]
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return levels
+
+
+def plan(cfg: SweepConfig) -> list[Cell]:
+    """Every cell, grouped so that cells sharing a server are adjacent."""
+    levels = load_levels(cfg)
+    cells = []
+    for model in cfg.models:
+        for precision in cfg.precisions:
+            for target in cfg.targets:
+                backend, _, device = target.partition("/")
+                for mbs in cfg.max_batch_sizes:
+                    server = ServerSetting(served_name(model, precision), backend, device, mbs)
+                    for n in cfg.images_per_request:
+                        for level in levels:
+                            cells.append(Cell(server, n, level))
+    return cells
+
+
+def cell_identity(cell: Cell, cfg: SweepConfig, hw: Hardware) -> dict[str, Any]:
+    """What makes two measurements the same measurement (the price is not part of it)."""
+    load: dict[str, Any] = {"mode": cell.load.mode}
+    if cell.load.mode == "seed":
+        load["requests"] = cfg.requests
+    else:
+        load["seconds"] = cfg.seconds
+        load["concurrency" if cell.load.mode == "closed" else "rate"] = cell.load.concurrency or cell.load.rate
+    return {
+        "model": cell.server.model,
+        "backend": cell.server.backend,
+        "device": cell.server.device,
+        "max_batch_size": cell.server.max_batch_size,
+        "server_args": list(cfg.server_args),
+        "images_per_request": cell.images_per_request,
+        **load,
+        "cpu_model": hw.cpu_model,
+        "cores": hw.cores,
+    }
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True)
+
+
+def completed_keys(out: Path) -> set[str]:
+    return {identity_key(r["cell"]) for r in records.read(out) if isinstance(r.get("cell"), dict)}
+
+
+@dataclass
+class SweepSummary:
+    ran: int = 0
+    already_done: int = 0
+    missing_model: int = 0
+    failed: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"{self.ran} cells measured, {self.already_done} already in the output, "
+            f"{self.missing_model} skipped (model not exported), {self.failed} failed"
+        )
+
+
+def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
+    hw = cfg.hardware or describe()
+    repo = ModelRepository(cfg.repository)
+    done = completed_keys(cfg.out)
+    log_dir = cfg.log_dir or Path(tempfile.mkdtemp(prefix="saikyo-sweep-"))
+    summary = SweepSummary()
+
+    groups: dict[ServerSetting, list[Cell]] = {}
+    for cell in plan(cfg):
+        groups.setdefault(cell.server, []).append(cell)
+    say(f"sweep: {sum(map(len, groups.values()))} cells on {len(groups)} server settings; {hw.description}; "
+        f"instance {cfg.pricing.instance_type} at {_price(cfg.pricing)}; server logs in {log_dir}")  # fmt: skip
+
+    for setting, cells in groups.items():
+        todo = [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done]
+        summary.already_done += len(cells) - len(todo)
+        if not todo:
+            say(f"{setting.describe()}: all {len(cells)} cells already in {cfg.out}")
+            continue
+        problem = _ensure_exported(setting.model, repo, cfg, say)
+        if problem:
+            summary.missing_model += len(todo)
+            summary.messages.append(problem)
+            say(f"skip {setting.describe()} ({len(todo)} cells): {problem}")
+            continue
+        meta = repo.get(setting.model).meta
+        try:
+            with local_server(
+                repo.root, setting.model, log_dir, [*setting.args(), *cfg.server_args], timeout=cfg.server_timeout
+            ) as server:
+                say(f"{setting.describe()}: serving at {server.url}; {len(todo)} cells")
+                for cell in todo:
+                    _run_cell(cell, server.url, cfg, hw, meta, summary, say)
+        except ServerStartError as exc:
+            summary.failed += len(todo)
+            summary.messages.append(f"{setting.describe()}: {exc}")
+            say(f"[failed] {setting.describe()}: the server did not start:\n{exc}")
+    say(f"sweep done: {summary.line()}; records in {cfg.out}")
+    return summary
+
+
+def _run_cell(
+    cell: Cell, url: str, cfg: SweepConfig, hw: Hardware, meta: dict[str, Any], summary: SweepSummary, say: Say
+) -> None:
+    spec = LoadSpec(
+        url=url,
+        model=cell.server.model,
+        mode=cell.load.mode,
+        images_per_request=cell.images_per_request,
+        requests=cfg.requests,
+        warmup=cfg.warmup,
+        concurrency=cell.load.concurrency or 1,
+        rate=cell.load.rate,
+        seconds=cfg.seconds,
+        timeout=cfg.timeout,
+    )
+    try:
+        result = asyncio.run(run_load(spec, cfg.images))
+    except LoadError as exc:
+        summary.failed += 1
+        summary.messages.append(str(exc))
+        say(f"[failed] {cell.server.model} x{cell.images_per_request} {cell.load.describe()}: {exc}")
+        return
+    ctx = records.RunContext(
+        hardware=hw,
+        pricing=cfg.pricing,
+        family=meta.get("family") or records.family_of(cell.server.model),
+        backend=cell.server.backend,
+        device=cell.server.device,
+        max_batch_size=cell.server.max_batch_size,
+        weights=meta.get("weights"),
+        extra={"cell": cell_identity(cell, cfg, hw)},
+    )
+    rec = records.make_record(result, ctx)
+    records.append(cfg.out, rec)
+    summary.ran += 1
+    say(
+        f"  {cell.server.model} x{cell.images_per_request} {cell.load.describe()}: "
+        f"{rec['ok']}/{rec['requests']} ok, mean {rec['latency_mean_ms']} ms, p99 {rec['latency_p99_ms']} ms, "
+        f"{rec['images_per_s']} img/s, {rec['cost_performance_kimg_per_usd']} k img/$"
+    )
+
+
+def _ensure_exported(model: str, repo: ModelRepository, cfg: SweepConfig, say: Say) -> str | None:
+    """None when `model` is in the repository (exporting it first if asked to); else why not."""
+    if repo.has(model):
+        return None
+    missing = str(ModelNotExported(model, repo.root))
+    base = zoo.base_name(model)
+    if not cfg.export_missing:
+        return f"{missing} (or pass --export-missing)"
+    if base not in zoo.ZOO:
+        return f"{missing}; it is not a zoo model, so it cannot be exported here"
+    try:
+        from saikyo.export import export_model
+    except ImportError as exc:
+        return f"{missing}; exporting needs torch: pip install 'saikyo[export]' ({exc})"
+    quantize = "int8" if model.endswith("-int8") else None
+    # For int8, passing weights re-exports the fp32 model too: only do that when it is missing.
+    weights = cfg.export_weights if not repo.has(base) else None
+    say(f"exporting {model} ({'weights ' + weights if weights else 'from the exported ' + base})")
+    try:
+        export_model(base, repo, weights=weights, quantize=quantize, progress=lambda m: say(f"  {m}"))
+    except Exception as exc:  # export failures are many kinds (torch, onnx, quantizer): report, go on
+        return f"export of {model} failed: {exc}"
+    return None
+
+
+def _price(p: Pricing) -> str:
+    return f"${p.price_per_hour}/h ({p.source})" if p.price_per_hour is not None else "no price"

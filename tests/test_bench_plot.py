@@ -1,0 +1,143 @@
+"""The 2018 figure and the throughput curves: check what is plotted (data), not pixels."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from saikyo.bench import records as records_module
+from saikyo.bench.cost import cost_performance
+from saikyo.bench.plot import cost_points, pareto_front, plot_cost, render, throughput_curves
+from saikyo.cli import app
+
+PRICES = {"c7i.large": 0.08925, "g4dn.xlarge": 0.526}
+
+
+def rec(model: str, family: str, n: int, instance: str | None, mean_ms: float, images_per_s: float, **kw: Any) -> dict:
+    price = PRICES.get(instance) if instance else None
+    r = {
+        "schema": records_module.SCHEMA, "model": model, "family": family, "images_per_request": n,
+        "instance_type": instance, "price_per_hour": price, "mode": "seed", "concurrency": 1, "rate": None,
+        "backend": "onnxruntime", "device": "cpu", "max_batch_size": 16, "precision": "fp32",
+        "hardware": "Test CPU, 2 cores", "requests": 10, "ok": 10, "errors": 0,
+        "latency_mean_ms": mean_ms, "latency_p50_ms": mean_ms, "latency_p90_ms": mean_ms * 1.2,
+        "latency_p99_ms": mean_ms * 1.5, "images_per_s": images_per_s, "requests_per_s": images_per_s / n,
+        "cost_performance_kimg_per_usd": cost_performance(images_per_s, price) if price else None,
+    }  # fmt: skip
+    r.update(kw)
+    return r
+
+
+RECORDS = [
+    rec("squeezenet1_1", "SqueezeNet", 1, "c7i.large", 20, 50),
+    rec("squeezenet1_1", "SqueezeNet", 8, "c7i.large", 100, 80),
+    rec("resnet50", "ResNet", 1, "c7i.large", 80, 12.5),
+    rec("resnet50", "ResNet", 1, "c7i.large", 90, 11.1, max_batch_size=1),  # worse setting: not plotted
+    rec("resnet152", "ResNet", 1, "c7i.large", 200, 5),
+    rec("resnet50", "ResNet", 1, "g4dn.xlarge", 10, 100, device="cuda"),
+    rec("resnet50", "ResNet", 4, None, 30, 130),  # no price: no cost point
+    rec("resnet50", "ResNet", 1, "c7i.large", 80, 12, mode="closed", concurrency=1, latency_p99_ms=95),
+    rec("resnet50", "ResNet", 1, "c7i.large", 150, 20, mode="closed", concurrency=2, latency_p99_ms=160),
+    rec("resnet50", "ResNet", 1, "c7i.large", 300, 22, mode="closed", concurrency=4, latency_p99_ms=420),
+    rec("squeezenet1_1", "SqueezeNet", 4, "c7i.large", 40, 90, mode="open", rate=20, concurrency=None, latency_p99_ms=60),
+    rec("squeezenet1_1", "SqueezeNet", 4, "c7i.large", 60, 150, mode="open", rate=40, concurrency=None, latency_p99_ms=200),
+]
+
+
+def by_label(points):
+    return {p.label: p for p in points}
+
+
+def test_one_point_per_network_size_and_hardware_with_2018_labels() -> None:
+    points = by_label(cost_points(RECORDS))
+    assert set(points) == {
+        "SqueezeNet, bs=1, c7i.large",  # the only SqueezeNet: named by family
+        "SqueezeNet, bs=8, c7i.large",
+        "resnet50, bs=1, c7i.large",  # two ResNets: named by model
+        "resnet152, bs=1, c7i.large",
+        "resnet50, bs=1, g4dn.xlarge",
+    }
+    p = points["resnet50, bs=1, c7i.large"]
+    assert p.time_ms == 80  # the better of two server settings stands for the point
+    assert p.cost_performance == pytest.approx(12.5 * 3600 / 0.08925 / 1000)
+    assert points["resnet50, bs=1, g4dn.xlarge"].cost_performance == pytest.approx(100 * 3600 / 0.526 / 1000)
+    assert points["SqueezeNet, bs=8, c7i.large"].family == "SqueezeNet"
+
+
+def test_pareto_frontier() -> None:
+    points = cost_points(RECORDS)
+    front = [p.label for p in pareto_front(points)]
+    assert front == ["resnet50, bs=1, g4dn.xlarge", "SqueezeNet, bs=1, c7i.large", "SqueezeNet, bs=8, c7i.large"]
+    assert {p.label for p in points if p.pareto} == set(front)
+
+
+def test_figure_plots_exactly_the_points_with_log_time_axis() -> None:
+    import matplotlib.pyplot as plt
+
+    points = cost_points(RECORDS)
+    fig = plot_cost(points, RECORDS)
+    try:
+        ax = fig.axes[0]
+        assert ax.get_xscale() == "log"
+        plotted = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+        assert plotted == sorted((p.time_ms, p.cost_performance) for p in points)
+        assert sorted(t.get_text() for t in ax.texts) == sorted(p.label for p in points)
+        # Colour by family: every point of a family has the same face colour, families differ.
+        colours = {}
+        for c in ax.collections:
+            fam = c.get_label().split(" / ")[0]
+            colours.setdefault(fam, set()).add(tuple(c.get_facecolor()[0]))
+        assert all(len(v) == 1 for v in colours.values()) and len(colours) == 2
+        # Marker by hardware: two instance types, two legend entries in the hardware legend.
+        hw_legend = ax.get_legend()
+        assert {t.get_text() for t in hw_legend.get_texts()} >= {"c7i.large", "g4dn.xlarge", "Pareto frontier (bold labels)"}
+        step = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert len(step) == 1
+        xs = list(step[0].get_xdata())
+        assert xs == [p.time_ms for p in pareto_front(points)]
+    finally:
+        plt.close(fig)
+
+
+def test_cpu_and_gpu_of_one_instance_are_two_hardware_points() -> None:
+    on_gpu_box = [
+        rec("resnet50", "ResNet", 1, "g4dn.xlarge", 10, 100, device="cuda"),
+        rec("resnet50", "ResNet", 1, "g4dn.xlarge", 60, 16, device="cpu"),
+        rec("resnet50", "ResNet", 1, "c7i.large", 80, 12.5),
+    ]
+    assert {p.label for p in cost_points(on_gpu_box)} == {
+        "ResNet, bs=1, g4dn.xlarge cuda", "ResNet, bs=1, g4dn.xlarge cpu", "ResNet, bs=1, c7i.large",
+    }  # fmt: skip
+
+
+def test_throughput_curves_follow_load_order() -> None:
+    curves = throughput_curves(RECORDS)
+    assert len(curves) == 2
+    closed = next(c for c in curves if c.model == "resnet50")
+    assert [p.load for p in closed.points] == ["c=1", "c=2", "c=4"]
+    assert [(p.images_per_s, p.p99_ms) for p in closed.points] == [(12, 95), (20, 160), (22, 420)]
+    opened = next(c for c in curves if c.model == "squeezenet1_1")
+    assert [p.load for p in opened.points] == ["20/s", "40/s"] and opened.images_per_request == 4
+
+
+def test_render_writes_png_and_svg(tmp_path) -> None:
+    result = render(RECORDS, tmp_path, stem="t-")
+    names = sorted(f.name for f in result.files)
+    assert names == ["t-cost.png", "t-cost.svg", "t-throughput-p99.png", "t-throughput-p99.svg"]
+    assert (tmp_path / "t-cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "t-cost.svg").read_text()
+    assert len(result.cost_points) == 5 and len(result.curves) == 2
+
+
+def test_plot_cli_json_reports_the_plotted_data(tmp_path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + '{"torn line')
+    result = CliRunner().invoke(app, ["bench", "plot", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["cost_points"]) == 5
+    assert sum(p["pareto"] for p in data["cost_points"]) == 3
+    assert (tmp_path / "cost.png").exists() and (tmp_path / "throughput-p99.svg").exists()

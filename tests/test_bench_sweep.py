@@ -1,0 +1,126 @@
+"""The sweep on tiny generated models: local servers per setting, records per cell, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from tinymodel import add_tiny_model
+
+from saikyo.bench import records
+from saikyo.bench.cost import resolve_pricing
+from saikyo.bench.sweep import SweepConfig, completed_keys, plan, run_sweep
+from saikyo.repository import ModelRepository
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    r = ModelRepository(tmp_path / "repo")
+    r.root.mkdir()
+    add_tiny_model(r, "tiny", input_size=32, seed=0)
+    add_tiny_model(r, "tiny2", input_size=48, seed=1)
+    return r
+
+
+def config(repo: ModelRepository, out: Path, **kw) -> SweepConfig:
+    base = dict(
+        models=["tiny", "tiny2"], repository=repo.root, out=out, pricing=resolve_pricing("c7i.large"),
+        images_per_request=[1, 2], precisions=["fp32", "int8"], requests=3, warmup=1, server_timeout=120,
+        log_dir=out.parent / "logs",
+    )  # fmt: skip
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def test_sweep_measures_skips_unexported_and_resumes(repo: ModelRepository, tmp_path: Path) -> None:
+    out = tmp_path / "results" / "sweep.jsonl"
+    cfg = config(repo, out)
+    assert len(plan(cfg)) == 2 * 2 * 2  # models x precisions x sizes (one seed level)
+
+    said: list[str] = []
+    first = run_sweep(cfg, say=said.append)
+    assert (first.ran, first.missing_model, first.failed) == (4, 4, 0)
+    assert sum("serving at" in m for m in said) == 2  # one server per model setting
+    assert any("tiny-int8" in m and "saikyo models export" in m and "--export-missing" in m for m in said)
+    recs = records.read(out)
+    assert len(recs) == 4
+    assert {(r["model"], r["images_per_request"]) for r in recs} == {("tiny", 1), ("tiny", 2), ("tiny2", 1), ("tiny2", 2)}
+    for r in recs:
+        assert (r["mode"], r["requests"], r["errors"]) == ("seed", 3, 0)
+        assert (r["backend"], r["device"], r["max_batch_size"]) == ("onnxruntime", "cpu", 16)
+        assert r["instance_type"] == "c7i.large" and r["cost_performance_kimg_per_usd"] > 0
+        assert r["family"] == "Tiny" and r["weights"] == "random" and r["client_colocated"] is True
+        assert r["cell"]["model"] == r["model"] and r["cell"]["requests"] == 3
+
+    # Everything done: nothing measured, no server started.
+    said.clear()
+    again = run_sweep(cfg, say=said.append)
+    assert (again.ran, again.already_done) == (0, 4)
+    assert not any("serving at" in m for m in said)
+
+    # Interrupted mid-write: the last record lost and a torn line left behind.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    resumed = run_sweep(cfg, say=said.append)
+    assert (resumed.ran, resumed.already_done) == (1, 3)
+    recs = records.read(out)
+    assert len(recs) == 4
+    assert len({json.dumps(r["cell"], sort_keys=True) for r in recs}) == 4
+
+    # A new load level is a new cell; the old ones stay done.
+    more = run_sweep(config(repo, out, precisions=["fp32"], modes=["seed", "closed"], concurrency=[2], seconds=0.5),
+                     say=said.append)  # fmt: skip
+    assert (more.ran, more.already_done) == (4, 4)
+    closed = [r for r in records.read(out) if r["mode"] == "closed"]
+    assert len(closed) == 4 and all(r["concurrency"] == 2 and r["ok"] > 0 for r in closed)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_interrupted_sweep_stops_its_server_and_resumes(repo: ModelRepository, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.jsonl"
+    logs = tmp_path / "logs"
+    cmd = [
+        sys.executable, "-m", "saikyo", "bench", "sweep", "--out", str(out), "--models", "tiny",
+        "--images-per-request", "1", "--modes", "seed,closed", "--concurrency", "1", "--seconds", "30",
+        "--requests", "3", "--repository", str(repo.root), "--log-dir", str(logs), "--instance-type", "c7i.large",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(records.read(out)) < 1 and proc.poll() is None:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail(f"sweep exited early with {proc.returncode}: {proc.communicate()[1]}")
+        assert len(records.read(out)) == 1, "the seed cell should finish first"
+        time.sleep(0.5)  # inside the 30 s closed-loop cell now
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    port = int(next(logs.glob("server-*.log")).stem.split("-")[1])
+    assert not _listening(port)  # the sweep stopped the server it started
+    assert len(records.read(out)) == 1  # the interrupted cell wrote nothing
+
+    done = completed_keys(out)
+    cfg = config(repo, out, models=["tiny"], images_per_request=[1], precisions=["fp32"], modes=["seed", "closed"],
+                 concurrency=[1], seconds=0.5)  # fmt: skip
+    # Same identity as the CLI run except the closed cell's seconds: the seed cell is done, closed is new.
+    assert len(done) == 1
+    resumed = run_sweep(cfg, say=lambda m: None)
+    assert (resumed.ran, resumed.already_done) == (1, 1)
