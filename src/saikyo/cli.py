@@ -224,6 +224,10 @@ def models_export(
     quantize: Annotated[Optional[str], typer.Option(help="int8: also write the statically quantised NAME-int8")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when already exported")] = False,
+    calibration_images: Annotated[
+        Optional[list[Path]],
+        typer.Option("--calibration-image", help="photo to calibrate int8 on (repeat); default: scikit-image's photos"),
+    ] = None,
     repository: RepositoryOpt = None,
 ) -> None:
     """Export a zoo model to ONNX into the repository (needs the export extra: torch)."""
@@ -250,7 +254,13 @@ def models_export(
         raise typer.Exit(2) from None
     try:
         entry = export_model(
-            name, repo, weights=weights, opset=opset, quantize=quantize, progress=lambda m: err.print(m)
+            name,
+            repo,
+            weights=weights,
+            opset=opset,
+            quantize=quantize,
+            calibration_images=calibration_images,
+            progress=lambda m: err.print(m),
         )
     except ExportError as exc:
         err.print(f"[red]error:[/] {exc}")

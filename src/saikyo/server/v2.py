@@ -66,6 +66,8 @@ async def ready(request: Request) -> Response:
         return Response(status_code=200)
     # The v2 spec: a 4xx status means "false".
     states = {name: m.state.value for name, m in registry.models.items()}
+    if registry.draining:
+        return JSONResponse({"error": "not ready: shutting down", "detail": states}, status_code=400)
     return JSONResponse({"error": "not ready", "detail": states}, status_code=400)
 
 
