@@ -1,0 +1,673 @@
+"""GPU numbers in one prepared run: raw model throughput, GPU vs CPU decode, the server end to end.
+
+    PYTHONPATH=src python benchmarks/gpu.py --out gpu.jsonl                  # on the GPU machine, < 8 min
+    python benchmarks/gpu.py --device cpu --quick --out /tmp/gpu-dry.jsonl   # dry run of the whole flow
+
+Sections, in order (each appends JSON lines to --out as it measures, naming the GPU):
+  raw     images/s of resnet50, resnext50_32x4d, squeezenet1_1 (random weights, fp16, CUDA graphs) at
+          batch 1, 8, 64, 256: "img_s" with the batch already on the GPU (the model alone), "host_img_s"
+          from uint8 numpy pixels to numpy probabilities (pinned copies included);
+  decode  images/s to model-ready uint8 224x224 pixels: nvJPEG + resize/crop on the GPU
+          (saikyo.gpu_imaging) vs saikyo.imaging in a thread pool over every core, on ImageNet-sized
+          photos and on 1920x1280 ones; "ratio" = GPU / CPU;
+  export  resnet50 (random weights) into a temporary repository with `saikyo models export`'s code
+          (CPU work, run beside the raw section);
+  e2e     `saikyo serve --backend torch` on a loopback port, closed-loop client, 32 images per request,
+          concurrency 16, max batch 256 with GPU decode and with CPU decode, then max batch 64 with GPU
+          decode; "ratio" = server img/s / raw img_s at the server's max batch size.
+Sections run in child processes under hard time limits: a hang or crash costs its own section only,
+and what it measured before stays in the file. The total stays under --budget-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.util
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+PHOTOS = [ROOT / "tests" / "data" / f"{name}.jpg" for name in ("cat", "coffee", "astronaut")]
+
+RAW_MODELS = ("resnet50", "resnext50_32x4d", "squeezenet1_1")
+RAW_BATCHES = (1, 8, 64, 256)
+E2E_MODEL = "resnet50"
+
+
+# ---- records ----
+class Recorder:
+    def __init__(self, path: Path, common: dict[str, Any]) -> None:
+        self.path = path
+        self.common = common
+
+    def emit(self, record: dict[str, Any]) -> dict[str, Any]:
+        full = {**record, **{k: v for k, v in self.common.items() if k not in record}}
+        full["time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(full) + "\n")
+        shown = {k: v for k, v in record.items() if k not in ("traceback",)}
+        print("  " + json.dumps(shown), flush=True)
+        return full
+
+    def error(self, section: str, exc: BaseException, **extra: Any) -> None:
+        self.emit({"section": section, "error": f"{type(exc).__name__}: {exc}", **extra,
+                   "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(fn: Callable[[], Any], min_seconds: float, sync: Callable[[], None], min_iters: int = 2) -> tuple[int, float]:
+    """Run fn repeatedly for at least min_seconds (and min_iters); returns (iterations, seconds)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    iters = max(min_iters, int(min_seconds / once))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return iters, time.perf_counter() - t0
+
+
+# ---- child sections (import torch) ----
+def child_env(rec: Recorder, args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    import torchvision
+
+    info: dict[str, Any] = {
+        "section": "env",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    rec.emit(info)
+
+
+def child_raw(rec: Recorder, args: argparse.Namespace) -> None:
+    import gc
+
+    import torch
+
+    for name in args.models:
+        if time.time() > args.deadline - 10:
+            rec.emit({"section": "raw", "model": name, "skipped": "out of time"})
+            continue
+        try:
+            raw_model(rec, args, name)
+        except Exception as exc:
+            rec.error("raw", exc, model=name)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
+    import numpy as np
+    import torch
+
+    from saikyo import torch_models, zoo
+    from saikyo.runtime.torch import TorchRunner
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    batches = tuple(args.batches)
+    spec = zoo.get(name)
+    t0 = time.perf_counter()
+    runner = TorchRunner(
+        name, torch_models.build(spec, "random"), spec.preprocessing,
+        {"num_classes": spec.num_classes, "weights": "random"},
+        device=args.device, dtype=args.dtype, max_batch_size=max(batches), buckets=batches,
+        cuda_graphs=True, device_decode="off",
+    )  # fmt: skip
+    load_s = time.perf_counter() - t0
+    say(f"raw {name}: built, warmed up and captured {len(runner.buckets)} buckets in {load_s:.1f}s")
+    size = spec.preprocessing.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (max(batches), size, size, 3), dtype=np.uint8)
+    runner.infer_pixels(pixels)  # fills the device input buffer too
+    try:
+        for b in batches:
+            if time.time() > args.deadline - 5:
+                rec.emit({"section": "raw", "model": name, "batch": b, "skipped": "out of time"})
+                continue
+            try:
+                it, sec = timed(lambda b=b: runner.forward_resident(b), args.min_seconds, sync)
+                hit, hsec = timed(lambda b=b: runner.infer_pixels(pixels[:b]), args.min_seconds / 2, sync)
+                rec.emit({
+                    "section": "raw", "model": name, "batch": b, "dtype": runner.meta["dtype"],
+                    "cuda_graphs": runner.cuda_graphs, "img_s": round(it * b / sec, 1),
+                    "ms_per_batch": round(sec / it * 1000, 3), "host_img_s": round(hit * b / hsec, 1),
+                    "iterations": it, "load_s": round(load_s, 1),
+                })  # fmt: skip
+            except Exception as exc:
+                rec.error("raw", exc, model=name, batch=b)
+    finally:
+        runner.close()
+
+
+def photo_sets(quick: bool) -> dict[str, list[bytes]]:
+    """The test photos (ImageNet-sized, 451x300 to 600x400) and the same at 1920x1280."""
+    from PIL import Image
+
+    small = [p.read_bytes() for p in PHOTOS]
+    if quick:
+        return {"imagenet-sized": small}
+    large = []
+    for p in PHOTOS:
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").resize((1920, 1280), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        large.append(buf.getvalue())
+    return {"imagenet-sized": small, "1920x1280": large}
+
+
+def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from saikyo import gpu_imaging, imaging, zoo
+
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    pp = zoo.get(E2E_MODEL).preprocessing
+    cores = len(os.sched_getaffinity(0))
+    pool = ThreadPoolExecutor(cores)
+    n = args.decode_images
+    for label, photos in photo_sets(args.quick).items():
+        if time.time() > args.deadline - 5:
+            rec.emit({"section": "decode", "images": label, "skipped": "out of time"})
+            continue
+        blobs = [photos[i % len(photos)] for i in range(n)]
+        mean_kb = round(sum(map(len, blobs)) / len(blobs) / 1024, 1)
+        common = {"section": "decode", "images": label, "mean_kb": mean_kb, "model_input": pp.input_size}
+        results: dict[str, float] = {}
+        try:
+            list(pool.map(lambda b: imaging.decode(b, pp), blobs[:cores]))  # warm the pool
+            it, sec = timed(lambda: list(pool.map(lambda b: imaging.decode(b, pp), blobs)), args.min_seconds, sync)
+            results["cpu"] = it * n / sec
+            rec.emit({**common, "path": "cpu-pool", "threads": cores, "img_s": round(results["cpu"], 1)})
+        except Exception as exc:
+            rec.error("decode", exc, images=label, path="cpu-pool")
+        for batch in sorted({32, n}):
+            try:
+                chunks = [blobs[i : i + batch] for i in range(0, n, batch)]
+
+                def run(chunks: list[list[bytes]] = chunks) -> None:
+                    for chunk in chunks:
+                        gpu_imaging.decode(chunk, pp, args.device)
+
+                gpu_imaging.decode(blobs[:batch], pp, args.device)  # nvJPEG init, weights cache
+                it, sec = timed(run, args.min_seconds, sync)
+                results[f"device-b{batch}"] = it * n / sec
+                rec.emit({**common, "path": "device", "batch": batch, "threads": 1, "img_s": round(it * n / sec, 1)})
+            except Exception as exc:
+                rec.error("decode", exc, images=label, path="device", batch=batch)
+        try:  # the server's shape: a request of 32 per decode thread, several threads at once
+            threads = 4
+            dpool = ThreadPoolExecutor(threads)
+            chunks = [blobs[i : i + 32] for i in range(0, n, 32)]
+
+            def run_threads() -> None:
+                list(dpool.map(lambda c: gpu_imaging.decode(c, pp, args.device), chunks))
+
+            it, sec = timed(run_threads, args.min_seconds, sync)
+            results["device-threads"] = it * n / sec
+            rec.emit({**common, "path": "device", "batch": 32, "threads": threads, "img_s": round(it * n / sec, 1)})
+            dpool.shutdown()
+        except Exception as exc:
+            rec.error("decode", exc, images=label, path="device-threads")
+        if cuda:
+            try:  # nvJPEG alone, no resize: what the decoder itself does
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+                it, sec = timed(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda"), args.min_seconds, sync)
+                rec.emit({**common, "path": "nvjpeg-only", "batch": n, "img_s": round(it * n / sec, 1)})
+            except Exception as exc:
+                rec.error("decode", exc, images=label, path="nvjpeg-only")
+        device_best = max((v for k, v in results.items() if k.startswith("device")), default=None)
+        if device_best and results.get("cpu"):
+            rec.emit({**common, "path": "ratio", "ratio": round(device_best / results["cpu"], 2),
+                      "device_img_s": round(device_best, 1), "cpu_img_s": round(results["cpu"], 1)})  # fmt: skip
+    pool.shutdown()
+
+
+def child_export(rec: Recorder, args: argparse.Namespace) -> None:
+    from saikyo.export import export_model
+    from saikyo.repository import ModelRepository
+
+    repo = ModelRepository(args.repository)
+    t0 = time.perf_counter()
+    try:
+        entry = export_model(args.e2e_model, repo, weights="random")
+        rec.emit({"section": "export", "model": args.e2e_model, "seconds": round(time.perf_counter() - t0, 1),
+                  "onnx_mb": round(entry.size_bytes / 1e6, 1), "exporter": "dynamo"})  # fmt: skip
+    except Exception as exc:
+        rec.error("export", exc, model=args.e2e_model)
+        say("export failed; writing the entry with the TorchScript-based ONNX exporter instead")
+        legacy_entry(repo, args.e2e_model)
+        rec.emit({"section": "export", "model": args.e2e_model, "seconds": round(time.perf_counter() - t0, 1),
+                  "exporter": "torchscript (fallback)"})  # fmt: skip
+
+
+def legacy_entry(repo: Any, name: str) -> None:
+    """A repository entry without the dynamo exporter: the torch runner reads only weights.pt and meta."""
+    import torch
+
+    from saikyo import export, torch_models, zoo
+    from saikyo.repository import WEIGHTS_FILE
+
+    spec = zoo.get(name)
+    model = torch_models.build(spec, "random")
+    size = spec.preprocessing.input_size
+    tmp = Path(tempfile.mkdtemp(dir=repo.root))
+    onnx_path, weights = tmp / "model.onnx", tmp / WEIGHTS_FILE
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(onnx_path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                      opset_version=17, dynamo=False)  # fmt: skip
+    torch.save(model.state_dict(), weights)
+    meta = {"name": name, "family": spec.family, "base_model": name, "precision": "fp32", "weights": "random",
+            "num_classes": spec.num_classes, "input_size": size, "preprocessing": spec.preprocessing.to_dict(),
+            "torch_weights": WEIGHTS_FILE, "exported_at": export.utc_now(), "versions": export.versions()}  # fmt: skip
+    repo.write(name, onnx_path, meta, extra_files=[weights])
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+CHILDREN = {"env": child_env, "raw": child_raw, "decode": child_decode, "export": child_export}
+
+
+# ---- parent: run children under time limits, drive the server ----
+class Child:
+    """One section in its own process group, with a hard time limit."""
+
+    def __init__(self, name: str, args: argparse.Namespace, limit: float, extra: list[str]) -> None:
+        self.name = name
+        self.args = args
+        self.limit = min(limit, args.deadline - time.time())
+        self.proc: subprocess.Popen[bytes] | None = None
+        if self.limit < 5:
+            say(f"skip {name}: out of time")
+            self._record({"section": name, "skipped": "out of time"})
+            return
+        say(f"section {name} (limit {self.limit:.0f}s)")
+        self.ends = time.time() + self.limit
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(args.out),
+               "--device", args.device, "--dtype", args.dtype, "--deadline", str(self.ends),
+               "--min-seconds", str(args.min_seconds), *(["--quick"] if args.quick else []), *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=child_env_vars(), start_new_session=True)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        Recorder(self.args.out, {"run": self.args.run_id, "device": self.args.device}).emit(record)
+
+    def wait(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            rc = self.proc.wait(max(1.0, self.ends - time.time()))
+            if rc != 0:
+                self._record({"section": self.name, "error": f"child exited with {rc}"})
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self._record({"section": self.name, "error": f"killed after {self.limit:.0f}s"})
+        self.proc = None
+
+
+def child_env_vars() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(blobs: list[bytes]) -> tuple[bytes, str]:
+    boundary = "saikyogpubench"
+    parts = [
+        (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{i}.jpg\"\r\n"
+         "Content-Type: image/jpeg\r\n\r\n").encode() + b + b"\r\n"
+        for i, b in enumerate(blobs)
+    ]  # fmt: skip
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def drive(url: str, body: bytes, ctype: str, concurrency: int, warm_s: float, seconds: float,
+                client: str) -> dict[str, Any]:  # fmt: skip
+    """Closed loop: `concurrency` workers each post the same body back to back."""
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    if client == "aiohttp":
+        import aiohttp
+
+        session: Any = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                             timeout=aiohttp.ClientTimeout(total=120))  # fmt: skip
+
+        async def post() -> tuple[int, bytes]:
+            async with session.post(f"{url}/classify", data=body, headers={"Content-Type": ctype}) as r:
+                return r.status, await r.read()
+    else:
+        import httpx
+
+        session = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=120)
+
+        async def post() -> tuple[int, bytes]:
+            r = await session.post(f"{url}/classify", content=body, headers={"Content-Type": ctype})
+            return r.status_code, r.content
+
+    async def worker(stop: float, record: bool) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                status, payload = await post()
+            except Exception as exc:  # count and go on: one failed request must not end the run
+                errors.append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.05)
+                continue
+            if status != 200:
+                errors.append(f"HTTP {status}: {payload[:200]!r}")
+            elif record:
+                latencies.append(time.perf_counter() - t0)
+
+    try:
+        warm_stop = time.perf_counter() + warm_s
+        await asyncio.gather(*(worker(warm_stop, False) for _ in range(concurrency)))
+        errors.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await (session.close() if client == "aiohttp" else session.aclose())
+    lat = sorted(latencies)
+    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
+    return {"requests": len(lat), "elapsed_s": round(elapsed, 2), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)}  # fmt: skip
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready after {timeout:.0f}s")
+
+
+def batch_stats(url: str, model: str) -> dict[str, Any]:
+    """Mean forward-pass batch and runner seconds from the server's Prometheus metrics."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except Exception:
+        return {}
+
+    def value(metric: str) -> float | None:
+        m = re.search(rf'^{metric}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} ([0-9.eE+-]+)$', text, re.M)
+        return float(m.group(1)) if m else None
+
+    size_sum, size_count = value("saikyo_batch_size_sum"), value("saikyo_batch_size_count")
+    inf_sum = value("saikyo_inference_duration_seconds_sum")
+    out: dict[str, Any] = {}
+    if size_sum is not None and size_count:
+        out["mean_batch"] = round(size_sum / size_count, 1)
+        out["batches"] = int(size_count)
+        if inf_sum:
+            out["runner_img_s"] = round(size_sum / inf_sum, 1)  # images per second the runner was busy
+    return out
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], decode: str,
+        batch: int) -> None:  # fmt: skip
+    budget = args.deadline - time.time()
+    if budget < args.e2e_seconds + 40:
+        rec.emit({"section": "e2e", "decode": decode, "max_batch_size": batch, "skipped": "out of time"})
+        return
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(tempfile.gettempdir()) / f"saikyo-gpu-bench-{port}.log"
+    cmd = [sys.executable, "-m", "saikyo", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--models", args.e2e_model, "--repository", str(repo), "--backend", "torch", "--device", args.device,
+           "--dtype", args.dtype, "--max-batch-size", str(batch),
+           "--max-queue-images", str(4 * args.concurrency * args.images_per_request),
+           "--max-concurrent-requests", str(4 * args.concurrency),
+           "--device-decode", "on" if decode == "gpu" else "off", "--log-level", "warning"]  # fmt: skip
+    say(f"e2e ({decode} decode, max batch {batch}): {' '.join(cmd[3:])}")
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env_vars(), start_new_session=True)
+    try:
+        wait_ready(url, proc, min(args.ready_timeout, budget - args.e2e_seconds - 15))
+        load_s = time.time() - t0
+        say(f"server ready in {load_s:.1f}s")
+        photos = [p.read_bytes() for p in PHOTOS]
+        blobs = [photos[i % len(photos)] for i in range(args.images_per_request)]
+        body, ctype = multipart(blobs)
+        result = asyncio.run(drive(url, body, ctype, args.concurrency, args.warm_seconds, args.e2e_seconds, args.client))
+        img_s = result["requests"] * args.images_per_request / result["elapsed_s"]
+        raw_img_s = raw.get((args.e2e_model, batch))
+        record = {
+            "section": "e2e", "model": args.e2e_model, "decode": decode, "backend": "torch",
+            "img_s": round(img_s, 1), "raw_img_s": raw_img_s, "raw_batch": batch,
+            "ratio": round(img_s / raw_img_s, 3) if raw_img_s else None,
+            "images_per_request": args.images_per_request, "concurrency": args.concurrency,
+            "max_batch_size": batch, "mean_kb": round(len(body) / args.images_per_request / 1024, 1),
+            "client": args.client, "server_load_s": round(load_s, 1), **result, **batch_stats(url, args.e2e_model),
+        }  # fmt: skip
+        rec.emit(record)
+    except Exception as exc:
+        rec.error("e2e", exc, decode=decode, max_batch_size=batch)
+        print(log_path.read_text(errors="replace")[-4000:] if log_path.exists() else "(no server log)", flush=True)
+    finally:
+        stop(proc)
+        log_path.unlink(missing_ok=True)
+
+
+def summary(rec: Recorder, args: argparse.Namespace) -> None:
+    records = [r for r in read_records(args.out) if r.get("run") == rec.common["run"]]
+    print("\n==== summary ====", flush=True)
+    print(f"device: {rec.common.get('gpu')}", flush=True)
+    for r in records:
+        if r.get("section") == "raw" and "img_s" in r:
+            print(f"raw    {r['model']:<16} batch {r['batch']:>4}: {r['img_s']:>10.1f} img/s on device, "
+                  f"{r['host_img_s']:>10.1f} from host ({r['dtype']}, graphs={r['cuda_graphs']})", flush=True)  # fmt: skip
+    for r in records:
+        if r.get("section") == "decode" and "img_s" in r:
+            print(f"decode {r['images']:<15} {r['path']:<12} batch {str(r.get('batch', '-')):>4} "
+                  f"threads {r.get('threads', '-')}: {r['img_s']:>9.1f} img/s", flush=True)  # fmt: skip
+        if r.get("section") == "decode" and "ratio" in r:
+            print(f"ratio  GPU decode / CPU decode ({r['images']}): {r['ratio']:.2f} (target >= 3)", flush=True)
+    for r in records:
+        if r.get("section") == "e2e" and "img_s" in r:
+            ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "n/a"
+            print(f"e2e    {r['model']} {r['decode']} decode: {r['img_s']:.1f} img/s, p50 {r['p50_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, errors {r['errors']}, mean batch {r.get('mean_batch')}; "
+                  f"ratio server/raw(batch {r['raw_batch']}) = {ratio} (target >= 0.5)", flush=True)  # fmt: skip
+    errors = [r for r in records if r.get("error")]
+    for r in errors:
+        print(f"ERROR in {r['section']}: {r['error']}", flush=True)
+    rec.emit({"section": "summary", "records": len(records), "errors": len(errors),
+              "elapsed_s": round(time.time() - args.started, 1)})  # fmt: skip
+
+
+def gpu_name_from(records: list[dict[str, Any]], run: str) -> str | None:
+    for r in records:
+        if r.get("run") == run and r.get("section") == "env":
+            return r.get("gpu") or "cpu"
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSONL file to append to")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--quick", action="store_true", help="small, fast settings: a dry run of the whole flow")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="hard limit for everything")
+    ap.add_argument("--sections", default="env,raw,decode,export,e2e")
+    ap.add_argument("--client", default=None, choices=("aiohttp", "httpx"))
+    ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--images-per-request", type=int, default=None)
+    ap.add_argument("--e2e-batch", type=int, default=None, help="server max batch size [256]")
+    ap.add_argument("--e2e-seconds", type=float, default=None)
+    ap.add_argument("--warm-seconds", type=float, default=None)
+    ap.add_argument("--ready-timeout", type=float, default=240.0)
+    ap.add_argument("--min-seconds", type=float, default=None, help="per raw/decode cell")
+    # child-process arguments
+    ap.add_argument("--child", default=None, choices=tuple(CHILDREN))
+    ap.add_argument("--deadline", type=float, default=None)
+    ap.add_argument("--models", default=None)
+    ap.add_argument("--batches", default=None)
+    ap.add_argument("--repository", default=None)
+    ap.add_argument("--e2e-model", default=None)
+    ap.add_argument("--decode-images", type=int, default=None)
+    ap.add_argument("--run", default=None)
+    ap.add_argument("--gpu", default=None)
+    args = ap.parse_args()
+    q = args.quick
+    defaults = {
+        "concurrency": 4 if q else 16, "images_per_request": 8 if q else 32, "e2e_batch": 32 if q else 256,
+        "e2e_seconds": 5.0 if q else 20.0, "warm_seconds": 2.0 if q else 4.0, "min_seconds": 0.3 if q else 1.0,
+        "models": "squeezenet1_1" if q else ",".join(RAW_MODELS), "batches": "1,8,32" if q else ",".join(map(str, RAW_BATCHES)),
+        "e2e_model": "squeezenet1_1" if q else E2E_MODEL, "decode_images": 32 if q else 256,
+    }  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = [m for m in str(args.models).split(",") if m] if isinstance(args.models, str) else args.models
+    args.batches = [int(b) for b in str(args.batches).split(",")] if isinstance(args.batches, str) else args.batches
+    if args.client is None:
+        args.client = "aiohttp" if importlib.util.find_spec("aiohttp") else "httpx"
+    sys.path.insert(0, str(SRC))
+
+    if args.child:
+        rec = Recorder(args.out, {"run": args.run, "gpu": args.gpu, "device": args.device, "quick": args.quick})
+        try:
+            CHILDREN[args.child](rec, args)
+        except Exception as exc:
+            rec.error(args.child, exc)
+            sys.exit(1)
+        return
+
+    args.started = time.time()
+    args.deadline = args.started + args.budget_s
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run = args.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    sections = set(args.sections.split(","))
+    say(f"saikyo GPU benchmark, run {run}, device {args.device}, budget {args.budget_s:.0f}s -> {args.out}")
+
+    def child(name: str, limit: float, *extra: str) -> Child:
+        return Child(name, args, limit, ["--run", run, "--gpu", gpu or "", *extra])
+
+    def raw_results() -> dict[tuple[str, int], float]:
+        return {(r["model"], r["batch"]): r["img_s"] for r in read_records(args.out)
+                if r.get("run") == run and r.get("section") == "raw" and "img_s" in r}  # fmt: skip
+
+    gpu: str | None = None
+    if "env" in sections:
+        child("env", 60).wait()
+    gpu = gpu_name_from(read_records(args.out), run) or ("cpu" if args.device == "cpu" else "unknown")
+    rec = Recorder(args.out, {"run": run, "gpu": gpu, "device": args.device, "quick": args.quick})
+    say(f"device: {gpu}")
+    repo = Path(tempfile.mkdtemp(prefix="saikyo-gpu-bench-"))
+    try:
+        # The export is CPU work: it runs beside the raw section, which measures the GPU.
+        export = None
+        if "e2e" in sections and "export" in sections:
+            export = child("export", 150, "--repository", str(repo), "--e2e-model", args.e2e_model)
+        if "raw" in sections:
+            models = [args.e2e_model] + [m for m in args.models if m != args.e2e_model]  # the ratio's first
+            batches = sorted(set(args.batches) | {args.e2e_batch})
+            child("raw", 200, "--models", ",".join(models), "--batches", ",".join(map(str, batches))).wait()
+        if export is not None:
+            export.wait()
+        if "decode" in sections:
+            child("decode", 90, "--decode-images", str(args.decode_images)).wait()
+        if "e2e" in sections:
+            raw = raw_results()
+            e2e(rec, args, repo, raw, "gpu", args.e2e_batch)
+            e2e(rec, args, repo, raw, "cpu", args.e2e_batch)
+            # Smaller batches, lower latency: how much throughput that costs (if time is left).
+            small = max(b for b in args.batches if b < args.e2e_batch) if min(args.batches) < args.e2e_batch else None
+            if small is not None:
+                e2e(rec, args, repo, raw, "gpu", small)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    summary(rec, args)
+
+
+if __name__ == "__main__":
+    main()

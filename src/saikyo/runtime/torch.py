@@ -1,0 +1,379 @@
+"""PyTorch runner: the accelerator path (and, without one, the same code on the CPU).
+
+Loads the zoo network from its builder plus the repository entry's `weights.pt` -- exactly the weights
+that went into model.onnx -- so the ONNX file stays the CPU artefact. On CUDA:
+- fp16 (or bf16) weights, channels_last, inference mode, cudnn autotuning;
+- fixed batch buckets: a batch pads up to the next bucket, so every size the server can form is one of
+  a few static shapes, each warmed up and captured once as a CUDA graph at load. A replay is one launch
+  for the whole network: no Python or kernel-launch overhead per layer, no recompiling per batch size;
+- uint8 NHWC pixels cross the bus (a quarter of float32's bytes) from pinned host memory with
+  non-blocking copies; the cast and normalisation run inside the graph. uint8 NHWC viewed as NCHW is
+  exactly the channels_last layout, so no transpose is ever materialised;
+- optionally, JPEGs decoded on the GPU (`saikyo.gpu_imaging`): the batch then arrives as device tensors.
+On the CPU: fp32, eager, no padding (padding only buys fixed shapes, which eager mode does not need).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from saikyo import gpu_imaging, imaging, zoo
+from saikyo.gpu_imaging import host_tensor, to_device
+from saikyo.repository import WEIGHTS_FILE, ModelRepository
+from saikyo.runtime.base import RunnerError
+from saikyo.settings import Settings
+from saikyo.zoo import Preprocessing
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Forward passes before capture: cudnn autotuning and lazy initialisation must not land in the graph.
+WARMUP_RUNS = 2
+
+
+def resolve_device(requested: str) -> torch.device:
+    """"cuda" | "cpu" | "auto" (CUDA when present) -> a torch device; asking for absent CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunnerError(f"device {requested!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        return torch.device(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise RunnerError(f"unknown device {requested!r}; choose cpu, cuda or auto")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """fp16 by default on CUDA; always fp32 on the CPU, where half precision is slower, not faster."""
+    if requested not in ("auto", *DTYPES):
+        raise RunnerError(f"unknown dtype {requested!r}; choose auto, fp16, bf16 or fp32")
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if requested == "auto" else DTYPES[requested]
+
+
+def bucket_sizes(buckets: Sequence[int], max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a forward pass runs at: the buckets up to max_batch_size, and max_batch_size."""
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be >= 1")
+    return tuple(sorted({b for b in buckets if 1 <= b < max_batch_size} | {max_batch_size}))
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int:
+    """The smallest bucket that holds n images (n must not exceed the largest)."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} images exceed the largest bucket {sizes[-1]}")
+
+
+class TorchRunner:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        preprocessing: Preprocessing,
+        meta: dict[str, Any],
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+        cuda_graphs: bool = True,
+        compile: bool = False,
+        device_decode: str = "auto",
+        pad: bool | None = None,
+    ) -> None:
+        self.name = name
+        self.preprocessing = preprocessing
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.num_classes = int(meta.get("num_classes", 1000))
+        self.buckets = bucket_sizes(buckets, max_batch_size)
+        self.max_batch_size = self.buckets[-1]
+        on_cuda = self._on_cuda = self.device.type == "cuda"
+        # Fixed shapes matter to CUDA graphs and to compiled code; eager CPU runs the exact batch.
+        self.pad = (on_cuda or compile) if pad is None else pad
+        self._static = on_cuda or self.pad
+        self.cuda_graphs = on_cuda and cuda_graphs and self.pad
+        if device_decode not in ("auto", "on", "off"):
+            raise RunnerError(f"unknown device_decode {device_decode!r}; choose auto, on or off")
+        # Read by the server's registry: encoded JPEGs come to decode_images instead of the CPU pool.
+        self.decodes_on_device = device_decode == "on" or (device_decode == "auto" and on_cuda)
+        self._lock = threading.Lock()
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._loaded = False  # set after warm-up: no graph captures after that
+
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # autotune conv algorithms per (fixed) shape
+        model = model.eval().to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model: nn.Module = model
+        if compile:
+            self._model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
+
+        size = preprocessing.input_size
+        std = torch.tensor(preprocessing.std, dtype=torch.float32)
+        mean = torch.tensor(preprocessing.mean, dtype=torch.float32)
+        # x_norm = (x / 255 - mean) / std = x * scale + shift, in float32 before the cast.
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
+        self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
+        top = self.max_batch_size
+        pin = on_cuda
+        # Static inputs: graphs read from fixed addresses, so batches are written into these.
+        self._pixels_dev = torch.zeros((top, size, size, 3), dtype=torch.uint8, device=self.device)
+        self._pixels_host = torch.zeros((top, size, size, 3), dtype=torch.uint8, pin_memory=pin) if pin else None
+        self._out_host = torch.zeros((top, self.num_classes), dtype=torch.float32, pin_memory=pin)
+        self._tensor_dev: torch.Tensor | None = None  # built on first infer_tensor: v2 FP32 clients are rare
+        self._tensor_host: torch.Tensor | None = None
+        self._copied = torch.cuda.Event() if on_cuda else None
+
+        self.meta = dict(meta)
+        self.meta.update(
+            backend="torch",
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            batch_buckets=list(self.buckets) if self.pad else None,
+            cuda_graphs=self.cuda_graphs,
+            torch_compile=compile,
+            device_decode=self.decodes_on_device,
+            torch_version=torch.__version__,
+        )
+        if on_cuda:
+            self.meta["gpu"] = torch.cuda.get_device_name(self.device)
+        self._warm_up()
+
+    # ---- construction ----
+    @classmethod
+    def load(cls, name: str, settings: Settings) -> "TorchRunner":
+        entry = ModelRepository(settings.repository).get(name)
+        meta = entry.meta
+        base = str(meta.get("base_model") or zoo.base_name(name))
+        if name != zoo.base_name(name) or meta.get("precision", "fp32") != "fp32":
+            raise RunnerError(
+                f"model {name!r} is a quantised ONNX variant, which only ONNX Runtime runs: "
+                f"serve it with --backend onnxruntime, or serve {base!r} with --backend torch"
+            )
+        try:
+            spec = zoo.get(base)
+        except zoo.UnknownModel:
+            raise RunnerError(f"model {name!r} is not a zoo network, so the torch runner cannot build it") from None
+        model = build_model(spec, meta, entry.path.parent / WEIGHTS_FILE)
+        return cls(
+            name,
+            model,
+            Preprocessing.from_dict(meta["preprocessing"]),
+            meta,
+            device=settings.device,
+            dtype=settings.torch_dtype,
+            max_batch_size=settings.max_batch_size,
+            buckets=settings.batch_buckets,
+            cuda_graphs=settings.cuda_graphs,
+            compile=settings.torch_compile,
+            device_decode=settings.device_decode,
+        )
+
+    # ---- the Runner protocol ----
+    def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]; N above the top bucket runs in chunks."""
+        return self._chunked(len(pixels), lambda lo, hi: self._run_pixels_host(pixels[lo:hi]))
+
+    def infer_tensor(self, tensor: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W], normalised -> float32 probabilities [N, classes]."""
+        return self._chunked(len(tensor), lambda lo, hi: self._run_tensor_host(tensor[lo:hi]))
+
+    def infer_images(self, images: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+        """uint8 [H, W, 3] images from decode_images (device tensors) -> probabilities [N, classes]."""
+        return self._chunked(len(images), lambda lo, hi: self._run_images(images[lo:hi]))
+
+    def decode_images(
+        self, blobs: Sequence[bytes], max_pixels: int | None = None
+    ) -> list[torch.Tensor | imaging.ImageError]:
+        """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each."""
+        return gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+
+    def forward_resident(self, n: int) -> torch.Tensor:
+        """The network alone on the first n images already in the device input buffer (no host copies,
+        no wait for the result): what the model itself sustains, for benchmarks. Probabilities [n, classes]."""
+        with self._lock, torch.inference_mode():
+            return self._run("pixels", self._size(n))[:n]
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- batches ----
+    def _chunked(self, n: int, run: Any) -> np.ndarray:
+        if n == 0:
+            return np.empty((0, self.num_classes), np.float32)
+        top = self.max_batch_size
+        with self._lock, torch.inference_mode():
+            if n <= top:
+                return run(0, n)
+            out = np.empty((n, self.num_classes), np.float32)
+            for lo in range(0, n, top):
+                hi = min(n, lo + top)
+                out[lo:hi] = run(lo, hi)
+            return out
+
+    def _size(self, n: int) -> int:
+        return bucket_for(n, self.buckets) if self.pad else n
+
+    # Two ways through. Static (CUDA, or padding asked for): the batch is written into a preallocated
+    # input buffer -- on CUDA from pinned host memory -- and a bucket of it runs (as a graph when captured).
+    # Direct (CPU, no padding): the caller's array runs as it is, with no copy.
+    def _run_pixels_host(self, pixels: np.ndarray) -> np.ndarray:
+        n = len(pixels)
+        if not self._static:
+            return self._forward_pixels(host_tensor(pixels)).numpy().copy()
+        if self._on_cuda:
+            # Host -> pinned staging -> device, asynchronously; the result comes back the same way.
+            assert self._pixels_host is not None
+            self._pixels_host[:n].numpy()[...] = pixels
+            self._pixels_dev[:n].copy_(self._pixels_host[:n], non_blocking=True)
+        else:
+            self._pixels_dev[:n].copy_(host_tensor(pixels))
+        return self._finish(self._run("pixels", self._size(n)), n)
+
+    def _run_images(self, images: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+        # CPU-decoded images (formats nvJPEG does not take) come as numpy arrays.
+        parts = [to_device(host_tensor(im), self.device) if isinstance(im, np.ndarray) else im for im in images]
+        if not self._static:
+            return self._forward_pixels(torch.stack(parts)).numpy().copy()
+        # One kernel writes every decoded image straight into the static input.
+        n = len(parts)
+        torch.stack(parts, out=self._pixels_dev[:n])
+        return self._finish(self._run("pixels", self._size(n)), n)
+
+    def _run_tensor_host(self, tensor: np.ndarray) -> np.ndarray:
+        n = len(tensor)
+        tensor = tensor.astype(np.float32, copy=False)
+        if not self._static:
+            return self._forward_tensor(host_tensor(tensor)).numpy().copy()
+        if self._tensor_dev is None:
+            s = self.preprocessing.input_size
+            shape = (self.max_batch_size, 3, s, s)
+            self._tensor_dev = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self._tensor_host = torch.zeros(shape, dtype=torch.float32, pin_memory=self._on_cuda)
+        assert self._tensor_host is not None
+        self._tensor_host[:n].numpy()[...] = tensor
+        self._tensor_dev[:n].copy_(self._tensor_host[:n], non_blocking=True)
+        return self._finish(self._run("tensor", self._size(n)), n)
+
+    def _finish(self, probs: torch.Tensor, n: int) -> np.ndarray:
+        """Probabilities of the first n rows -> (pinned host ->) a numpy array of the caller's own."""
+        if not self._on_cuda:
+            return probs[:n].numpy().copy()
+        self._out_host[:n].copy_(probs[:n], non_blocking=True)
+        assert self._copied is not None
+        self._copied.record()
+        self._copied.synchronize()
+        return self._out_host[:n].numpy().copy()
+
+    def _run(self, kind: str, size: int) -> torch.Tensor:
+        """Run the first `size` rows of the static input `kind` ("pixels" | "tensor"); a graph if captured.
+
+        Graphs are captured at load only (pixels): capturing later, while other threads run CUDA work
+        for requests, invites trouble, and client-sent tensors are rare enough to run eagerly.
+        """
+        graph = self._graphs.get((kind, size))
+        if graph is None and self.cuda_graphs and not self._loaded:
+            graph = self._capture(kind, size)
+        if graph is not None:
+            graph[0].replay()
+            return graph[1]
+        return self._forward(kind, size)
+
+    def _forward(self, kind: str, size: int) -> torch.Tensor:
+        if kind == "pixels":
+            return self._forward_pixels(self._pixels_dev[:size])
+        assert self._tensor_dev is not None
+        return self._forward_tensor(self._tensor_dev[:size])
+
+    def _forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        # NHWC uint8 permuted to NCHW is channels_last; elementwise ops keep that layout.
+        x = pixels.permute(0, 3, 1, 2).float().mul_(self._scale).add_(self._shift).to(self.dtype)
+        return self._model(x).float().softmax(dim=1)
+
+    def _forward_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        x = tensor.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self._model(x).float().softmax(dim=1)
+
+    def _capture(self, kind: str, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """Warm up, then capture bucket `size` as a CUDA graph; on failure fall back to eager for good."""
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self._forward(kind, size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another model already serving may run CUDA work in its threads meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._forward(kind, size)
+        except Exception as exc:  # an op that cannot be captured: serve eagerly rather than not at all
+            log.warning("model %s: CUDA graph capture failed at batch %d (%s); running eagerly", self.name, size, exc)
+            self.cuda_graphs = False
+            self.meta["cuda_graphs"] = False
+            torch.cuda.synchronize(self.device)
+            return None
+        self._graphs[(kind, size)] = (graph, out)
+        return graph, out
+
+    def _warm_up(self) -> None:
+        """Every bucket once (capturing its graph), largest first, so that no request pays for it."""
+        with self._lock, torch.inference_mode():
+            if not self._on_cuda:
+                self._forward_pixels(self._pixels_dev[:1])
+            else:
+                for size in sorted(self.buckets if self.pad else (self.max_batch_size,), reverse=True):
+                    self._run("pixels", size)
+                torch.cuda.synchronize(self.device)
+        self._loaded = True
+        if self.decodes_on_device:
+            self._warm_up_decoder()
+
+    def _warm_up_decoder(self) -> None:
+        """nvJPEG initialises on first use (hundreds of ms): do it at load, not in a request."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 60, 30)).save(buf, "JPEG")
+        (decoded,) = self.decode_images([buf.getvalue()])
+        if isinstance(decoded, imaging.ImageError):
+            raise RunnerError(f"device JPEG decode failed at warm-up: {decoded}")
+        self.infer_images([decoded])
+
+
+def build_model(spec: zoo.ModelSpec, meta: dict[str, Any], weights_file: Path) -> nn.Module:
+    """The entry's network: zoo builder + weights.pt; for entries without it, rebuild "random" weights."""
+    from saikyo import torch_models
+
+    try:
+        if weights_file.is_file():
+            return torch_models.build(spec, str(weights_file))
+        if meta.get("weights") == "random":
+            # Same builder, same seed as at export: the same network, as long as torch's init is unchanged.
+            log.warning("%s has no %s; rebuilding its random weights from the seed", spec.name, WEIGHTS_FILE)
+            return torch_models.build(spec, "random")
+    except torch_models.WeightsUnavailable as exc:
+        raise RunnerError(f"cannot load the torch weights of {spec.name!r}: {exc}") from None
+    raise RunnerError(
+        f"model {spec.name!r} has no {WEIGHTS_FILE} beside its model.onnx (exported by an older saikyo); "
+        f"export it again for the torch backend: saikyo models export {spec.name} --weights ..."
+    )

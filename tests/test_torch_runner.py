@@ -1,0 +1,392 @@
+"""The torch runner and device-side decode: bucketing, padding, agreement with ONNX Runtime and Pillow.
+
+Everything runs on the CPU (the same code paths the GPU takes, minus CUDA graphs); the tests marked
+`gpu` run the CUDA paths and skip cleanly where torch sees no CUDA device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import CAT, CAT_CLASSES, DATA
+from PIL import Image
+from serverproc import running_server
+
+from saikyo import gpu_imaging, imaging, zoo
+from saikyo.batching import DynamicBatcher
+from saikyo.export import export_model
+from saikyo.repository import WEIGHTS_FILE, ModelRepository
+from saikyo.runtime import RunnerError, create_runner
+from saikyo.runtime.onnxruntime import OnnxRunner
+from saikyo.runtime.torch import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
+from saikyo.settings import Settings
+
+PHOTOS = [DATA / "cat.jpg", DATA / "coffee.jpg", DATA / "astronaut.jpg"]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def assert_same_network(got: np.ndarray, want: np.ndarray) -> None:
+    """Probabilities from two runtimes of the same weights: compare log-probabilities (= logits up to a
+    per-row constant), relative to their spread, so near-uniform random-weight outputs still discriminate."""
+    assert got.shape == want.shape and got.dtype == np.float32
+    lg, lw = np.log(got.astype(np.float64)), np.log(want.astype(np.float64))
+    lg -= lg.mean(axis=1, keepdims=True)
+    lw -= lw.mean(axis=1, keepdims=True)
+    spread = float(np.ptp(lw, axis=1).max())
+    assert spread > 0
+    assert float(np.abs(lg - lw).max()) <= 1e-3 * spread + 1e-5
+
+
+@pytest.fixture(scope="module")
+def squeezenet_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    repo = ModelRepository(tmp_path_factory.mktemp("torch-repository"))
+    export_model("squeezenet1_1", repo, weights="random")
+    return repo
+
+
+def settings_for(repo: ModelRepository, **kw: object) -> Settings:
+    return Settings(repository=repo.root, models=("squeezenet1_1",), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def squeezenet_pair(squeezenet_repository: ModelRepository) -> tuple[TorchRunner, OnnxRunner]:
+    s = settings_for(squeezenet_repository, max_batch_size=4, device="cpu")
+    return TorchRunner.load("squeezenet1_1", s), OnnxRunner.load("squeezenet1_1", s)
+
+
+def random_pixels(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# ---- buckets ----
+def test_buckets_are_capped_by_the_max_batch_size_which_is_always_one() -> None:
+    assert bucket_sizes((1, 2, 4, 8, 16, 32), 16) == (1, 2, 4, 8, 16)
+    assert bucket_sizes((1, 2, 4, 8, 16, 32), 24) == (1, 2, 4, 8, 16, 24)
+    assert bucket_sizes((8, 1, 64), 256) == (1, 8, 64, 256)
+    assert bucket_sizes((), 5) == (5,)
+    with pytest.raises(ValueError):
+        bucket_sizes((1, 2), 0)
+
+
+def test_a_batch_goes_to_the_smallest_bucket_that_holds_it() -> None:
+    sizes = (1, 2, 4, 8, 16, 24)
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 4, 5, 9, 16, 17, 24)] == [1, 2, 4, 4, 8, 16, 16, 24, 24]
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_for(25, sizes)
+
+
+def test_batch_buckets_setting_from_env() -> None:
+    s = Settings.from_env({"SAIKYO_BATCH_BUCKETS": "1, 8,64", "SAIKYO_CUDA_GRAPHS": "off", "SAIKYO_TORCH_DTYPE": "bf16"})
+    assert s.batch_buckets == (1, 8, 64) and s.cuda_graphs is False and s.torch_dtype == "bf16"
+    with pytest.raises(ValueError, match="positive integers"):
+        Settings.from_env({"SAIKYO_BATCH_BUCKETS": "0,4"})
+
+
+# ---- device and dtype ----
+def test_device_and_dtype_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    with pytest.raises(RunnerError, match="unknown device"):
+        resolve_device("tpu")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("fp16", cpu) == torch.float32
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", cuda) == torch.float16 and resolve_dtype("bf16", cuda) == torch.bfloat16
+    with pytest.raises(RunnerError, match="unknown dtype"):
+        resolve_dtype("int4", cuda)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(squeezenet_repository: ModelRepository) -> None:
+    with pytest.raises(RunnerError, match="no CUDA device"):
+        TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cuda"))
+
+
+def test_backend_selection(squeezenet_repository: ModelRepository) -> None:
+    runner = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="torch", device="auto"))
+    assert isinstance(runner, TorchRunner)
+    assert runner.meta["backend"] == "torch" and runner.meta["device"] == ("cuda" if CUDA else "cpu")
+    assert runner.decodes_on_device is CUDA
+    auto = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="auto"))
+    assert auto.meta["backend"] == ("torch" if CUDA else "onnxruntime")
+
+
+# ---- agreement with ONNX Runtime, padding, chunking ----
+@pytest.mark.parametrize("n", [1, 3, 4, 9])  # 9 > the top bucket (4): runs as 4 + 4 + 1
+def test_pixels_match_onnx_runtime(squeezenet_pair: tuple[TorchRunner, OnnxRunner], n: int) -> None:
+    torch_runner, ort_runner = squeezenet_pair
+    x = random_pixels(n, seed=n)
+    assert_same_network(torch_runner.infer_pixels(x), ort_runner.infer_pixels(x))
+
+
+def test_tensor_input_matches_onnx_runtime(squeezenet_pair: tuple[TorchRunner, OnnxRunner]) -> None:
+    torch_runner, ort_runner = squeezenet_pair
+    x = imaging.normalize(random_pixels(5, seed=7), torch_runner.preprocessing)
+    got = torch_runner.infer_tensor(x)
+    assert_same_network(got, ort_runner.infer_tensor(x))
+    # The in-graph normalisation of uint8 pixels is the same as normalising on the host.
+    assert_same_network(got, torch_runner.infer_pixels(random_pixels(5, seed=7)))
+
+
+def test_padding_to_a_bucket_leaves_each_row_unchanged(squeezenet_repository: ModelRepository) -> None:
+    spec = zoo.get("squeezenet1_1")
+    meta = squeezenet_repository.get("squeezenet1_1").meta
+    from saikyo.runtime.torch import build_model
+
+    model = build_model(spec, meta, squeezenet_repository.model_dir("squeezenet1_1") / WEIGHTS_FILE)
+    padded = TorchRunner("sq", model, spec.preprocessing, meta, device="cpu", max_batch_size=8, pad=True)
+    assert padded.buckets == (1, 2, 4, 8) and padded.meta["batch_buckets"] == [1, 2, 4, 8]
+    x = random_pixels(3, seed=3)
+    together = padded.infer_pixels(x)  # runs at 4, one padding row
+    alone = np.concatenate([padded.infer_pixels(x[i : i + 1]) for i in range(3)])
+    assert together.shape == (3, 1000)
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-7)
+    assert padded.infer_pixels(x[:0]).shape == (0, 1000)
+    # The static-buffer path (the one CUDA takes) for decoded images and tensors, and above the top bucket.
+    items = padded.decode_images([p.read_bytes() for p in PHOTOS])
+    pixels = np.stack([item.numpy() for item in items])  # type: ignore[union-attr]
+    np.testing.assert_allclose(padded.infer_images(items), padded.infer_pixels(pixels), rtol=1e-4, atol=1e-7)
+    many = random_pixels(11, seed=11)
+    np.testing.assert_allclose(
+        padded.infer_tensor(imaging.normalize(many, padded.preprocessing)), padded.infer_pixels(many), rtol=1e-3, atol=1e-6
+    )
+    np.testing.assert_allclose(padded.forward_resident(3).numpy(), padded.infer_pixels(many[8:11]), rtol=1e-4, atol=1e-7)
+
+
+def test_runner_reads_weights_pt_not_the_seed(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    shutil.copytree(squeezenet_repository.model_dir("squeezenet1_1"), repo.model_dir("squeezenet1_1"))
+    path = repo.model_dir("squeezenet1_1") / WEIGHTS_FILE
+    sd = torch.load(path, weights_only=True)
+    bias = next(k for k in sd if k.endswith("bias") and sd[k].shape == (1000,))
+    sd[bias][7] += 50.0  # class 7 now wins for every input
+    torch.save(sd, path)
+    runner = TorchRunner.load("squeezenet1_1", settings_for(repo, device="cpu"))
+    assert (runner.infer_pixels(random_pixels(2)).argmax(axis=1) == 7).all()
+
+
+def test_entries_without_weights_pt(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    shutil.copytree(squeezenet_repository.model_dir("squeezenet1_1"), repo.model_dir("squeezenet1_1"))
+    (repo.model_dir("squeezenet1_1") / WEIGHTS_FILE).unlink()
+    s = settings_for(repo, device="cpu")
+    # Random weights come back from the seed: the same network as the ONNX file.
+    x = random_pixels(2)
+    assert_same_network(TorchRunner.load("squeezenet1_1", s).infer_pixels(x), OnnxRunner.load("squeezenet1_1", s).infer_pixels(x))
+    meta_path = repo.model_dir("squeezenet1_1") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "weights": "file:abc"}))
+    with pytest.raises(RunnerError, match="no weights.pt"):
+        TorchRunner.load("squeezenet1_1", s)
+
+
+def test_quantised_variants_are_refused(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    shutil.copytree(squeezenet_repository.model_dir("squeezenet1_1"), repo.model_dir("squeezenet1_1-int8"))
+    with pytest.raises(RunnerError, match="onnxruntime"):
+        TorchRunner.load("squeezenet1_1-int8", settings_for(repo, device="cpu"))
+
+
+def test_pretrained_efficientnet_knows_the_cat_and_agrees_with_onnx_runtime(pretrained_repository: ModelRepository) -> None:
+    s = Settings(repository=pretrained_repository.root, device="cpu")
+    torch_runner = TorchRunner.load("efficientnet_lite0", s)
+    ort_runner = OnnxRunner.load("efficientnet_lite0", s)
+    pixels = np.stack([imaging.decode(p.read_bytes(), torch_runner.preprocessing) for p in PHOTOS])
+    got, want = torch_runner.infer_pixels(pixels), ort_runner.infer_pixels(pixels)
+    assert int(got[0].argmax()) in CAT_CLASSES
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+# ---- device decode, run on the CPU ----
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_lite0", "caffenet"])  # bilinear, bicubic, 227
+def test_device_decode_matches_pillow_pixels(name: str) -> None:
+    pp = zoo.get(name).preprocessing
+    big = encode(Image.open(DATA / "coffee.jpg").resize((1800, 1200)), "JPEG", quality=90)
+    blobs = [p.read_bytes() for p in PHOTOS] + [big]
+    decoded = gpu_imaging.decode(blobs, pp, "cpu")
+    for i, (blob, got) in enumerate(zip(blobs, decoded)):
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+        assert tuple(got.shape) == (pp.input_size, pp.input_size, 3)
+        diff = np.abs(got.numpy().astype(np.int16) - imaging.decode(blob, pp).astype(np.int16))
+        # Same geometry and filter weights as Pillow: only the decoders' rounding differs -- except for
+        # the large photo, which Pillow decodes at half size (DCT scaling).
+        limit = 1.0 if blob is big else 0.2
+        assert diff.mean() < limit, (i, diff.mean())
+        assert np.percentile(diff, 99) <= (6 if blob is big else 2)
+
+
+def test_device_decode_sends_other_formats_and_bad_files_to_the_cpu_path() -> None:
+    pp = zoo.get("resnet50").preprocessing
+    cat = CAT.read_bytes()
+    img = Image.open(CAT)
+    png = encode(img, "PNG")
+    grey = encode(img.convert("L"), "JPEG")
+    cmyk = encode(img.convert("CMYK"), "JPEG")
+    blobs = [cat, png, cat[:2000], b"not an image", grey, cmyk, b""]
+    assert [gpu_imaging.device_decodable(b) for b in blobs] == [True, False, False, False, False, False, False]
+    assert not gpu_imaging.device_decodable(cat, max_pixels=100)
+    assert gpu_imaging.jpeg_frame(cat) == (451, 300, 3, False)
+    assert gpu_imaging.jpeg_frame(cmyk)[2] == 4 and gpu_imaging.jpeg_frame(grey)[2] == 1  # type: ignore[index]
+    progressive = encode(img, "JPEG", progressive=True, quality=90)
+    assert gpu_imaging.device_decodable(progressive)
+    got = gpu_imaging.decode([progressive], pp, "cpu")[0]
+    assert np.abs(got.numpy().astype(np.int16) - imaging.decode(progressive, pp)).mean() < 0.5  # type: ignore[union-attr]
+    out = gpu_imaging.decode(blobs, pp, "cpu")
+    np.testing.assert_array_equal(out[1].numpy(), imaging.decode(png, pp))  # PNG: Pillow's own pixels
+    np.testing.assert_array_equal(out[4].numpy(), imaging.decode(grey, pp))
+    np.testing.assert_array_equal(out[5].numpy(), imaging.decode(cmyk, pp))
+    assert isinstance(out[2], imaging.ImageError) and "truncated" in str(out[2])
+    assert isinstance(out[3], imaging.ImageError) and "not a recognised image" in str(out[3])
+    assert isinstance(out[6], imaging.ImageError) and "empty" in str(out[6])
+    too_big = gpu_imaging.decode([cat], pp, "cpu", max_pixels=1000)[0]
+    assert isinstance(too_big, imaging.ImageError) and "limit" in str(too_big)
+
+
+def test_a_corrupt_jpeg_in_a_batch_costs_only_itself() -> None:
+    pp = zoo.get("resnet50").preprocessing
+    cat = CAT.read_bytes()
+    # Header and end marker intact, entropy-coded data replaced: passes the header check, fails decoding.
+    broken = cat[:700] + bytes(range(256)) * 4 + b"\xff\xd9"
+    assert gpu_imaging.device_decodable(broken)
+    out = gpu_imaging.decode([cat, broken, cat], pp, "cpu")
+    alone = gpu_imaging.decode([cat], pp, "cpu")[0]
+    assert isinstance(out[1], (torch.Tensor, imaging.ImageError))
+    for good in (out[0], out[2]):
+        assert isinstance(good, torch.Tensor)
+        np.testing.assert_array_equal(good.numpy(), alone.numpy())  # type: ignore[union-attr]
+
+
+def test_infer_images_matches_infer_pixels(squeezenet_repository: ModelRepository) -> None:
+    runner = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu", device_decode="on"))
+    assert runner.decodes_on_device
+    blobs = [p.read_bytes() for p in PHOTOS]
+    items = runner.decode_images(blobs)
+    pixels = np.stack([item.numpy() for item in items])  # type: ignore[union-attr]
+    np.testing.assert_allclose(runner.infer_images(items), runner.infer_pixels(pixels), rtol=1e-5, atol=1e-8)
+    # CPU-decoded numpy items (the fallback) may be mixed in.
+    mixed = [items[0], pixels[1], items[2]]
+    np.testing.assert_allclose(runner.infer_images(mixed), runner.infer_pixels(pixels), rtol=1e-5, atol=1e-8)
+
+
+def test_batcher_passes_opaque_items_as_a_list() -> None:
+    seen: list[list[object]] = []
+
+    def infer(batch: list[object]) -> np.ndarray:
+        assert isinstance(batch, list)
+        seen.append(list(batch))
+        return np.asarray([[float(str(x)[1:])] for x in batch], np.float32)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(infer, None, None, ThreadPoolExecutor(1), max_batch_size=3, max_queue_images=16)
+        batcher.start()
+        a, b = await asyncio.gather(batcher.submit(["x1", "x2"]), batcher.submit(["x3", "x4", "x5"]))
+        await batcher.close()
+        assert a[:, 0].tolist() == [1.0, 2.0] and b[:, 0].tolist() == [3.0, 4.0, 5.0]
+
+    asyncio.run(main())
+    assert all(len(batch) <= 3 for batch in seen) and sum(map(len, seen)) == 5
+
+
+# ---- the server, torch backend, decode through the device path ----
+def test_server_with_the_torch_backend(pretrained_repository: ModelRepository, tmp_path: Path) -> None:
+    png = encode(Image.open(CAT), "PNG")
+    with running_server(
+        pretrained_repository.root, "efficientnet_lite0", tmp_path, "--backend", "torch", "--device", "cpu",
+        "--device-decode", "on", "--max-batch-size", "4",
+    ) as server:  # fmt: skip
+        meta = httpx.get(f"{server.url}/v2/models/efficientnet_lite0", timeout=10).json()
+        assert meta["parameters"]["backend"] == "torch" and meta["parameters"]["device"] == "cpu"
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
+        files.insert(1, ("images", ("cat.png", png, "image/png")))
+        r = httpx.post(f"{server.url}/classify", files=files, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body) == 4
+        for i in (0, 1):  # the JPEG (device path) and the PNG (CPU path) are both the cat
+            assert int(next(iter(body[i]))) in CAT_CLASSES
+        assert list(body[0]) == list(body[1])
+        bad = httpx.post(
+            f"{server.url}/classify", files=[("images", ("cut.jpg", CAT.read_bytes()[:2000], "image/jpeg"))], timeout=30
+        )
+        assert bad.status_code == 400 and "cut.jpg" in bad.json()["error"]
+        again = httpx.post(f"{server.url}/classify", files=files[:1], timeout=60)
+        assert again.status_code == 200 and again.json()[0] == pytest.approx(body[0], rel=1e-4, abs=1e-6)
+
+
+# ---- CUDA ----
+# Random squeezenet, not the pretrained model: GPU machines may lack the efficientnet weights package.
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_repository: ModelRepository) -> None:
+    gpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cuda", max_batch_size=8))
+    cpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu"))
+    assert gpu.meta["dtype"] == "float16" and gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
+    assert {size for kind, size in gpu._graphs if kind == "pixels"} == {1, 2, 4, 8}
+    assert gpu.decodes_on_device and not cpu.decodes_on_device
+
+    def close(got: np.ndarray, want: np.ndarray) -> None:  # fp16 against fp32
+        lg, lw = np.log(got.astype(np.float64)), np.log(want.astype(np.float64))
+        lg -= lg.mean(axis=1, keepdims=True)
+        lw -= lw.mean(axis=1, keepdims=True)
+        assert float(np.abs(lg - lw).max()) <= 2e-2 * float(np.ptp(lw, axis=1).max()) + 1e-3
+
+    pixels = random_pixels(19, seed=5)
+    for n in (1, 3, 8, 19):  # 19: chunks of 8, 8, 3 (padded to 4)
+        close(gpu.infer_pixels(pixels[:n]), cpu.infer_pixels(pixels[:n]))
+    x = imaging.normalize(pixels[:5], gpu.preprocessing)
+    close(gpu.infer_tensor(x), cpu.infer_tensor(x))
+    photos = [p.read_bytes() for p in PHOTOS]
+    items = gpu.decode_images(photos)
+    assert all(isinstance(t, torch.Tensor) and t.is_cuda for t in items)
+    on_cpu = np.stack([imaging.decode(b, gpu.preprocessing) for b in photos])
+    close(gpu.infer_images(items), cpu.infer_pixels(on_cpu))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nvjpeg_decode_matches_pillow_pixels() -> None:
+    pp = zoo.get("resnet50").preprocessing
+    blobs = [p.read_bytes() for p in PHOTOS]
+    blobs.append(encode(Image.open(CAT), "PNG"))  # not for nvJPEG: decoded on the CPU, then moved
+    for blob, got in zip(blobs, gpu_imaging.decode(blobs, pp, "cuda")):
+        assert isinstance(got, torch.Tensor) and got.is_cuda
+        diff = np.abs(got.cpu().numpy().astype(np.int16) - imaging.decode(blob, pp).astype(np.int16))
+        assert diff.mean() < 1.0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_server_on_cuda_decodes_on_the_gpu(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
+    files.append(("images", ("cat.png", encode(Image.open(CAT), "PNG"), "image/png")))
+    answers = {}
+    for decode in ("on", "off"):
+        with running_server(
+            squeezenet_repository.root, "squeezenet1_1", tmp_path, "--backend", "torch", "--device", "cuda",
+            "--device-decode", decode, "--max-batch-size", "8",
+        ) as server:  # fmt: skip
+            meta = httpx.get(f"{server.url}/v2/models/squeezenet1_1", timeout=10).json()
+            assert meta["parameters"]["device"].startswith("cuda")
+            r = httpx.post(f"{server.url}/classify", files=files, params={"topk": 1000}, timeout=60)
+            assert r.status_code == 200, r.text
+            answers[decode] = [[row[str(k)] for k in range(1000)] for row in r.json()]
+            bad = httpx.post(f"{server.url}/classify", files=[("images", ("cut.jpg", CAT.read_bytes()[:2000]))], timeout=30)
+            assert bad.status_code == 400
+    np.testing.assert_allclose(np.asarray(answers["on"]), np.asarray(answers["off"]), rtol=0.05, atol=1e-5)
