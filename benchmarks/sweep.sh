@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The cost lab's committed sweep: every zoo model at 1, 4 and 8 images per request, fp32 and int8, on
 # this machine's CPU (ONNX Runtime); the 2018 method (1 warm-up + 10 sequential requests per cell) plus
-# closed-loop levels (concurrency 1, 2, 4, 8 for 10 s each) for the throughput-vs-p99 curves. Then the
+# closed-loop levels (concurrency 1 and 4 for 5 s each) for the throughput-vs-p99 curves. Then the
 # 2018 figure, the curves and the HTML report into benchmarks/results/.
 #
-# Run it on a quiet machine: the numbers are only as good as the machine is idle. About 1.5 hours on
+# Run it on a quiet machine: the numbers are only as good as the machine is idle. About 35 minutes on
 # 2 cores (exports and int8 calibration included). Interrupted? Run it again: finished cells are kept
 # and skipped. Missing models are exported first with random weights (speed does not depend on them).
 #
@@ -21,7 +21,7 @@ REPOSITORY=${SAIKYO_REPOSITORY:-model-repository}
     --out "$OUT/sweep.jsonl" \
     --models all --precisions fp32,int8 --images-per-request 1,4,8 \
     --targets onnxruntime/cpu --max-batch-sizes 16 \
-    --modes seed,closed --requests 10 --concurrency 1,2,4,8 --seconds 10 \
+    --modes seed,closed --requests 10 --concurrency 1,4 --seconds 5 \
     --repository "$REPOSITORY" --export-missing --export-weights random \
     --log-dir "${TMPDIR:-/tmp}/saikyo-sweep-logs" \
     ${INSTANCE:+--instance-type "$INSTANCE"} "$@"

@@ -7,17 +7,17 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saikyo import labels as imagenet_labels
 from saikyo.predictions import top_k
+from saikyo.server import multipart
 from saikyo.server.errors import ApiError
 from saikyo.server.pipeline import Timer, decode_or_400, registry_of, run_batch, served_model
 
 router = APIRouter()
 
 FIELD = "images"
+MAX_TEXT_FIELDS = 100  # other form fields tolerated beside the images
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -111,29 +111,32 @@ async def classify(
         raise ApiError(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
 
     try:
-        form = await request.form(max_files=settings.max_images_per_request, max_fields=100)
-    except StarletteHTTPException as exc:
-        if "Too many files" in str(exc.detail):
+        boundary = multipart.boundary_of(content_type)
+        # The limits middleware has already capped the body's size.
+        parts = multipart.parse(await request.body(), boundary, settings.max_images_per_request + MAX_TEXT_FIELDS)
+    except multipart.TooManyParts as exc:
+        if sum(p.name == FIELD for p in exc.parsed) > settings.max_images_per_request:
             raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request") from None
-        raise ApiError(400, f"malformed multipart body: {exc.detail}") from None
-    try:
-        uploads = form.getlist(FIELD)
-        if not uploads:
-            present = sorted(set(form.keys()))
-            raise ApiError(400, f"no {FIELD!r} field in the form", {"fields": present})
-        blobs: list[bytes] = []
-        names: list[str] = []
-        for i, up in enumerate(uploads):
-            if not isinstance(up, UploadFile):
-                raise ApiError(400, f"form field {FIELD!r} item {i} is text, not a file upload")
-            data = await up.read()
-            name = up.filename or f"image {i}"
-            if len(data) > settings.max_image_bytes:
-                raise ApiError(413, f"image {i} ({name!r}) is {len(data)} bytes; the limit is {settings.max_image_bytes}")
-            blobs.append(data)
-            names.append(name)
-    finally:
-        await form.close()
+        raise ApiError(400, f"too many text fields in the form: at most {MAX_TEXT_FIELDS}") from None
+    except multipart.MultipartError as exc:
+        raise ApiError(400, str(exc)) from None
+    if sum(p.filename is None for p in parts) > MAX_TEXT_FIELDS:
+        raise ApiError(400, f"too many text fields in the form: at most {MAX_TEXT_FIELDS}")
+    uploads = [p for p in parts if p.name == FIELD]
+    if not uploads:
+        raise ApiError(400, f"no {FIELD!r} field in the form", {"fields": sorted({p.name for p in parts})})
+    if len(uploads) > settings.max_images_per_request:
+        raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request")
+    blobs: list[bytes] = []
+    names: list[str] = []
+    for i, up in enumerate(uploads):
+        if up.filename is None:
+            raise ApiError(400, f"form field {FIELD!r} item {i} is text, not a file upload")
+        name = up.filename or f"image {i}"
+        if len(up.data) > settings.max_image_bytes:
+            raise ApiError(413, f"image {i} ({name!r}) is {len(up.data)} bytes; the limit is {settings.max_image_bytes}")
+        blobs.append(up.data)
+        names.append(name)
     timer.mark("read")
 
     pixels = await decode_or_400(registry, served, blobs, names)
