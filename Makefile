@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install install-serve install-test install-browser bench clean
+.PHONY: serve test install-serve install-test install-browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

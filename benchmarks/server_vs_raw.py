@@ -16,11 +16,8 @@ import argparse
 import asyncio
 import collections
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from saikyo import imaging
+from saikyo.bench.localserver import local_server
 from saikyo.repository import ModelRepository
 from saikyo.runtime import create_runner
 from saikyo.settings import Settings
@@ -86,23 +84,6 @@ def raw_latency(settings: Settings, name: str, data: bytes, n: int = 200) -> flo
     return percentile(times, 50)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(settings: Settings, name: str, port: int) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "saikyo", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--models", name, "--repository", str(settings.repository),
-        "--max-batch-size", str(settings.max_batch_size), "--max-delay-ms", str(settings.max_delay_ms),
-        "--intra-op-threads", str(settings.intra_op_threads), "--decode-threads", str(settings.decode_threads),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    return subprocess.Popen(cmd, start_new_session=True)
-
-
 def multipart(data: bytes, n: int) -> tuple[bytes, str]:
     boundary = "saikyobench"
     part = (
@@ -119,18 +100,6 @@ async def drive(url: str, body: bytes, ctype: str, concurrency: int, seconds: fl
     errors = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        deadline = time.perf_counter() + 60
-        while True:  # wait until ready
-            try:
-                async with session.get(f"{url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            if time.perf_counter() > deadline:
-                raise RuntimeError("server did not become ready")
-            await asyncio.sleep(0.2)
-
         async def one() -> None:
             nonlocal errors
             t0 = time.perf_counter()
@@ -181,17 +150,16 @@ def main() -> None:
     print(f"raw: {raw_img_s:.1f} img/s", flush=True)
     raw_p50 = raw_latency(settings, args.model, data) if single else None
 
-    port = free_port()
-    proc = start_server(settings, args.model, port)
-    try:
-        body, ctype = multipart(data, args.images_per_request)
-        elapsed, lat, errors = asyncio.run(drive(f"http://127.0.0.1:{port}", body, ctype, args.concurrency, args.seconds))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    body, ctype = multipart(data, args.images_per_request)
+    server_args = [
+        "--max-batch-size", str(settings.max_batch_size), "--max-delay-ms", str(settings.max_delay_ms),
+        "--intra-op-threads", str(settings.intra_op_threads), "--decode-threads", str(settings.decode_threads),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as logs, local_server(
+        settings.repository, args.model, Path(logs), server_args
+    ) as server:
+        elapsed, lat, errors = asyncio.run(drive(server.url, body, ctype, args.concurrency, args.seconds))
     server_img_s = len(lat) * args.images_per_request / elapsed
     p50, p99 = percentile(lat, 50), percentile(lat, 99)
     print(f"server: {server_img_s:.1f} img/s, {len(lat)} requests, {errors} errors", flush=True)

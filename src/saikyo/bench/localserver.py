@@ -47,8 +47,10 @@ def local_server(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     timeout: float = 600.0,
+    wait_ready: bool = True,
 ) -> Iterator[LocalServer]:
-    """Serve `models` from `repository` on 127.0.0.1:<free port>; ready (every model warmed up) on entry."""
+    """Serve `models` from `repository` on 127.0.0.1:<free port>; ready (every model warmed up) on entry
+    unless `wait_ready` is false (for tests that watch it start)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
@@ -67,7 +69,8 @@ def local_server(
         )
     server = LocalServer(f"http://127.0.0.1:{port}", proc, log_path)
     try:
-        wait_until_ready(server, timeout)
+        if wait_ready:
+            wait_until_ready(server, timeout)
         yield server
     finally:
         stop(proc)
