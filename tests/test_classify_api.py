@@ -91,14 +91,21 @@ def test_second_model_by_name_and_unknown_route(tiny_server) -> None:
     assert r.status_code == 404 and r.json() == {"error": "not found"}
 
 
-def test_many_concurrent_requests_share_batches(tmp_path_factory, tiny_repository) -> None:
-    """Every concurrent request gets its own image's answer; the server ran batches larger than one."""
+def test_many_concurrent_requests_share_batches(tmp_path_factory) -> None:
+    """Every concurrent request gets its own image's answer; the server ran batches larger than one.
+
+    The model takes milliseconds per image so that requests arrive while a batch runs, as under real load
+    (a microsecond model would finish each batch before the next request lands)."""
+    from faultmodels import add_model, slow_classifier
     from serverproc import running_server
 
+    from saikyo.repository import ModelRepository
+
+    repo = ModelRepository(tmp_path_factory.mktemp("slow-repository"))
+    add_model(repo, "slow", slow_classifier(input_size=64, layers=6), input_size=64)
     singles = {}
     with running_server(
-        tiny_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--log-level", "debug",
-        "--max-batch-size", "16",
+        repo.root, "slow", tmp_path_factory.mktemp("logs"), "--log-level", "debug", "--max-batch-size", "16",
     ) as server:  # fmt: skip
         for p in PHOTOS:
             singles[p] = post(server.url, p).json()[0]
@@ -112,7 +119,7 @@ def test_many_concurrent_requests_share_batches(tmp_path_factory, tiny_repositor
             assert list(got) == list(singles[path])
             assert got == pytest.approx(singles[path], rel=1e-4, abs=1e-6)
     sizes = [int(s) for s in re.findall(r"ran batch of (\d+)", log)]
-    assert sizes and max(sizes) > 2 and max(sizes) <= 16
+    assert sizes and max(sizes) > 2 and max(sizes) <= 16, sizes
 
 
 def test_readiness_waits_for_models_and_liveness_does_not(tmp_path_factory, tiny_repository) -> None:
