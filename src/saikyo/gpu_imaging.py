@@ -225,7 +225,11 @@ def _weights_on(device: torch.device, *key: object) -> tuple[int, torch.Tensor]:
     hit = _device_coefficients.get(full_key)
     if hit is None:
         first, w = coefficients(*key)  # type: ignore[arg-type]
-        hit = (first, to_device(torch.from_numpy(w), device))
+        weights = to_device(torch.from_numpy(w), device)
+        if device.type == "cuda":
+            # Other decode threads use the cached tensor on their own streams: the copy must be done.
+            torch.cuda.current_stream(device).synchronize()
+        hit = (first, weights)
         with _device_coefficients_lock:
             if len(_device_coefficients) >= _DEVICE_CACHE_SIZE:
                 _device_coefficients.pop(next(iter(_device_coefficients)))

@@ -109,6 +109,7 @@ class TorchRunner:
             raise RunnerError(f"unknown device_decode {device_decode!r}; choose auto, on or off")
         # Read by the server's registry: encoded JPEGs come to decode_images instead of the CPU pool.
         self.decodes_on_device = device_decode == "on" or (device_decode == "auto" and on_cuda)
+        self._decode_streams = threading.local()  # one CUDA stream per decode thread
         self._lock = threading.Lock()
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._loaded = False  # set after warm-up: no graph captures after that
@@ -199,8 +200,22 @@ class TorchRunner:
     def decode_images(
         self, blobs: Sequence[bytes], max_pixels: int | None = None
     ) -> list[torch.Tensor | imaging.ImageError]:
-        """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each."""
-        return gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+        """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each.
+
+        On CUDA each decode thread works on a stream of its own and waits for it before returning, so
+        the forward pass (on the runner's stream) never queues behind other requests' decode kernels,
+        and the images are complete when they reach a batch. They are released only after the batch
+        that used them has synchronised, so the caching allocator cannot hand their memory out early.
+        """
+        if not self._on_cuda:
+            return gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+        stream = getattr(self._decode_streams, "stream", None)
+        if stream is None:
+            stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            out = gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+        stream.synchronize()
+        return out
 
     def forward_resident(self, n: int) -> torch.Tensor:
         """The network alone on the first n images already in the device input buffer (no host copies,
