@@ -106,13 +106,10 @@ async def classify(
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, f"expected a multipart/form-data body with the field {FIELD!r}, got {content_type or 'none'!r}")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
 
     try:
         boundary = multipart.boundary_of(content_type)
-        # The limits middleware has already capped the body's size.
+        # LimitsMiddleware caps the body's size (Content-Length and while streaming) before this reads it.
         parts = multipart.parse(await request.body(), boundary, settings.max_images_per_request + MAX_TEXT_FIELDS)
     except multipart.TooManyParts as exc:
         if sum(p.name == FIELD for p in exc.parsed) > settings.max_images_per_request:

@@ -217,7 +217,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     settings = registry.settings
     timer = Timer()
 
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await request.body()  # LimitsMiddleware has capped its size
     try:
         body = wire.decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
         req = wire.parse_request(body, request.headers.get(wire.HEADER_LENGTH))
@@ -255,20 +255,6 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     payload, headers = wire.encode_response(served.name, VERSION, req.id, [_output(spec, probs) for spec in outputs])
     headers.update(timer.header())
     return _maybe_compressed(payload, headers, request.headers.get("accept-encoding", ""))
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _requested_outputs(req: wire.InferenceRequest) -> list[wire.RequestedOutput]:
