@@ -1,8 +1,8 @@
 """Ray Serve path vs the plain server: images/s on the same machine, in one run.
 
-Starts `saikyo serve` (plain) and `saikyo serve --engine ray` side by side on loopback ports, waits for
-both to be ready, then alternates closed-loop load rounds between them (plain, ray, plain, ray, ...), so
-a noisy neighbour hits both alike. Each round: a short warm-up, then `--seconds` of measurement.
+Starts `saikyo serve` (plain) and `saikyo serve --engine ray` side by side on loopback ports (the cost
+lab's launcher), waits for both to be ready, then alternates closed-loop load rounds between them
+(plain, ray, plain, ray, ...), so a noisy neighbour hits both alike. Each round: a short warm-up, then `--seconds` of measurement.
 
     python benchmarks/ray_vs_plain.py --repository model-repository --model efficientnet_lite0
     python benchmarks/ray_vs_plain.py ... --replicas 2 --cpus-per-replica 1
@@ -15,59 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-import httpx
+
+from saikyo.bench.localserver import local_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = ROOT / "tests" / "data" / "cat.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "saikyo", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 async def load(url: str, model: str, images: int, concurrency: int, seconds: float) -> tuple[float, int, int]:
@@ -116,30 +76,25 @@ def main() -> None:
     replicas = int(a.replicas)
     cpus = a.cpus_per_replica if a.cpus_per_replica is not None else cores / replicas
     threads = max(1, round(cpus))
-    common = ["--repository", str(a.repository), "--models", a.model, "--log-level", "warning"]
+    common = ["--log-level", "warning"]
     # Same threads per serving process: the plain server's defaults are one per core.
     ray_args = [*common, "--engine", "ray", "--replicas", a.replicas, "--cpus-per-replica", f"{cpus:g}",
                 "--intra-op-threads", str(threads), "--decode-threads", str(threads)]  # fmt: skip
     logs = Path(tempfile.mkdtemp(prefix="ray-vs-plain-"))
-    plain, plain_url = start(common, logs / "plain.log")
-    ray, ray_url = start(ray_args, logs / "ray.log")
     results: dict[str, list[float]] = {"plain": [], "ray": []}
-    try:
-        wait_ready(plain, plain_url, logs / "plain.log")
-        wait_ready(ray, ray_url, logs / "ray.log")
+    with contextlib.ExitStack() as stack:
+        plain = stack.enter_context(local_server(a.repository, a.model, logs, common, timeout=300))
+        ray = stack.enter_context(local_server(a.repository, a.model, logs, ray_args, timeout=300))
         print(f"# {cores} cores; ray: {replicas} replica(s) x {cpus:g} CPU, {threads} thread(s) each; "
               f"concurrency {a.concurrency}, {a.images_per_request} image(s)/request, logs in {logs}")  # fmt: skip
         for r in range(a.rounds):
-            for name, url in (("plain", plain_url), ("ray", ray_url)):
+            for name, url in (("plain", plain.url), ("ray", ray.url)):
                 asyncio.run(load(url, a.model, a.images_per_request, a.concurrency, a.warmup))
                 img_s, ok, failed = asyncio.run(
                     load(url, a.model, a.images_per_request, a.concurrency, a.seconds)
                 )
                 results[name].append(img_s)
                 print(f"round {r + 1} {name:5s} {img_s:8.1f} img/s  ({ok} ok, {failed} failed)", flush=True)
-    finally:
-        stop(ray)
-        stop(plain)
     p, q = statistics.median(results["plain"]), statistics.median(results["ray"])
     print(
         f"ratio={q / p:.3f} ray_img_s={q:.1f} plain_img_s={p:.1f} replicas={replicas} cpus_per_replica={cpus:g} "

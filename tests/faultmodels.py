@@ -9,16 +9,12 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from saikyo.repository import Entry, ModelRepository
-from saikyo.zoo import Preprocessing
+from tinymodel import add_model  # noqa: F401  (tests import it from here beside the models)
 
 CLASSES = 1000
 
@@ -110,29 +106,3 @@ def slow_classifier(input_size: int = 32, layers: int = 4, channels: int = 64, s
     head, head_init = _head(rng, source, channels)
     nodes += head + [helper.make_node("Identity", ["logits_raw"], ["logits"])]
     return _model(nodes, inits + head_init, input_size)
-
-
-def _meta(name: str, input_size: int) -> dict:
-    pp = Preprocessing(input_size=input_size, crop_pct=0.875)
-    return {
-        "name": name,
-        "family": "Test",
-        "base_model": name,
-        "weights": "random",
-        "input_size": input_size,
-        "preprocessing": pp.to_dict(),
-        "opset": 17,
-        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "num_classes": CLASSES,
-    }
-
-
-def add_model(repository: ModelRepository, name: str, model: onnx.ModelProto | bytes, input_size: int = 32) -> Entry:
-    repository.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False, dir=repository.root) as f:
-        path = Path(f.name)
-    if isinstance(model, bytes):
-        path.write_bytes(model)
-    else:
-        onnx.save(model, str(path))
-    return repository.write(name, path, _meta(name, input_size))

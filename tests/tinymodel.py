@@ -40,20 +40,34 @@ def tiny_classifier(input_size: int = 32, classes: int = 1000, seed: int = 0) ->
     return model
 
 
-def add_tiny_model(repository: ModelRepository, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Entry:
-    pp = Preprocessing(input_size=input_size, crop_pct=0.875)
-    with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False, dir=repository.root if repository.root.exists() else None) as f:
+def add_model(
+    repository: ModelRepository,
+    name: str,
+    model: onnx.ModelProto | bytes,
+    input_size: int = 32,
+    family: str = "Test",
+) -> Entry:
+    """Write a generated model (or raw bytes, for a deliberately broken file) into the repository."""
+    repository.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False, dir=repository.root) as f:
         path = Path(f.name)
-    onnx.save(tiny_classifier(input_size, seed=seed), str(path))
+    if isinstance(model, bytes):
+        path.write_bytes(model)
+    else:
+        onnx.save(model, str(path))
     meta = {
         "name": name,
-        "family": "Tiny",
+        "family": family,
         "base_model": name,
         "weights": "random",
         "input_size": input_size,
-        "preprocessing": pp.to_dict(),
+        "preprocessing": Preprocessing(input_size=input_size, crop_pct=0.875).to_dict(),
         "opset": 17,
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "num_classes": 1000,
     }
     return repository.write(name, path, meta)
+
+
+def add_tiny_model(repository: ModelRepository, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Entry:
+    return add_model(repository, name, tiny_classifier(input_size, seed=seed), input_size, family="Tiny")
