@@ -80,6 +80,27 @@ def test_open_and_closed_endpoint_groups(keyed) -> None:
     assert httpx.post(f"{url}/v2/models/tiny/infer", json={"inputs": []}).status_code == 401
 
 
+def test_the_schema_declares_the_bearer_scheme_on_closed_operations_only(keyed) -> None:
+    schema = httpx.get(f"{keyed.url}/openapi.json", headers=bearer(FILE_KEY)).json()
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "An API key from SAIKYO_API_KEYS or the API keys file."
+    }  # fmt: skip
+    paths = schema["paths"]
+    for path, method in [("/classify", "post"), ("/v2/models/{model_name}/infer", "post"), ("/v2", "get")]:
+        operation = paths[path][method]
+        assert operation["security"] == [{"bearerAuth": []}], path
+        assert "401" in operation["responses"], path
+    # health is public on this server: no key asked for, no 401 documented.
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready"):
+        assert "security" not in paths[path]["get"] and "401" not in paths[path]["get"]["responses"], path
+
+
+def test_without_keys_the_schema_asks_for_none(tiny_server) -> None:
+    schema = httpx.get(f"{tiny_server.url}/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert all("security" not in op for ops in schema["paths"].values() for op in ops.values())
+
+
 def test_keys_are_checked_before_the_body_is_read(keyed) -> None:
     # An unauthenticated upload over every limit is refused for the key, and the connection is closed
     # instead of reading the body to discard it.

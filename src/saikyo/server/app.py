@@ -47,12 +47,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.include_router(classify.router)
     app.include_router(v2.router)
     app.include_router(metrics.router)
-    docs.install(app)
+    # load_keys raises AuthConfigError on unusable settings.
+    keys = load_keys(settings)
+    docs.install(app, public=settings.public_endpoints if keys else None)
     demo.install(app)
     # The last added runs first: keys are checked before admission control and body limits, so an
-    # unauthenticated flood takes no request slot. load_keys raises AuthConfigError on unusable settings.
+    # unauthenticated flood takes no request slot.
     app.add_middleware(LimitsMiddleware, settings=settings)
-    keys = load_keys(settings)
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys, public=settings.public_endpoints)
     # Outermost: every request is counted, including those refused by the middlewares above.

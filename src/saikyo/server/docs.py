@@ -8,11 +8,15 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Iterable
+
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
+from saikyo.server.endpoints import endpoint_group
 from saikyo.server.errors import ApiError
+from saikyo.server.v2_openapi import ERROR_SCHEMA
 
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",
@@ -52,14 +56,18 @@ async def swagger_asset(name: str) -> FileResponse:
     return FileResponse(swagger_ui_dir() / name, media_type=media_type, headers={"Cache-Control": "max-age=86400"})
 
 
-def install(app: FastAPI) -> None:
-    """Serve /docs offline, and make the schema say what the server does."""
+def install(app: FastAPI, public: Iterable[str] | None = None) -> None:
+    """Serve /docs offline, and make the schema say what the server does. `public`: None when no API
+    keys are configured, else the endpoint groups left open (see auth.py)."""
     app.include_router(router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _drop_unused_validation_responses(generate())
+            schema = generate()
+            _drop_unused_validation_responses(schema)
+            if public is not None:
+                _declare_bearer_keys(schema, frozenset(public))
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -79,3 +87,29 @@ def _drop_unused_validation_responses(schema: dict[str, Any]) -> None:
         schema["components"].pop("schemas", None)
         if not schema["components"]:
             del schema["components"]
+
+
+BEARER = "bearerAuth"
+
+
+def _declare_bearer_keys(schema: dict[str, Any], public: frozenset[str]) -> None:
+    """With API keys on, every operation outside the open groups needs `Authorization: Bearer <key>`:
+    say so, so that clients generated from the schema send it and /docs offers an Authorize button."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[BEARER] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key from SAIKYO_API_KEYS or the API keys file.",
+    }
+    refused = {
+        "description": "missing, malformed or unknown API key (the WWW-Authenticate header says which)",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        "content": {"application/json": {"schema": ERROR_SCHEMA}},
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if endpoint_group(path) in public:
+            continue
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation["security"] = [{BEARER: []}]
+                operation.setdefault("responses", {})["401"] = refused
