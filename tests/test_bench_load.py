@@ -156,9 +156,10 @@ def test_open_loop_sends_on_schedule_and_latency_includes_queueing() -> None:
     for k, s in enumerate(by_due):
         assert s.scheduled == pytest.approx(result.started + schedule[k])
         assert s.latency_ms >= 100 + 50 * k - 1
-    # An open loop does not wait for answers: requests reach the server on schedule, not 100 ms apart.
+    # An open loop does not wait for answers: requests reach the server on schedule (the last at 0.2 s),
+    # not 100 ms apart as a closed loop's would (the last at >= 0.4 s).
     arrived = sorted(a.arrived for a in server.arrivals)
-    assert arrived[-1] - result.started < 0.20 + 0.08
+    assert arrived[-1] - result.started < 0.35
     assert max(s.latency_ms for s in result.samples) >= 299
 
 
