@@ -10,6 +10,7 @@ from conftest import CAT, DATA
 from prometheus_client.parser import text_string_to_metric_families
 
 from saikyo.server import create_app
+from saikyo.server.metrics import Metrics, merge_expositions
 from saikyo.settings import Settings
 
 COFFEE = DATA / "coffee.jpg"
@@ -112,3 +113,82 @@ def test_each_app_has_its_own_registry() -> None:
     assert count(first, route="unmatched", method="GET", model="", status="404") == 1
     assert count(first, route="/v2", method="GET", model="", status="200") == 1
     assert count(second, route="unmatched", method="GET", model="", status="404") == 0
+
+
+def test_merged_expositions_keep_each_source_apart() -> None:
+    """What /metrics answers under Ray: every replica's samples, labelled, each family declared once."""
+    a, b = Metrics(), Metrics()
+    a.observe_request("/classify", "POST", "tiny", 200, 0.01)
+    a.observe_batch("tiny", 3, 0.02)
+    b.observe_request("/classify", "POST", "tiny", 200, 0.2)
+    b.observe_request("/classify", "POST", "tiny", 400, 0.2)
+    text = merge_expositions({"r1": a.exposition(), "r2": b.exposition()}).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
+    ok = {"route": "/classify", "method": "POST", "model": "tiny", "status": "200"}
+    assert value(samples, "saikyo_http_requests_total", **ok, replica="r1") == 1
+    assert value(samples, "saikyo_http_requests_total", **ok, replica="r2") == 1
+    assert value(samples, "saikyo_http_requests_total", **{**ok, "status": "400"}, replica="r2") == 1
+    assert value(samples, "saikyo_images_total", model="tiny", replica="r1") == 3
+    assert value(samples, "saikyo_images_total", model="tiny", replica="r2") == 0
+    latency = {"route": "/classify", "method": "POST", "model": "tiny"}
+    assert value(samples, "saikyo_http_request_duration_seconds_bucket", **latency, le="0.1", replica="r2") == 0
+    assert value(samples, "saikyo_http_request_duration_seconds_count", **latency, replica="r2") == 2
+    assert families["saikyo_http_request_duration_seconds"].type == "histogram"
+    assert text.count("# TYPE saikyo_http_requests_total counter") == 1
+    # Process metrics come from both processes, told apart by the label.
+    assert {s.labels["replica"] for s in families["process_cpu_seconds"].samples} == {"r1", "r2"}
+    assert merge_expositions({}) == b""
+
+
+def test_a_replica_answers_with_its_own_metrics_when_the_board_is_gone(monkeypatch) -> None:
+    """Under Ray: the board actor may die with the replica that created it; a scrape still answers,
+    and the next call looks the board up (or creates it) again."""
+    from saikyo.scale import ray_metrics
+
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            async def call():
+                return self.fn(*args)
+
+            return call()
+
+    class FakeBoard:
+        def __init__(self, alive: bool) -> None:
+            self.board, self.alive = ray_metrics.MetricsBoard(), alive
+
+        def __getattr__(self, name):
+            def method(*args):
+                if not self.alive:
+                    raise RuntimeError("actor died")
+                return getattr(self.board, name)(*args)
+
+            return Method(method)
+
+    boards = [FakeBoard(alive=False), FakeBoard(alive=True)]
+    monkeypatch.setattr(ray_metrics, "board_for", lambda app: boards.pop(0))
+    mine, other = Metrics(), Metrics()
+    mine.observe_batch("tiny", 2, 0.01)
+    other.observe_batch("tiny", 5, 0.01)
+    replica = ray_metrics.ReplicaMetrics("saikyo", "r1", mine)
+
+    def images(text: bytes) -> dict[str, float]:
+        return {
+            s.labels["replica"]: s.value
+            for f in text_string_to_metric_families(text.decode())
+            for s in f.samples
+            if s.name == "saikyo_images_total"
+        }
+
+    async def go() -> None:
+        assert images(await replica.view(mine.exposition())) == {"r1": 2}  # dead board: own metrics only
+        live = boards[0]
+        live.board.publish("r2", other.exposition())
+        assert images(await replica.view(mine.exposition())) == {"r1": 2, "r2": 5}  # the new board
+        await asyncio.sleep(0.02)
+        assert live.board.snapshot(0.01) == {}  # entries older than max_age_s drop out
+
+    asyncio.run(go())

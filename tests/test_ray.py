@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from conftest import CAT, DATA
 from serverproc import ServerProcess, running_server
 
@@ -199,6 +200,45 @@ def test_every_socket_stays_on_loopback_and_home_is_untouched(two_replicas: Serv
     assert checked >= 10, f"only {checked} sockets found for {sorted(pids)}"
     assert problems == [], "\n".join(problems)
     assert not (ray_home / ".ray").exists()
+
+
+def metadata_requests_by_replica(text: str) -> dict[str, float]:
+    """GET /v2/models/tiny2 answered with 200, per replica label, from a /metrics exposition."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (
+                s.name == "saikyo_http_requests_total"
+                and s.labels.get("route") == "/v2/models/{model_name}"
+                and s.labels.get("model") == "tiny2"
+                and s.labels.get("status") == "200"
+            ):
+                counts[s.labels["replica"]] = counts.get(s.labels["replica"], 0.0) + s.value
+    return counts
+
+
+def test_metrics_cover_every_replica_whichever_answers_the_scrape(two_replicas: ServerProcess) -> None:
+    url = two_replicas.url
+    # A route and model no other test here uses, so these are the only requests counted under them.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: httpx.get(f"{url}/v2/models/tiny2", timeout=30), range(40)))
+    assert {r.status_code for r in answers} == {200}
+    served: dict[str, float] = {}
+    for r in answers:
+        rid = replica_of(r)[0]
+        served[rid] = served.get(rid, 0.0) + 1
+    assert len(served) == 2, served
+    # Replicas publish every 2 s: within a few seconds every scrape, whichever replica answers it,
+    # shows both replicas' counts, each labelled with its replica.
+    deadline = time.monotonic() + 30
+    agreeing: set[str] = set()
+    while len(agreeing) < 2:
+        r = httpx.get(f"{url}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        if metadata_requests_by_replica(r.text) == served:
+            agreeing.add(replica_of(r)[0])  # the replica that answered this scrape
+        assert time.monotonic() < deadline, f"{metadata_requests_by_replica(r.text)} != {served}"
+        time.sleep(0.2)
 
 
 def slow_upload(url: str, release: threading.Event, sent: threading.Event | None = None) -> httpx.Response:

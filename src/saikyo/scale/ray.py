@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saikyo.scale.ray_metrics import ReplicaMetrics
 from saikyo.settings import Settings
 
 if TYPE_CHECKING:
@@ -147,13 +148,15 @@ class ReplicaMiddleware:
     """Wraps the app inside a replica.
 
     - Lifespan: reports startup complete only once every model has loaded and warmed up, so Serve
-      routes nothing to a replica (a new one from autoscaling included) that would answer 503.
+      routes nothing to a replica (a new one from autoscaling included) that would answer 503; from
+      then until shutdown it publishes its metrics for the deployment-wide /metrics.
     - HTTP: stamps each response with the replica's identity, so load spreading is observable.
     """
 
-    def __init__(self, app: ASGIApp, identity: str) -> None:
+    def __init__(self, app: ASGIApp, identity: str, metrics: ReplicaMetrics) -> None:
         self.app = app
         self.identity = identity.encode()
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -162,9 +165,13 @@ class ReplicaMiddleware:
             async def send_when_loaded(message: Message) -> None:
                 if message["type"] == "lifespan.startup.complete" and registry_app is not None:
                     await registry_app.state.registry.wait_loaded()
+                    self.metrics.start()
                 await send(message)
 
-            await self.app(scope, receive, send_when_loaded)
+            try:
+                await self.app(scope, receive, send_when_loaded)
+            finally:
+                await self.metrics.stop()
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -214,9 +221,12 @@ class SaikyoReplica:
         from saikyo.server import create_app
 
         logging.getLogger("saikyo").setLevel(self.settings.log_level.upper())
-        identity = f"{serve.get_replica_context().replica_id.unique_id} pid={os.getpid()}"
+        context = serve.get_replica_context()
+        replica_id = context.replica_id.unique_id
         app = create_app(self.settings)
-        app.add_middleware(ReplicaMiddleware, identity=identity)
+        metrics = ReplicaMetrics(context.app_name, replica_id, app.state.metrics)
+        app.state.metrics_view = metrics.view
+        app.add_middleware(ReplicaMiddleware, identity=f"{replica_id} pid={os.getpid()}", metrics=metrics)
         return app
 
 

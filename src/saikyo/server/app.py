@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         redoc_url=None,
     )
     app.state.metrics = metrics.Metrics()
+    app.state.metrics_view = None  # under Ray: the deployment-wide view (saikyo.scale.ray_metrics)
     app.state.settings = settings
     install_handlers(app)
     app.include_router(classify.router)

@@ -5,10 +5,9 @@ come from the `swagger-ui-py` package (Swagger UI 5, which renders OpenAPI 3.1).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html

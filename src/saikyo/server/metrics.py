@@ -6,13 +6,16 @@ What is measured where:
   label values stay bounded), method, model and status;
 - images, batch sizes and inference time: the batchers' on_batch hook, once per forward pass;
 - queue depth and model load state: read from the model registry at scrape time.
+
+Under Ray Serve each replica has its own registry; `app.state.metrics_view` then turns the answering
+replica's exposition into the whole deployment's (see saikyo.scale.ray_metrics and merge_expositions).
 """
 
 from __future__ import annotations
 
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +23,7 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -165,4 +169,32 @@ router = APIRouter()
 )
 async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    body = metrics.exposition()
+    view: Callable[[bytes], Awaitable[bytes]] | None = getattr(request.app.state, "metrics_view", None)
+    if view is not None:
+        body = await view(body)
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: Mapping[str, bytes], label: str = "replica") -> bytes:
+    """Several processes' expositions as one: each sample gains `label`="<its source>", each family is
+    declared once. The series stay apart, so sums and rates over them are the querier's choice."""
+    families: dict[str, Metric] = {}
+    for source, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, label: source}, sample.value, sample.timestamp)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
