@@ -13,8 +13,9 @@ Sections, in order (each appends JSON lines to --out as it measures, naming the 
   export  resnet50 (random weights) into a temporary repository with `saikyo models export`'s code
           (CPU work, run beside the raw section);
   e2e     `saikyo serve --backend torch` on a loopback port, closed-loop client, 32 images per request,
-          concurrency 16, max batch 256 with GPU decode and with CPU decode, then max batch 64 with GPU
-          decode; "ratio" = server img/s / raw img_s at the server's max batch size.
+          concurrency 16, max batch 256 with GPU decode (GIL switch interval 5 ms, Python's default, then
+          0.5 ms) and with CPU decode, then max batch 64 with GPU decode; "ratio" = server img/s / raw
+          img_s at the server's max batch size.
 Sections run in child processes under hard time limits: a hang or crash costs its own section only,
 and what it measured before stays in the file. The total stays under --budget-s.
 """
@@ -491,10 +492,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], decode: str,
-        batch: int) -> None:  # fmt: skip
+        batch: int, gil_switch_ms: float = 5.0) -> None:  # fmt: skip
+    """`gil_switch_ms`: the server's GIL switch interval (benchmarks/gil_switch.py says why it matters)."""
     budget = args.deadline - time.time()
     if budget < args.e2e_seconds + 40:
-        rec.emit({"section": "e2e", "decode": decode, "max_batch_size": batch, "skipped": "out of time"})
+        rec.emit({"section": "e2e", "decode": decode, "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
+                  "skipped": "out of time"})  # fmt: skip
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -505,10 +508,11 @@ def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str
            "--max-queue-images", str(4 * args.concurrency * args.images_per_request),
            "--max-concurrent-requests", str(4 * args.concurrency),
            "--device-decode", "on" if decode == "gpu" else "off", "--log-level", "warning"]  # fmt: skip
-    say(f"e2e ({decode} decode, max batch {batch}): {' '.join(cmd[3:])}")
+    say(f"e2e ({decode} decode, max batch {batch}, GIL switch {gil_switch_ms:g} ms): {' '.join(cmd[3:])}")
     t0 = time.time()
+    env = {**child_env_vars(), "SAIKYO_GIL_SWITCH_INTERVAL_MS": str(gil_switch_ms)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env_vars(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_ready(url, proc, min(args.ready_timeout, budget - args.e2e_seconds - 15))
         load_s = time.time() - t0
@@ -524,7 +528,8 @@ def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str
             "img_s": round(img_s, 1), "raw_img_s": raw_img_s, "raw_batch": batch,
             "ratio": round(img_s / raw_img_s, 3) if raw_img_s else None,
             "images_per_request": args.images_per_request, "concurrency": args.concurrency,
-            "max_batch_size": batch, "mean_kb": round(len(body) / args.images_per_request / 1024, 1),
+            "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
+            "mean_kb": round(len(body) / args.images_per_request / 1024, 1),
             "client": args.client, "server_load_s": round(load_s, 1), **result, **batch_stats(url, args.e2e_model),
         }  # fmt: skip
         rec.emit(record)
@@ -553,7 +558,8 @@ def summary(rec: Recorder, args: argparse.Namespace) -> None:
     for r in records:
         if r.get("section") == "e2e" and "img_s" in r:
             ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "n/a"
-            print(f"e2e    {r['model']} {r['decode']} decode: {r['img_s']:.1f} img/s, p50 {r['p50_ms']} ms, "
+            print(f"e2e    {r['model']} {r['decode']} decode, GIL switch {r.get('gil_switch_interval_ms', 5.0):g} ms: "
+                  f"{r['img_s']:.1f} img/s, p50 {r['p50_ms']} ms, "
                   f"p99 {r['p99_ms']} ms, errors {r['errors']}, mean batch {r.get('mean_batch')}; "
                   f"ratio server/raw(batch {r['raw_batch']}) = {ratio} (target >= 0.5)", flush=True)  # fmt: skip
     errors = [r for r in records if r.get("error")]
@@ -659,6 +665,7 @@ def main() -> None:
         if "e2e" in sections:
             raw = raw_results()
             e2e(rec, args, repo, raw, "gpu", args.e2e_batch)
+            e2e(rec, args, repo, raw, "gpu", args.e2e_batch, gil_switch_ms=0.5)
             e2e(rec, args, repo, raw, "cpu", args.e2e_batch)
             # Smaller batches, lower latency: how much throughput that costs (if time is left).
             small = max(b for b in args.batches if b < args.e2e_batch) if min(args.batches) < args.e2e_batch else None

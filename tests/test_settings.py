@@ -18,7 +18,26 @@ def test_env_overrides_defaults_and_flags_override_env() -> None:
 
 @pytest.mark.parametrize(("env", "match"), [({"SAIKYO_PORT": "eighty"}, "invalid literal"),
                                             ({"SAIKYO_ORT_SPINNING": "maybe"}, "true or false"),
-                                            ({"SAIKYO_MODELS": " , "}, "at least one")])
+                                            ({"SAIKYO_MODELS": " , "}, "at least one"),
+                                            ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "0"}, "gil_switch_interval_ms"),
+                                            ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "nan"}, "positive"),
+                                            ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "inf"}, "below 1000")])
 def test_bad_values_say_which_setting(env: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Settings.from_env(env)
+
+
+def test_the_serving_process_takes_the_gil_switch_interval() -> None:
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from saikyo.server import create_app
+
+    default = sys.getswitchinterval()
+    try:
+        app = create_app(Settings.from_env({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "0.5"}, models="nothing-to-load"))
+        with TestClient(app):
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(default)

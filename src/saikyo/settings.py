@@ -32,6 +32,11 @@ class Settings:
     intra_op_threads: int = 0
     # Threads that decode and preprocess images, shared by all models; 0 = one per core.
     decode_threads: int = 0
+    # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The runner
+    # thread gives the GIL up around every native call and has to wait this long to get it back while
+    # the event loop or a decode thread runs Python, so a forward pass of a few ms stretches by several
+    # times this. See benchmarks/gil_switch.py.
+    gil_switch_interval_ms: float = 5.0
     # Whether ONNX Runtime worker threads spin while waiting for work. Spinning steals the cores that
     # decode threads need between batches, so it is off unless measured to help.
     ort_spinning: bool = False
@@ -156,7 +161,10 @@ def _coerce(name: str, value: Any) -> Any:
     if kind == "int":
         return int(value)
     if kind == "float":
-        return float(value)
+        value = float(value)
+        if name == "gil_switch_interval_ms" and not 0 < value < 1000:
+            raise ValueError(f"setting {name!r} must be a positive number of milliseconds below 1000, not {value!r}")
+        return value
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -24,6 +25,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Process-wide, so set by the process that serves (plain or a Ray replica), not at import.
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         reg = registry or ModelRegistry(settings, on_batch=app.state.metrics.observe_batch)
         app.state.registry = reg
         app.state.metrics.model_registry = reg
