@@ -27,6 +27,10 @@ def test_bad_values_say_which_setting(env: dict, match: str) -> None:
         Settings.from_env(env)
 
 
+def test_settings_built_directly_are_checked_too() -> None:
+    with pytest.raises(ValueError, match="gil_switch_interval_ms"):
+        Settings(gil_switch_interval_ms=0.0)
+
 def test_the_serving_process_takes_the_gil_switch_interval() -> None:
     import sys
 

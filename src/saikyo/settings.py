@@ -99,6 +99,14 @@ class Settings:
     # Requests waiting for a free replica slot; beyond this Ray answers 503 + Retry-After at once.
     max_queued_requests: int = 256
 
+    def __post_init__(self) -> None:
+        # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
+        if not 0 < self.gil_switch_interval_ms < 1000:
+            raise ValueError(
+                "setting 'gil_switch_interval_ms' must be a positive number of milliseconds below 1000, "
+                f"not {self.gil_switch_interval_ms!r}"
+            )
+
     @property
     def default_model(self) -> str:
         return self.models[0]
@@ -161,10 +169,7 @@ def _coerce(name: str, value: Any) -> Any:
     if kind == "int":
         return int(value)
     if kind == "float":
-        value = float(value)
-        if name == "gil_switch_interval_ms" and not 0 < value < 1000:
-            raise ValueError(f"setting {name!r} must be a positive number of milliseconds below 1000, not {value!r}")
-        return value
+        return float(value)
     return value
 
 

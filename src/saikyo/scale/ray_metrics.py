@@ -83,9 +83,7 @@ class ReplicaMetrics:
         while True:
             try:
                 await self._call("publish", self.replica, self.metrics.exposition())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # CancelledError is not an Exception: stop() still ends the loop
                 log.warning("could not publish this replica's metrics: %s", exc)
             await asyncio.sleep(PUBLISH_S)
 

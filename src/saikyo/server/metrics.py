@@ -170,7 +170,7 @@ router = APIRouter()
 async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     body = metrics.exposition()
-    view: Callable[[bytes], Awaitable[bytes]] | None = getattr(request.app.state, "metrics_view", None)
+    view: Callable[[bytes], Awaitable[bytes]] | None = request.app.state.metrics_view
     if view is not None:
         body = await view(body)
     return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
