@@ -7,6 +7,7 @@ replica (scale-up under load), one small replica (Ray's own backpressure as a JS
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import json
@@ -67,28 +68,30 @@ def session_pids(sid: int) -> set[int]:
     return pids
 
 
-def ray_server_env(home: Path, **extra: str) -> dict[str, str]:
-    # A HOME of its own shows that nothing is written to ~/.ray.
-    return {"HOME": str(home), **extra}
-
-
 @pytest.fixture(scope="module")
 def ray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A HOME of its own shows that nothing is written to ~/.ray.
     return tmp_path_factory.mktemp("home")
+
+
+@contextlib.contextmanager
+def ray_server(
+    repository: ModelRepository, models: str, logs: Path, home: Path, *flags: str, **env: str
+) -> Iterator[ServerProcess]:
+    """`saikyo serve --engine ray` with `flags`, half a CPU per replica; `env`: SAIKYO_* extras."""
+    with running_server(
+        repository.root, models, logs, "--engine", "ray", *flags, "--cpus-per-replica", "0.5",
+        env={"HOME": str(home), **env}, timeout=240,
+    ) as server:  # fmt: skip
+        yield server
 
 
 @pytest.fixture(scope="module")
 def two_replicas(
     tiny_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory, ray_home: Path
 ) -> Iterator[ServerProcess]:
-    with running_server(
-        tiny_repository.root,
-        "tiny,tiny2",
-        tmp_path_factory.mktemp("ray-logs"),
-        "--engine", "ray", "--replicas", "2", "--cpus-per-replica", "0.5",
-        env=ray_server_env(ray_home),
-        timeout=240,
-    ) as server:  # fmt: skip
+    logs = tmp_path_factory.mktemp("ray-logs")
+    with ray_server(tiny_repository, "tiny,tiny2", logs, ray_home, "--replicas", "2") as server:
         yield server
 
 
@@ -96,15 +99,10 @@ def two_replicas(
 def autoscaling(
     tiny_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory, ray_home: Path
 ) -> Iterator[ServerProcess]:
-    env = ray_server_env(ray_home, SAIKYO_MAX_ONGOING_REQUESTS="2", SAIKYO_MAX_QUEUED_REQUESTS="2")
-    with running_server(
-        tiny_repository.root,
-        "tiny",
-        tmp_path_factory.mktemp("ray-logs"),
-        "--engine", "ray", "--replicas", "auto", "--min-replicas", "1", "--max-replicas", "2",
-        "--target-ongoing-requests", "1", "--cpus-per-replica", "0.5",
-        env=env,
-        timeout=240,
+    with ray_server(
+        tiny_repository, "tiny", tmp_path_factory.mktemp("ray-logs"), ray_home,
+        "--replicas", "auto", "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
+        SAIKYO_MAX_ONGOING_REQUESTS="2", SAIKYO_MAX_QUEUED_REQUESTS="2",
     ) as server:  # fmt: skip
         yield server
 
@@ -114,14 +112,9 @@ def one_small_replica(
     tiny_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory, ray_home: Path
 ) -> Iterator[ServerProcess]:
     # Room for exactly four requests: two in flight on the replica, two in Ray's queue.
-    env = ray_server_env(ray_home, SAIKYO_MAX_ONGOING_REQUESTS="2", SAIKYO_MAX_QUEUED_REQUESTS="2")
-    with running_server(
-        tiny_repository.root,
-        "tiny",
-        tmp_path_factory.mktemp("ray-logs"),
-        "--engine", "ray", "--replicas", "1", "--cpus-per-replica", "0.5",
-        env=env,
-        timeout=240,
+    with ray_server(
+        tiny_repository, "tiny", tmp_path_factory.mktemp("ray-logs"), ray_home, "--replicas", "1",
+        SAIKYO_MAX_ONGOING_REQUESTS="2", SAIKYO_MAX_QUEUED_REQUESTS="2",
     ) as server:  # fmt: skip
         yield server
 
