@@ -11,8 +11,25 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# The exporter needs torch only to trace models on the CPU. PyTorch's CPU-only index has wheels of a few
+# hundred MB; the default index has the CUDA build (torch + NVIDIA libraries + triton, about 6 GB
+# installed). Use the CPU index when it answers within seconds; otherwise (offline mirrors, no route
+# to it) fall back to whatever torch the default index has. TORCH_INDEX= (empty) skips the attempt.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PINS := $(shell sed -n 's/^ *"\(torch\(vision\)\?==[^"]*\)",.*/\1/p' pyproject.toml | sort -u)
+
+$(VENV)/.torch: pyproject.toml | $(PY)
+	@if [ -n "$(TORCH_INDEX)" ] && $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
+		echo "installing CPU-only $(TORCH_PINS) from $(TORCH_INDEX)"; \
+		$(PY) -m pip install --quiet --timeout 10 --retries 0 --index-url $(TORCH_INDEX) $(TORCH_PINS) \
+			|| echo "CPU-only torch failed to install: falling back to the default index"; \
+	else \
+		echo "$(or $(TORCH_INDEX),the CPU-only torch index) is not reachable: torch comes from the default index"; \
+	fi
+	touch $@
+
 # One stamp per extras set: re-installs when pyproject.toml changes.
-$(VENV)/.installed-%: pyproject.toml | $(PY)
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.torch | $(PY)
 	$(PY) -m pip install --quiet -e '.[$(subst +,$(comma),$*)]'
 	touch $@
 

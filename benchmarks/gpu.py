@@ -8,7 +8,7 @@ Sections, in order (each appends JSON lines to --out as it measures, naming the 
           batch 1, 8, 64, 256: "img_s" with the batch already on the GPU (the model alone), "host_img_s"
           from uint8 numpy pixels to numpy probabilities (pinned copies included);
   decode  images/s to model-ready uint8 224x224 pixels: nvJPEG + resize/crop on the GPU
-          (saikyo.gpu_imaging) vs saikyo.imaging in a thread pool over every core, on ImageNet-sized
+          (saikyo.runtime.torch_imaging) vs saikyo.inference.imaging in a thread pool over every core, on ImageNet-sized
           photos and on 1920x1280 ones; "ratio" = GPU / CPU;
   export  resnet50 (random weights) into a temporary repository with `saikyo models export`'s code
           (CPU work, run beside the raw section);
@@ -152,7 +152,8 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
     import numpy as np
     import torch
 
-    from saikyo import torch_models, zoo
+    from saikyo.models import builders
+    from saikyo.models import zoo
     from saikyo.runtime.torch import TorchRunner
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -160,7 +161,7 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
     spec = zoo.get(name)
     t0 = time.perf_counter()
     runner = TorchRunner(
-        name, torch_models.build(spec, "random"), spec.preprocessing,
+        name, builders.build(spec, "random"), spec.preprocessing,
         {"num_classes": spec.num_classes, "weights": "random"},
         device=args.device, dtype=args.dtype, max_batch_size=max(batches), buckets=batches,
         cuda_graphs=True, device_decode="off",
@@ -210,7 +211,9 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
 
     import torch
 
-    from saikyo import gpu_imaging, imaging, zoo
+    from saikyo.runtime import torch_imaging
+    from saikyo.inference import imaging
+    from saikyo.models import zoo
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -239,9 +242,9 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
 
                 def run(chunks: list[list[bytes]] = chunks) -> None:
                     for chunk in chunks:
-                        gpu_imaging.decode(chunk, pp, args.device)
+                        torch_imaging.decode(chunk, pp, args.device)
 
-                gpu_imaging.decode(blobs[:batch], pp, args.device)  # nvJPEG init, weights cache
+                torch_imaging.decode(blobs[:batch], pp, args.device)  # nvJPEG init, weights cache
                 it, sec = timed(run, args.min_seconds, sync)
                 results[f"device-b{batch}"] = it * n / sec
                 rec.emit({**common, "path": "device", "batch": batch, "threads": 1, "img_s": round(it * n / sec, 1)})
@@ -253,7 +256,7 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
             chunks = [blobs[i : i + 32] for i in range(0, n, 32)]
 
             def run_threads() -> None:
-                list(dpool.map(lambda c: gpu_imaging.decode(c, pp, args.device), chunks))
+                list(dpool.map(lambda c: torch_imaging.decode(c, pp, args.device), chunks))
 
             it, sec = timed(run_threads, args.min_seconds, sync)
             results["device-threads"] = it * n / sec
@@ -278,8 +281,8 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
 
 
 def child_export(rec: Recorder, args: argparse.Namespace) -> None:
-    from saikyo.export import export_model
-    from saikyo.repository import ModelRepository
+    from saikyo.models.export import export_model
+    from saikyo.models.repository import ModelRepository
 
     repo = ModelRepository(args.repository)
     t0 = time.perf_counter()
@@ -299,11 +302,13 @@ def legacy_entry(repo: Any, name: str) -> None:
     """A repository entry without the dynamo exporter: the torch runner reads only weights.pt and meta."""
     import torch
 
-    from saikyo import export, torch_models, zoo
-    from saikyo.repository import WEIGHTS_FILE
+    from saikyo.models import provenance
+    from saikyo.models import builders
+    from saikyo.models import zoo
+    from saikyo.models.repository import WEIGHTS_FILE
 
     spec = zoo.get(name)
-    model = torch_models.build(spec, "random")
+    model = builders.build(spec, "random")
     size = spec.preprocessing.input_size
     tmp = Path(tempfile.mkdtemp(dir=repo.root))
     onnx_path, weights = tmp / "model.onnx", tmp / WEIGHTS_FILE
@@ -313,7 +318,7 @@ def legacy_entry(repo: Any, name: str) -> None:
     torch.save(model.state_dict(), weights)
     meta = {"name": name, "family": spec.family, "base_model": name, "precision": "fp32", "weights": "random",
             "num_classes": spec.num_classes, "input_size": size, "preprocessing": spec.preprocessing.to_dict(),
-            "torch_weights": WEIGHTS_FILE, "exported_at": export.utc_now(), "versions": export.versions()}  # fmt: skip
+            "torch_weights": WEIGHTS_FILE, "exported_at": provenance.utc_now(), "versions": provenance.versions()}  # fmt: skip
     repo.write(name, onnx_path, meta, extra_files=[weights])
     shutil.rmtree(tmp, ignore_errors=True)
 

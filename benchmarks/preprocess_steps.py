@@ -1,7 +1,7 @@
 """Per-image CPU cost of each preprocessing step, 2018 design vs saikyo's, on one core.
 
 Prints milliseconds per image for a small photo (the cat, 451x300) and a 2000x1500 JPEG, and the ratio
-of the 2018-style pipeline to saikyo.imaging.decode.
+of the 2018-style pipeline to saikyo.inference.imaging.decode.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from saikyo import imaging
-from saikyo.zoo import Preprocessing
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 PP = Preprocessing(input_size=224, crop_pct=0.875, interpolation="bilinear")
@@ -87,12 +87,12 @@ def main() -> None:
             "resize+crop in one pass (box, reducing_gap) of the drafted image": per_image_ms(lambda: one_pass(drafted)),
             "numpy cast+normalise+transpose (now folded into the graph)": per_image_ms(lambda: numpy_normalize(cropped)),
             "uint8 handoff np.asarray (what saikyo does instead)": per_image_ms(lambda: np.asarray(cropped)),
-            "saikyo.imaging.decode (all of it)": per_image_ms(lambda: imaging.decode(data, PP)),
+            "saikyo.inference.imaging.decode (all of it)": per_image_ms(lambda: imaging.decode(data, PP)),
         }
         print(f"\n{label}: ms per image, one core")
         for name, ms in rows.items():
             print(f"  {ms:7.3f}  {name}")
-        seed, ours = rows["2018 pipeline (decode, resize, crop, numpy float normalise)"], rows["saikyo.imaging.decode (all of it)"]
+        seed, ours = rows["2018 pipeline (decode, resize, crop, numpy float normalise)"], rows["saikyo.inference.imaging.decode (all of it)"]
         print(f"  ratio 2018/saikyo = {seed / ours:.2f}x")
 
 

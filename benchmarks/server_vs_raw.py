@@ -1,6 +1,6 @@
 """Server vs raw runtime, same machine, same image bytes, one run.
 
-raw:    the best in-process pipeline with the same code and no HTTP: saikyo.imaging.decode in a thread
+raw:    the best in-process pipeline with the same code and no HTTP: saikyo.inference.imaging.decode in a thread
         pool sized like the server's, inference in batches of the same max size on one runner thread,
         decode overlapping inference.
 server: the real `saikyo serve` on a loopback port, driven by a closed-loop client (aiohttp, multipart
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from saikyo import imaging
+from saikyo.inference import imaging
 from saikyo.bench.localserver import local_server
-from saikyo.repository import ModelRepository
+from saikyo.models.repository import ModelRepository
 from saikyo.runtime import create_runner
 from saikyo.settings import Settings
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serverproc import ServerProcess, running_server  # noqa: E402
 from tinymodel import add_tiny_model  # noqa: E402
 
-from saikyo.repository import ModelRepository  # noqa: E402
+from saikyo.models.repository import ModelRepository  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -38,7 +38,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository
 @pytest.fixture(scope="session")
 def pretrained_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     """The default model exported for real: ImageNet-pretrained EfficientNet-Lite0."""
-    from saikyo.export import export_model
+    from saikyo.models.export import export_model
 
     repo = ModelRepository(tmp_path_factory.mktemp("pretrained-repository"))
     export_model("efficientnet_lite0", repo, weights="imagenet")

@@ -1,6 +1,6 @@
 """atheris harness for imaging.decode, run by test_fuzz_decode.py in a subprocess.
 
-Pillow's Python layer and saikyo.imaging are instrumented for coverage feedback. Any exception other
+Pillow's Python layer and saikyo.inference.imaging are instrumented for coverage feedback. Any exception other
 than ImageError escapes TestOneInput, and atheris reports it as a crash with a non-zero exit status.
 """
 
@@ -9,8 +9,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["PIL", "saikyo"]):
-    from saikyo import imaging
-    from saikyo.zoo import Preprocessing
+    from saikyo.inference import imaging
+    from saikyo.inference.preprocessing import Preprocessing
 
 PP = Preprocessing(input_size=32, crop_pct=0.875)
 LIMIT = 1_000_000

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from saikyo.batching import BatchFailed, BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
+from saikyo.inference.batching import BatchFailed, BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
 
 POISON = 666.0
 

@@ -17,7 +17,7 @@ from tinymodel import add_tiny_model
 from saikyo.bench import records
 from saikyo.bench.cost import resolve_pricing
 from saikyo.bench.sweep import SweepConfig, completed_keys, plan, run_sweep
-from saikyo.repository import ModelRepository
+from saikyo.models.repository import ModelRepository
 
 
 @pytest.fixture

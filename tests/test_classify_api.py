@@ -99,7 +99,7 @@ def test_many_concurrent_requests_share_batches(tmp_path_factory) -> None:
     from faultmodels import add_model, slow_classifier
     from serverproc import running_server
 
-    from saikyo.repository import ModelRepository
+    from saikyo.models.repository import ModelRepository
 
     repo = ModelRepository(tmp_path_factory.mktemp("slow-repository"))
     add_model(repo, "slow", slow_classifier(input_size=64, layers=6), input_size=64)

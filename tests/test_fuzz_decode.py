@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from stress import every_format, png_claiming
 
-from saikyo import imaging
-from saikyo.zoo import Preprocessing
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
 
 PP = Preprocessing(input_size=32, crop_pct=0.875)
 LIMIT = 1_000_000  # small, so that fuzzed headers under the limit stay cheap to decode

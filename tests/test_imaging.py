@@ -9,8 +9,8 @@ import pytest
 from conftest import CAT, DATA
 from PIL import Image
 
-from saikyo import imaging
-from saikyo.zoo import Preprocessing
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
 
 PP = Preprocessing(input_size=224, crop_pct=0.875, interpolation="bilinear")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from saikyo import labels
+from saikyo.inference import labels
 
 
 def test_cat_classes() -> None:

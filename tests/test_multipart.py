@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from saikyo.server import multipart
+from saikyo.server.routes import multipart
 
 
 def encoded(files: list[tuple[str, tuple[str, bytes, str]]], data: dict | None = None) -> tuple[bytes, str]:

@@ -14,7 +14,7 @@ from faultmodels import add_model, slow_classifier
 from serverproc import ServerProcess, running_server
 from stress import encode, flood, noise_image, peak_rss_mib, rss_mib
 
-from saikyo.repository import ModelRepository
+from saikyo.models.repository import ModelRepository
 
 QUEUE_IMAGES = 32
 MAX_IN_FLIGHT = 24

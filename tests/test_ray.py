@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import CAT, DATA
 from serverproc import ServerProcess, running_server
 
-from saikyo.repository import ModelRepository
+from saikyo.models.repository import ModelRepository
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed: pip install -e '.[ray]'"

@@ -45,3 +45,41 @@ def test_the_serving_process_takes_the_gil_switch_interval() -> None:
             assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(default)
+
+
+def test_every_setting_but_the_keys_is_a_serve_flag() -> None:
+    import typer.main
+
+    from saikyo.cli import app
+    from saikyo.settings import cli_fields
+
+    serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    flags = {p.name for p in serve.params}
+    assert flags == {f.name for f in cli_fields()}
+    assert "api_keys" not in flags and "api_keys_file" in flags and len(flags) >= 40
+
+
+def test_serve_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import saikyo.server
+    from saikyo.cli import app
+
+    seen: list[Settings] = []
+
+    def fake_create_app(settings: Settings) -> None:
+        seen.append(settings)
+        raise SystemExit(0)  # stop before serving
+
+    monkeypatch.setattr(saikyo.server, "create_app", fake_create_app)
+    monkeypatch.setenv("SAIKYO_MAX_QUEUE_IMAGES", "99")
+    args = ["serve", "--ort-spinning", "--batch-buckets", "1,8", "--dtype", "bf16", "--max-batch-size", "8",
+            "--gil-switch-interval-ms", "0.5", "--public-endpoints", "", "--models", "resnet50"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (s,) = seen
+    assert s.ort_spinning is True and s.batch_buckets == (1, 8) and s.torch_dtype == "bf16"
+    assert s.max_batch_size == 8 and s.gil_switch_interval_ms == 0.5 and s.public_endpoints == ()
+    assert s.max_queue_images == 99 and s.port == 8080  # the environment, then the default
+    bad = CliRunner().invoke(app, ["serve", "--max-batch-size", "many"])
+    assert bad.exit_code == 2 and "--max-batch-size" in bad.output

@@ -21,10 +21,12 @@ from conftest import CAT, CAT_CLASSES, DATA
 from PIL import Image
 from serverproc import running_server
 
-from saikyo import gpu_imaging, imaging, zoo
-from saikyo.batching import DynamicBatcher
-from saikyo.export import export_model
-from saikyo.repository import WEIGHTS_FILE, ModelRepository
+from saikyo.runtime import torch_imaging
+from saikyo.inference import imaging
+from saikyo.models import zoo
+from saikyo.inference.batching import DynamicBatcher
+from saikyo.models.export import export_model
+from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
 from saikyo.runtime import RunnerError, create_runner
 from saikyo.runtime.onnxruntime import OnnxRunner
 from saikyo.runtime.torch import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
@@ -122,7 +124,7 @@ def test_backend_selection(squeezenet_repository: ModelRepository) -> None:
     runner = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="torch", device="auto"))
     assert isinstance(runner, TorchRunner)
     assert runner.meta["backend"] == "torch" and runner.meta["device"] == ("cuda" if CUDA else "cpu")
-    assert runner.decodes_on_device is CUDA
+    assert runner.capabilities.device_decode is CUDA
     auto = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="auto"))
     assert auto.meta["backend"] == ("torch" if CUDA else "onnxruntime")
 
@@ -220,7 +222,7 @@ def test_device_decode_matches_pillow_pixels(name: str) -> None:
     pp = zoo.get(name).preprocessing
     big = encode(Image.open(DATA / "coffee.jpg").resize((1800, 1200)), "JPEG", quality=90)
     blobs = [p.read_bytes() for p in PHOTOS] + [big]
-    decoded = gpu_imaging.decode(blobs, pp, "cpu")
+    decoded = torch_imaging.decode(blobs, pp, "cpu")
     for i, (blob, got) in enumerate(zip(blobs, decoded)):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
         assert tuple(got.shape) == (pp.input_size, pp.input_size, 3)
@@ -240,22 +242,22 @@ def test_device_decode_sends_other_formats_and_bad_files_to_the_cpu_path() -> No
     grey = encode(img.convert("L"), "JPEG")
     cmyk = encode(img.convert("CMYK"), "JPEG")
     blobs = [cat, png, cat[:2000], b"not an image", grey, cmyk, b""]
-    assert [gpu_imaging.device_decodable(b) for b in blobs] == [True, False, False, False, False, False, False]
-    assert not gpu_imaging.device_decodable(cat, max_pixels=100)
-    assert gpu_imaging.jpeg_frame(cat) == (451, 300, 3, False)
-    assert gpu_imaging.jpeg_frame(cmyk)[2] == 4 and gpu_imaging.jpeg_frame(grey)[2] == 1  # type: ignore[index]
+    assert [torch_imaging.device_decodable(b) for b in blobs] == [True, False, False, False, False, False, False]
+    assert not torch_imaging.device_decodable(cat, max_pixels=100)
+    assert torch_imaging.jpeg_frame(cat) == (451, 300, 3, False)
+    assert torch_imaging.jpeg_frame(cmyk)[2] == 4 and torch_imaging.jpeg_frame(grey)[2] == 1  # type: ignore[index]
     progressive = encode(img, "JPEG", progressive=True, quality=90)
-    assert gpu_imaging.device_decodable(progressive)
-    got = gpu_imaging.decode([progressive], pp, "cpu")[0]
+    assert torch_imaging.device_decodable(progressive)
+    got = torch_imaging.decode([progressive], pp, "cpu")[0]
     assert np.abs(got.numpy().astype(np.int16) - imaging.decode(progressive, pp)).mean() < 0.5  # type: ignore[union-attr]
-    out = gpu_imaging.decode(blobs, pp, "cpu")
+    out = torch_imaging.decode(blobs, pp, "cpu")
     np.testing.assert_array_equal(out[1].numpy(), imaging.decode(png, pp))  # PNG: Pillow's own pixels
     np.testing.assert_array_equal(out[4].numpy(), imaging.decode(grey, pp))
     np.testing.assert_array_equal(out[5].numpy(), imaging.decode(cmyk, pp))
     assert isinstance(out[2], imaging.ImageError) and "truncated" in str(out[2])
     assert isinstance(out[3], imaging.ImageError) and "not a recognised image" in str(out[3])
     assert isinstance(out[6], imaging.ImageError) and "empty" in str(out[6])
-    too_big = gpu_imaging.decode([cat], pp, "cpu", max_pixels=1000)[0]
+    too_big = torch_imaging.decode([cat], pp, "cpu", max_pixels=1000)[0]
     assert isinstance(too_big, imaging.ImageError) and "limit" in str(too_big)
 
 
@@ -264,9 +266,9 @@ def test_a_corrupt_jpeg_in_a_batch_costs_only_itself() -> None:
     cat = CAT.read_bytes()
     # Header and end marker intact, entropy-coded data replaced: passes the header check, fails decoding.
     broken = cat[:700] + bytes(range(256)) * 4 + b"\xff\xd9"
-    assert gpu_imaging.device_decodable(broken)
-    out = gpu_imaging.decode([cat, broken, cat], pp, "cpu")
-    alone = gpu_imaging.decode([cat], pp, "cpu")[0]
+    assert torch_imaging.device_decodable(broken)
+    out = torch_imaging.decode([cat, broken, cat], pp, "cpu")
+    alone = torch_imaging.decode([cat], pp, "cpu")[0]
     assert isinstance(out[1], (torch.Tensor, imaging.ImageError))
     for good in (out[0], out[2]):
         assert isinstance(good, torch.Tensor)
@@ -275,7 +277,7 @@ def test_a_corrupt_jpeg_in_a_batch_costs_only_itself() -> None:
 
 def test_infer_images_matches_infer_pixels(squeezenet_repository: ModelRepository) -> None:
     runner = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu", device_decode="on"))
-    assert runner.decodes_on_device
+    assert runner.capabilities.device_decode
     blobs = [p.read_bytes() for p in PHOTOS]
     items = runner.decode_images(blobs)
     pixels = np.stack([item.numpy() for item in items])  # type: ignore[union-attr]
@@ -339,7 +341,7 @@ def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_reposit
     cpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu"))
     assert gpu.meta["dtype"] == "float16" and gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
     assert {size for kind, size in gpu._graphs if kind == "pixels"} == {1, 2, 4, 8}
-    assert gpu.decodes_on_device and not cpu.decodes_on_device
+    assert gpu.capabilities.device_decode and not cpu.capabilities.device_decode
 
     def close(got: np.ndarray, want: np.ndarray) -> None:  # fp16 against fp32
         lg, lw = np.log(got.astype(np.float64)), np.log(want.astype(np.float64))
@@ -365,7 +367,7 @@ def test_nvjpeg_decode_matches_pillow_pixels() -> None:
     pp = zoo.get("resnet50").preprocessing
     blobs = [p.read_bytes() for p in PHOTOS]
     blobs.append(encode(Image.open(CAT), "PNG"))  # not for nvJPEG: decoded on the CPU, then moved
-    for blob, got in zip(blobs, gpu_imaging.decode(blobs, pp, "cuda")):
+    for blob, got in zip(blobs, torch_imaging.decode(blobs, pp, "cuda")):
         assert isinstance(got, torch.Tensor) and got.is_cuda
         diff = np.abs(got.cpu().numpy().astype(np.int16) - imaging.decode(blob, pp).astype(np.int16))
         assert diff.mean() < 1.0

@@ -14,10 +14,10 @@ import tritonclient.http as triton
 from conftest import CAT, CAT_CLASSES, DATA
 from tritonclient.utils import InferenceServerException
 
-from saikyo import imaging
-from saikyo import labels as imagenet_labels
-from saikyo.server import v2_protocol as wire
-from saikyo.zoo import Preprocessing
+from saikyo.inference import imaging
+from saikyo.inference import labels as imagenet_labels
+from saikyo.server.routes.v2 import protocol as wire
+from saikyo.inference.preprocessing import Preprocessing
 
 COFFEE = DATA / "coffee.jpg"
 ASTRONAUT = DATA / "astronaut.jpg"

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from saikyo.repository import Entry, ModelRepository
-from saikyo.zoo import Preprocessing
+from saikyo.models.repository import Entry, ModelRepository
+from saikyo.inference.preprocessing import Preprocessing
 
 
 def tiny_classifier(input_size: int = 32, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-import shutil
 import logging
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from saikyo import zoo
-from saikyo.settings import Settings
+from saikyo.models import zoo
+from saikyo.models.errors import ExportError, UnknownModel
+from saikyo.settings import Settings, cli_fields, flag_of
 
 app = typer.Typer(help="saikyo: image classification inference, fast and measured.", no_args_is_help=True)
 models_app = typer.Typer(help="The model zoo and the model repository.", no_args_is_help=True)
@@ -40,105 +43,47 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _serve_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` one option per Settings field (settings.cli_fields), typed and documented from the
+    dataclass: a new setting is a new flag without touching this file. Unset flags arrive as None, so the
+    environment (SAIKYO_*) and the defaults still apply."""
+    params, annotations = [], {}
+    for f in cli_fields():
+        kind = _FLAG_TYPES.get(str(f.type), str)
+        decl = f"{flag_of(f)}/--no-{flag_of(f)[2:]}" if kind is bool else flag_of(f)
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = str(default).lower() if isinstance(default, bool) else default
+        shown = f"default {default}, " if default not in (None, "") else ""
+        option = typer.Option(None, decl, help=f"{f.metadata['help']} ({shown}env SAIKYO_{f.name.upper()})")
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+        annotations[f.name] = Optional[kind]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    return command
+
+
+# Flag value types by the field's declared type; tuples are comma-separated strings, as in SAIKYO_* variables.
+_FLAG_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "Path": Path, "Path | None": Path}
+
+
 @app.command()
-def serve(
-    host: Annotated[Optional[str], typer.Option(help="address to bind [default 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port [default 8080]")] = None,
-    models: Annotated[Optional[str], typer.Option(help="comma-separated models; the first is the default")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="onnxruntime | torch | auto")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto (CUDA when present)")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="torch: auto (fp16 on CUDA) | fp16 | bf16 | fp32")] = None,
-    cuda_graphs: Annotated[
-        Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="torch: one CUDA graph per batch bucket")
-    ] = None,
-    device_decode: Annotated[
-        Optional[str], typer.Option(help="torch: decode JPEGs on the GPU (nvJPEG): auto | on | off")
-    ] = None,
-    repository: RepositoryOpt = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(help="largest batch one forward pass runs")] = None,
-    max_delay_ms: Annotated[Optional[float], typer.Option(help="how long an idle runner waits for more images")] = None,
-    max_queue_images: Annotated[Optional[int], typer.Option(help="images queued per model before 503")] = None,
-    intra_op_threads: Annotated[Optional[int], typer.Option(help="inference threads per model; 0 = cores")] = None,
-    decode_threads: Annotated[Optional[int], typer.Option(help="decode threads; 0 = cores")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="debug | info | warning")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="plain (one process) | ray (Ray Serve replicas)")] = None,
-    replicas: Annotated[Optional[str], typer.Option(help="ray: replica count, or auto [default 1]")] = None,
-    min_replicas: Annotated[Optional[int], typer.Option(help="ray, auto: fewest replicas")] = None,
-    max_replicas: Annotated[Optional[int], typer.Option(help="ray, auto: most replicas")] = None,
-    target_ongoing_requests: Annotated[
-        Optional[float], typer.Option(help="ray, auto: requests in flight per replica to scale for")
-    ] = None,
-    cpus_per_replica: Annotated[Optional[float], typer.Option(help="ray: CPUs per replica, fractional ok")] = None,
-    gpus_per_replica: Annotated[Optional[float], typer.Option(help="ray: GPUs per replica, e.g. 0.25")] = None,
-    max_body_bytes: Annotated[Optional[int], typer.Option(help="largest request body [64 MiB]; 413")] = None,
-    max_images_per_request: Annotated[Optional[int], typer.Option(help="images in one request [64]; 413")] = None,
-    max_image_bytes: Annotated[Optional[int], typer.Option(help="largest encoded image [16 MiB]; 413")] = None,
-    max_image_pixels: Annotated[
-        Optional[int], typer.Option(help="width x height, checked before decoding [40M]; 400")
-    ] = None,
-    max_concurrent_requests: Annotated[Optional[int], typer.Option(help="requests in flight before 503 [128]")] = None,
-    body_timeout_s: Annotated[Optional[float], typer.Option(help="seconds to receive a body [60]; 408")] = None,
-    request_timeout_ms: Annotated[
-        Optional[float], typer.Option(help="deadline for requests without X-Request-Timeout-Ms; 0 = none; 504")
-    ] = None,
-    api_keys_file: Annotated[
-        Optional[Path], typer.Option(help="API keys, one per line [env SAIKYO_API_KEYS too]; no keys = open")
-    ] = None,
-    public_endpoints: Annotated[
-        Optional[str], typer.Option(help="open without a key: any of health,metrics,docs,demo ('' = none)")
-    ] = None,
-    shutdown_delay_s: Annotated[
-        Optional[float], typer.Option(help="on SIGTERM, keep serving (not ready) this long first [0]")
-    ] = None,
-    drain_timeout_s: Annotated[
-        Optional[float], typer.Option(help="on SIGTERM, wait this long for requests in flight [30]")
-    ] = None,
-) -> None:
-    """Start the HTTP server (the 2018 /classify API and Open Inference Protocol v2)."""
+@_serve_options
+def serve(**flags: Any) -> None:
+    """Start the HTTP server (the 2018 /classify API and Open Inference Protocol v2).
+
+    Every setting is a flag and a SAIKYO_<NAME> environment variable; a flag wins over the variable.
+    API keys are never flags (command lines are visible to `ps`): use SAIKYO_API_KEYS or --api-keys-file.
+    """
     from saikyo.server import create_app
 
-    settings = _settings(
-        host=host,
-        port=port,
-        models=models,
-        backend=backend,
-        device=device,
-        torch_dtype=dtype,
-        cuda_graphs=cuda_graphs,
-        device_decode=device_decode,
-        repository=repository,
-        max_batch_size=max_batch_size,
-        max_delay_ms=max_delay_ms,
-        max_queue_images=max_queue_images,
-        intra_op_threads=intra_op_threads,
-        decode_threads=decode_threads,
-        log_level=log_level,
-        engine=engine,
-        replicas=replicas,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        target_ongoing_requests=target_ongoing_requests,
-        cpus_per_replica=cpus_per_replica,
-        gpus_per_replica=gpus_per_replica,
-        max_body_bytes=max_body_bytes,
-        max_images_per_request=max_images_per_request,
-        max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels,
-        max_concurrent_requests=max_concurrent_requests,
-        body_timeout_s=body_timeout_s,
-        request_timeout_ms=request_timeout_ms,
-        api_keys_file=api_keys_file,
-        public_endpoints=public_endpoints,
-        shutdown_delay_s=shutdown_delay_s,
-        drain_timeout_s=drain_timeout_s,
-    )
-    from saikyo.repository import ModelRepository
+    settings = _settings(**flags)
+    from saikyo.models.repository import ModelRepository
 
     repo = ModelRepository(settings.repository)
     for name in settings.models:
         # Repository entries describe themselves, so models outside the zoo serve too.
         if zoo.base_name(name) not in zoo.ZOO and not repo.has(name):
-            err.print(f"[red]error:[/] {zoo.UnknownModel(name)} (and not in the repository {settings.repository})")
+            err.print(f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository})")
             raise typer.Exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -149,7 +94,7 @@ def serve(
     if settings.engine != "plain":
         err.print(f"[red]error:[/] unknown engine {settings.engine!r}; choose plain or ray")
         raise typer.Exit(2)
-    from saikyo.server.auth import AuthConfigError
+    from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
 
     try:
@@ -191,8 +136,8 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Every zoo model and variant: exported or not, weights, size."""
-    from saikyo.export import list_models
-    from saikyo.repository import ModelRepository
+    from saikyo.models.catalog import list_models
+    from saikyo.models.repository import ModelRepository
 
     settings = _settings(repository=repository)
     rows = list_models(ModelRepository(settings.repository))
@@ -231,24 +176,24 @@ def models_export(
     repository: RepositoryOpt = None,
 ) -> None:
     """Export a zoo model to ONNX into the repository (needs the export extra: torch)."""
-    from saikyo.repository import ModelRepository
+    from saikyo.models.repository import ModelRepository
 
     settings = _settings(repository=repository)
     repo = ModelRepository(settings.repository)
     try:
         zoo.get(name)
-    except zoo.UnknownModel as exc:
+    except UnknownModel as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    target = f"{name}-{quantize}" if quantize else name
+    if quantize is not None and quantize not in zoo.VARIANTS:
+        err.print(f"[red]error:[/] unknown quantisation {quantize!r}; supported: {', '.join(zoo.VARIANTS)}")
+        raise typer.Exit(2)
+    target = zoo.variant_name(name, quantize) if quantize else name
     if if_missing and repo.has(target):
         err.print(f"{target} is already exported in {settings.repository}")
         return
-    if quantize not in (None, "int8"):
-        err.print(f"[red]error:[/] unknown quantisation {quantize!r}; supported: int8")
-        raise typer.Exit(2)
     try:
-        from saikyo.export import ExportError, export_model
+        from saikyo.models.export import export_model
     except ImportError as exc:
         err.print(f"[red]error:[/] exporting needs torch: pip install 'saikyo[export]' ({exc})")
         raise typer.Exit(2) from None
@@ -271,12 +216,12 @@ def models_export(
 @models_app.command("info")
 def models_info(name: str, repository: RepositoryOpt = None) -> None:
     """The zoo entry and, if exported, the repository's meta.json."""
-    from saikyo.repository import ModelRepository
+    from saikyo.models.repository import ModelRepository
 
     settings = _settings(repository=repository)
     try:
         spec = zoo.get(name)
-    except zoo.UnknownModel as exc:
+    except UnknownModel as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     repo = ModelRepository(settings.repository)
@@ -297,17 +242,17 @@ def classify(
     """Classify images locally, without a server; prints the top-k with labels."""
     import numpy as np
 
-    from saikyo import imaging
-    from saikyo import labels as imagenet_labels
-    from saikyo.predictions import top_k
-    from saikyo.repository import ModelNotExported
+    from saikyo.inference import imaging
+    from saikyo.inference import labels as imagenet_labels
+    from saikyo.inference.predictions import top_k
+    from saikyo.models.errors import ModelNotExported
     from saikyo.runtime import RunnerError, create_runner
 
     name = model or zoo.DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
     try:
         runner = create_runner(name, settings)
-    except (ModelNotExported, RunnerError, zoo.UnknownModel) as exc:
+    except (ModelNotExported, RunnerError, UnknownModel) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     pixels = []

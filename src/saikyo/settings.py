@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from saikyo import zoo
+from saikyo.models import zoo
 
 
 def available_cores() -> int:
@@ -17,87 +17,88 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def setting(default: Any, help: str, *, flag: str | None = None, cli: bool = True, repr: bool = True) -> Any:
+    """A Settings field with what `saikyo serve --help` says of it. Every field is a CLI flag (named after
+    the field, or `flag`) unless cli=False: secrets never are, since command lines are visible to `ps`."""
+    return field(default=default, repr=repr, metadata={"help": help, "flag": flag, "cli": cli})
+
+
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8080, "port to listen on")
     # The first model is the default for requests that name none.
-    models: tuple[str, ...] = (zoo.DEFAULT_MODEL,)
-    repository: Path = Path("model-repository")
-    backend: str = "onnxruntime"  # "onnxruntime" | "torch" | "auto"
-    device: str = "auto"  # "cpu" | "cuda" | "auto" (CUDA when present)
-    log_level: str = "info"
+    models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default")
+    repository: Path = setting(Path("model-repository"), "model repository directory")
+    backend: str = setting("onnxruntime", "onnxruntime | torch | auto")
+    device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
+    log_level: str = setting("info", "debug | info | warning")
 
-    # Inference threads per model (ONNX Runtime intra-op); 0 = one per core.
-    intra_op_threads: int = 0
-    # Threads that decode and preprocess images, shared by all models; 0 = one per core.
-    decode_threads: int = 0
+    intra_op_threads: int = setting(0, "inference threads per model (ONNX Runtime intra-op); 0 = one per core")
+    decode_threads: int = setting(0, "threads that decode images, shared by all models; 0 = one per core")
     # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The runner
     # thread gives the GIL up around every native call and has to wait this long to get it back while
     # the event loop or a decode thread runs Python, so a forward pass of a few ms stretches by several
     # times this. See benchmarks/gil_switch.py.
-    gil_switch_interval_ms: float = 5.0
+    gil_switch_interval_ms: float = setting(5.0, "how long a thread may hold the GIL while another waits (Python's default 5)")
     # Whether ONNX Runtime worker threads spin while waiting for work. Spinning steals the cores that
     # decode threads need between batches, so it is off unless measured to help.
-    ort_spinning: bool = False
-    # Write ONNX Runtime's optimised graph beside the model and reuse it on the next start.
-    ort_cache_optimized: bool = False
+    ort_spinning: bool = setting(False, "ONNX Runtime threads spin while waiting for work")
+    ort_cache_optimized: bool = setting(False, "write ONNX Runtime's optimised graph beside the model and reuse it")
 
     # PyTorch runner (backend "torch").
-    torch_dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU) | "fp16" | "bf16" | "fp32"
+    torch_dtype: str = setting("auto", "torch: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32", flag="--dtype")
     # Batch sizes a forward pass runs at on CUDA: a batch pads up to the next one (sizes above
     # max_batch_size dropped, max_batch_size added), so each is captured once as a CUDA graph.
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    cuda_graphs: bool = True
-    torch_compile: bool = False  # torch.compile before capture: minutes at start, for a few % more
+    batch_buckets: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32, 64, 128, 256), "torch: comma-separated batch sizes a forward pass pads up to (CUDA graphs)")
+    cuda_graphs: bool = setting(True, "torch: one CUDA graph per batch bucket")
+    torch_compile: bool = setting(False, "torch: torch.compile before capture (minutes at start)")
     # Decode JPEGs on the runner's device (nvJPEG) instead of the CPU pool: auto = when it is CUDA.
-    device_decode: str = "auto"  # "auto" | "on" | "off"
+    device_decode: str = setting("auto", "torch: decode JPEGs on the GPU (nvJPEG): auto | on | off")
 
     # Dynamic batching (one batcher per model).
-    max_batch_size: int = 16
-    max_delay_ms: float = 0.0
-    max_queue_images: int = 256
+    max_batch_size: int = setting(16, "largest batch one forward pass runs")
+    max_delay_ms: float = setting(0.0, "how long an idle runner waits for more images")
+    max_queue_images: int = setting(256, "images queued per model before 503")
 
     # Request limits.
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_images_per_request: int = 64
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 40_000_000  # refused before decoding: decompression bombs
+    max_body_bytes: int = setting(64 * 1024 * 1024, "largest request body; 413")
+    max_images_per_request: int = setting(64, "images in one request; 413")
+    max_image_bytes: int = setting(16 * 1024 * 1024, "largest encoded image; 413")
+    max_image_pixels: int = setting(40_000_000, "width x height, checked before decoding; 400")  # decompression bombs
     # Requests being read, decoded or waiting for inference; one more gets 503 + Retry-After at once.
     # Worst-case memory held by request bodies is about max_concurrent_requests x max_body_bytes.
-    max_concurrent_requests: int = 128
-    # A body still arriving after this many seconds gets 408: slow uploads cannot hold a slot forever.
-    body_timeout_s: float = 60.0
-    # Deadline for requests that send no X-Request-Timeout-Ms header; 0 = none. Past it: 504.
-    request_timeout_ms: float = 0.0
+    max_concurrent_requests: int = setting(128, "requests in flight before 503")
+    # Slow uploads cannot hold a slot forever.
+    body_timeout_s: float = setting(60.0, "seconds to receive a body; 408")
+    request_timeout_ms: float = setting(0.0, "deadline for requests without X-Request-Timeout-Ms; 0 = none; 504")
 
     # API keys (`Authorization: Bearer <key>`): SAIKYO_API_KEYS (comma-separated) and/or a file with one
     # key per line. No keys = no authentication. Never a CLI flag: command lines are visible to `ps`.
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    api_keys_file: Path | None = None
+    api_keys: tuple[str, ...] = setting((), "", cli=False, repr=False)
+    api_keys_file: Path | None = setting(None, "API keys, one per line (SAIKYO_API_KEYS works too); no keys = open")
     # Endpoint groups that stay open when keys are set: any of health, metrics, docs, demo (the page at /;
     # its calls to /classify still need a key).
-    public_endpoints: tuple[str, ...] = ("health", "metrics", "docs", "demo")
+    public_endpoints: tuple[str, ...] = setting(("health", "metrics", "docs", "demo"), "open without a key: any of health,metrics,docs,demo ('' = none)")
 
     # SIGTERM/SIGINT: readiness goes false at once; requests keep being accepted for shutdown_delay_s
     # (so load balancers see it), then the listener closes and in-flight requests get up to
     # drain_timeout_s to finish before the process exits 0.
-    shutdown_delay_s: float = 0.0
-    drain_timeout_s: float = 30.0
+    shutdown_delay_s: float = setting(0.0, "on SIGTERM, keep serving (not ready) this long first")
+    drain_timeout_s: float = setting(30.0, "on SIGTERM, wait this long for requests in flight")
 
     # Scale-out (`--engine ray`): Ray Serve replicas, each running this whole app with its own runner
     # and batchers. See src/saikyo/scale/ray.py.
-    engine: str = "plain"  # "plain" (one uvicorn process) | "ray"
-    replicas: str = "1"  # a count, or "auto": autoscale between min_replicas and max_replicas
-    min_replicas: int = 1
-    max_replicas: int = 4
-    target_ongoing_requests: float = 8.0  # autoscaling keeps about this many requests per replica
-    cpus_per_replica: float = 1.0  # fractional is fine: 0.5 puts two replicas on one core
-    gpus_per_replica: float = 0.0  # fractional shares one GPU between replicas, e.g. 0.25 = four
+    engine: str = setting("plain", "plain (one process) | ray (Ray Serve replicas)")
+    replicas: str = setting("1", "ray: replica count, or auto")  # auto: between min and max
+    min_replicas: int = setting(1, "ray, auto: fewest replicas")
+    max_replicas: int = setting(4, "ray, auto: most replicas")
+    target_ongoing_requests: float = setting(8.0, "ray, auto: requests in flight per replica to scale for")
+    cpus_per_replica: float = setting(1.0, "ray: CPUs per replica, fractional ok")
+    gpus_per_replica: float = setting(0.0, "ray: GPUs per replica, e.g. 0.25")
     # Ray's default of 5 in-flight requests per replica would cap batches at 5 single-image requests.
-    max_ongoing_requests: int = 64
-    # Requests waiting for a free replica slot; beyond this Ray answers 503 + Retry-After at once.
-    max_queued_requests: int = 256
+    max_ongoing_requests: int = setting(64, "ray: requests one replica takes at once")
+    max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
     def __post_init__(self) -> None:
         # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
@@ -134,6 +135,15 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def cli_fields() -> list[Field[Any]]:
+    """The settings `saikyo serve` takes as flags, in declaration order."""
+    return [f for f in fields(Settings) if f.metadata.get("cli", True)]
+
+
+def flag_of(f: Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _coerce(name: str, value: Any) -> Any:

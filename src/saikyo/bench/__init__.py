@@ -2,7 +2,7 @@
 
     load.py       the load generator (seed / closed / open loop) against POST /classify
     stats.py      latency percentiles (nearest rank)
-    records.py    one JSON line per measured run (DESIGN.md "Benchmark record")
+    records.py    one JSON line per measured run (docs/architecture.md, "Benchmark record")
     hardware.py   what machine this is
     cost.py       instance prices (prices.toml) and the cost arithmetic
     localserver.py  a `saikyo serve` subprocess on a free loopback port

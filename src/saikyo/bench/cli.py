@@ -227,7 +227,7 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the cells and exit")] = False,
 ) -> None:
     """Measure the matrix on this machine, one local server per setting; rerun to resume."""
-    from saikyo import zoo
+    from saikyo.models import zoo
     from saikyo.bench.cost import default_instance_type
     from saikyo.bench.hardware import describe
     from saikyo.bench.load import LoadError, read_images

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saikyo import zoo
+from saikyo.models import zoo
 
 FAMILY_COLOURS = {
     "CaffeNet": "#8c564b",
@@ -105,7 +105,7 @@ def cost_points(records: Iterable[dict[str, Any]]) -> list[CostPoint]:
     for (model, n, hw), r in best.items():
         family = r.get("family") or model
         if len(bases_by_family[family]) == 1:
-            variant = model[len(zoo.base_name(model)) :].lstrip("-")  # "int8" for "resnet50-int8"
+            variant = zoo.split_variant(model)[1]  # "int8" for "resnet50-int8"
             network = f"{family} {variant}" if variant else family
         else:
             network = model

@@ -1,4 +1,4 @@
-"""Benchmark records: one JSON line per measured run (DESIGN.md, "Benchmark record").
+"""Benchmark records: one JSON line per measured run (docs/architecture.md, "Benchmark record").
 
 Flat keys so that `jq` and a spreadsheet read them directly. What ran: url, model, family, precision,
 backend, device, max_batch_size, weights, hardware (+ cpu_model, cores, memory_gib, accelerator),
@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from saikyo import __version__, zoo
+from saikyo import __version__
+from saikyo.models import zoo
+from saikyo.models.errors import UnknownModel
 from saikyo.bench.cost import Pricing
 from saikyo.bench.hardware import Hardware
 from saikyo.bench.load import LoadResult
@@ -46,12 +48,12 @@ def family_of(model: str | None) -> str:
         return "unknown"
     try:
         return zoo.get(model).family
-    except zoo.UnknownModel:
+    except UnknownModel:
         return model
 
 
 def precision_of(model: str | None) -> str:
-    return "int8" if model and model.endswith("-int8") else "fp32"
+    return zoo.precision_of(model) if model else "fp32"
 
 
 def is_loopback(url: str) -> bool:

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saikyo import zoo
+from saikyo.models import zoo
 from saikyo.bench import records
 from saikyo.bench.cost import Pricing
 from saikyo.bench.hardware import Hardware, describe
 from saikyo.bench.load import LoadError, LoadSpec, run_load
 from saikyo.bench.localserver import ServerStartError, local_server
-from saikyo.repository import ModelNotExported, ModelRepository
+from saikyo.models.errors import ModelNotExported
+from saikyo.models.repository import ModelRepository, export_command
 
 PRECISIONS = ("fp32", "int8")
 
@@ -268,17 +269,16 @@ def _ensure_exported(model: str, repo: ModelRepository, cfg: SweepConfig, say: S
     """None when `model` is in the repository (exporting it first if asked to); else why not."""
     if repo.has(model):
         return None
-    missing = str(ModelNotExported(model, repo.root))
-    base = zoo.base_name(model)
+    missing = str(ModelNotExported(model, repo.root, export_command(model)))
+    base, quantize = zoo.split_variant(model)
     if not cfg.export_missing:
         return f"{missing} (or pass --export-missing)"
     if base not in zoo.ZOO:
         return f"{missing}; it is not a zoo model, so it cannot be exported here"
     try:
-        from saikyo.export import export_model
+        from saikyo.models.export import export_model
     except ImportError as exc:
         return f"{missing}; exporting needs torch: pip install 'saikyo[export]' ({exc})"
-    quantize = "int8" if model.endswith("-int8") else None
     # For int8, passing weights re-exports the fp32 model too: only do that when it is missing.
     weights = cfg.export_weights if not repo.has(base) else None
     say(f"exporting {model} ({'weights ' + weights if weights else 'from the exported ' + base})")

@@ -1,16 +1,30 @@
-"""What every runner offers the batcher and the server."""
+"""What every runner offers the batcher and the server, and what some offer besides (declared, not probed).
+
+A new backend implements `Runner` and fills in `capabilities`; the server reads the capabilities to choose
+its pipeline and never looks for methods by name.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from saikyo.zoo import Preprocessing
+from saikyo.inference.imaging import ImageError
+from saikyo.inference.preprocessing import Preprocessing
 
 
 class RunnerError(RuntimeError):
     """A model could not be loaded or run."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    # The runner decodes encoded images on its own device (`DeviceDecoder`): the server hands it the
+    # request's bytes instead of decoding them in its CPU pool, and batches the decoded images it returns.
+    device_decode: bool = False
 
 
 class Runner(Protocol):
@@ -18,6 +32,7 @@ class Runner(Protocol):
     preprocessing: Preprocessing
     num_classes: int
     meta: dict[str, Any]  # the repository's meta.json, plus what the runner adds (backend, device)
+    capabilities: Capabilities
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] RGB, already resized and cropped -> float32 probabilities [N, classes]."""
@@ -28,3 +43,21 @@ class Runner(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class DeviceDecoder(Runner, Protocol):
+    """A runner whose capabilities say `device_decode`."""
+
+    def decode_images(self, blobs: Sequence[bytes], max_pixels: int | None = None) -> list[Any | ImageError]:
+        """Encoded images -> one opaque decoded image each (e.g. a device tensor), or the ImageError that
+        says why that one cannot be used. Called from the server's decode threads."""
+        ...
+
+    def infer_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Images from decode_images -> float32 probabilities [N, classes]."""
+        ...
+
+
+def device_decoder(runner: Runner) -> DeviceDecoder | None:
+    """The runner as a DeviceDecoder when it declares that capability, else None."""
+    return cast(DeviceDecoder, runner) if runner.capabilities.device_decode else None

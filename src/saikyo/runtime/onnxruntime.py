@@ -17,11 +17,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from saikyo.predictions import softmax
-from saikyo.repository import ModelRepository
-from saikyo.runtime.base import RunnerError
+from saikyo.inference.predictions import softmax
+from saikyo.models.repository import ModelRepository
+from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.settings import Settings
-from saikyo.zoo import Preprocessing
+from saikyo.inference.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def providers_for(device: str) -> list[str]:
 
 
 class OnnxRunner:
+    capabilities = Capabilities()
+
     def __init__(
         self,
         name: str,

@@ -9,7 +9,7 @@ that went into model.onnx -- so the ONNX file stays the CPU artefact. On CUDA:
 - uint8 NHWC pixels cross the bus (a quarter of float32's bytes) from pinned host memory with
   non-blocking copies; the cast and normalisation run inside the graph. uint8 NHWC viewed as NCHW is
   exactly the channels_last layout, so no transpose is ever materialised;
-- optionally, JPEGs decoded on the GPU (`saikyo.gpu_imaging`): the batch then arrives as device tensors.
+- optionally, JPEGs decoded on the GPU (`saikyo.runtime.torch_imaging`): the batch then arrives as device tensors.
 On the CPU: fp32, eager, no padding (padding only buys fixed shapes, which eager mode does not need).
 """
 
@@ -25,12 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from saikyo import gpu_imaging, imaging, zoo
-from saikyo.gpu_imaging import host_tensor, to_device
-from saikyo.repository import WEIGHTS_FILE, ModelRepository
-from saikyo.runtime.base import RunnerError
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
+from saikyo.models import zoo
+from saikyo.models.errors import UnknownModel, WeightsUnavailable
+from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
+from saikyo.runtime import torch_imaging
+from saikyo.runtime.base import Capabilities, RunnerError
+from saikyo.runtime.torch_imaging import host_tensor, to_device
 from saikyo.settings import Settings
-from saikyo.zoo import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,8 @@ class TorchRunner:
         self.cuda_graphs = on_cuda and cuda_graphs and self.pad
         if device_decode not in ("auto", "on", "off"):
             raise RunnerError(f"unknown device_decode {device_decode!r}; choose auto, on or off")
-        # Read by the server's registry: encoded JPEGs come to decode_images instead of the CPU pool.
-        self.decodes_on_device = device_decode == "on" or (device_decode == "auto" and on_cuda)
+        # Read by the server: encoded JPEGs come to decode_images instead of the CPU pool.
+        self.capabilities = Capabilities(device_decode=device_decode == "on" or (device_decode == "auto" and on_cuda))
         self._decode_streams = threading.local()  # one CUDA stream per decode thread
         self._lock = threading.Lock()
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -147,7 +150,7 @@ class TorchRunner:
             batch_buckets=list(self.buckets) if self.pad else None,
             cuda_graphs=self.cuda_graphs,
             torch_compile=compile,
-            device_decode=self.decodes_on_device,
+            device_decode=self.capabilities.device_decode,
             torch_version=torch.__version__,
         )
         if on_cuda:
@@ -160,14 +163,14 @@ class TorchRunner:
         entry = ModelRepository(settings.repository).get(name)
         meta = entry.meta
         base = str(meta.get("base_model") or zoo.base_name(name))
-        if name != zoo.base_name(name) or meta.get("precision", "fp32") != "fp32":
+        if zoo.precision_of(name) != "fp32" or meta.get("precision", "fp32") != "fp32":
             raise RunnerError(
                 f"model {name!r} is a quantised ONNX variant, which only ONNX Runtime runs: "
                 f"serve it with --backend onnxruntime, or serve {base!r} with --backend torch"
             )
         try:
             spec = zoo.get(base)
-        except zoo.UnknownModel:
+        except UnknownModel:
             raise RunnerError(f"model {name!r} is not a zoo network, so the torch runner cannot build it") from None
         model = build_model(spec, meta, entry.path.parent / WEIGHTS_FILE)
         return cls(
@@ -208,12 +211,12 @@ class TorchRunner:
         that used them has synchronised, so the caching allocator cannot hand their memory out early.
         """
         if not self._on_cuda:
-            return gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+            return torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
         stream = getattr(self._decode_streams, "stream", None)
         if stream is None:
             stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            out = gpu_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+            out = torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
         stream.synchronize()
         return out
 
@@ -358,7 +361,7 @@ class TorchRunner:
                     self._run("pixels", size)
                 torch.cuda.synchronize(self.device)
         self._loaded = True
-        if self.decodes_on_device:
+        if self.capabilities.device_decode:
             self._warm_up_decoder()
 
     def _warm_up_decoder(self) -> None:
@@ -377,16 +380,16 @@ class TorchRunner:
 
 def build_model(spec: zoo.ModelSpec, meta: dict[str, Any], weights_file: Path) -> nn.Module:
     """The entry's network: zoo builder + weights.pt; for entries without it, rebuild "random" weights."""
-    from saikyo import torch_models
+    from saikyo.models import builders
 
     try:
         if weights_file.is_file():
-            return torch_models.build(spec, str(weights_file))
+            return builders.build(spec, str(weights_file))
         if meta.get("weights") == "random":
             # Same builder, same seed as at export: the same network, as long as torch's init is unchanged.
             log.warning("%s has no %s; rebuilding its random weights from the seed", spec.name, WEIGHTS_FILE)
-            return torch_models.build(spec, "random")
-    except torch_models.WeightsUnavailable as exc:
+            return builders.build(spec, "random")
+    except WeightsUnavailable as exc:
         raise RunnerError(f"cannot load the torch weights of {spec.name!r}: {exc}") from None
     raise RunnerError(
         f"model {spec.name!r} has no {WEIGHTS_FILE} beside its model.onnx (exported by an older saikyo); "

@@ -160,11 +160,11 @@ class ReplicaMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            registry_app = scope.get("app")
+            served_app = scope.get("app")
 
             async def send_when_loaded(message: Message) -> None:
-                if message["type"] == "lifespan.startup.complete" and registry_app is not None:
-                    await registry_app.state.registry.wait_loaded()
+                if message["type"] == "lifespan.startup.complete" and served_app is not None:
+                    await served_app.state.models.wait_loaded()
                     self.metrics.start()
                 await send(message)
 

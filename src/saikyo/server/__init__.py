@@ -1,4 +1,4 @@
-"""The HTTP server: app factory, routes, model registry."""
+"""The HTTP server: app factory, routes, middlewares, served models, metrics."""
 
 from saikyo.server.app import create_app
 

@@ -10,31 +10,35 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from saikyo import __version__
-from saikyo.server import classify, demo, docs, metrics, v2
-from saikyo.server.auth import ApiKeyMiddleware, load_keys
+from saikyo.server import metrics
+from saikyo.server.routes import classify
+from saikyo.server.routes import demo
+from saikyo.server.routes import docs
+from saikyo.server.routes.v2 import routes as v2
+from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_keys
 from saikyo.server.errors import install_handlers
-from saikyo.server.limits import LimitsMiddleware
-from saikyo.server.registry import ModelRegistry
+from saikyo.server.middlewares.limits import LimitsMiddleware
+from saikyo.server.served import ServedModels
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, models: ServedModels | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Process-wide, so set by the process that serves (plain or a Ray replica), not at import.
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        reg = registry or ModelRegistry(settings, on_batch=app.state.metrics.observe_batch)
-        app.state.registry = reg
-        app.state.metrics.model_registry = reg
-        reg.start_loading()
+        served = models or ServedModels(settings, on_batch=app.state.metrics.observe_batch)
+        app.state.models = served
+        app.state.metrics.served = served
+        served.start_loading()
         try:
             yield
         finally:
-            await reg.close()
+            await served.close()
 
     app = FastAPI(
         title="saikyo",

@@ -5,7 +5,7 @@ What is measured where:
 - requests and their latency: the middleware, labelled by route template (never the raw path, so that
   label values stay bounded), method, model and status;
 - images, batch sizes and inference time: the batchers' on_batch hook, once per forward pass;
-- queue depth and model load state: read from the model registry at scrape time.
+- queue depth and model load state: read from the served models at scrape time.
 
 Under Ray Serve each replica has its own registry; `app.state.metrics_view` then turns the answering
 replica's exposition into the whole deployment's (see saikyo.scale.ray_metrics and merge_expositions).
@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from saikyo.server.registry import ModelRegistry, ModelState
+from saikyo.server.served import ServedModels, ModelState
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -38,7 +38,7 @@ UNMATCHED = "unmatched"  # the route label of requests no route matched (404s fo
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.model_registry: ModelRegistry | None = None  # set when the app starts
+        self.served: ServedModels | None = None  # set when the app starts
         r = self.registry
         self.requests = Counter(
             "saikyo_http_requests", "HTTP requests answered", ["route", "method", "model", "status"], registry=r
@@ -65,7 +65,7 @@ class Metrics:
         ProcessCollector(registry=r)
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        """The ModelRegistry's on_batch hook."""
+        """The ServedModels's on_batch hook."""
         self.images.labels(model).inc(size)
         self.batch_size.labels(model).observe(size)
         self.inference.labels(model).observe(seconds)
@@ -90,9 +90,9 @@ class _ModelCollector(Collector):
         state = GaugeMetricFamily(
             "saikyo_model_state", "1 for the state each model is in (loading, ready, failed)", labels=["model", "state"]
         )
-        registry = self._metrics.model_registry
-        for name, model in (registry.models if registry is not None else {}).items():
-            batchers = [b for b in (model.pixels, model.tensors) if b is not None]
+        served = self._metrics.served
+        for name, model in (served.models if served is not None else {}).items():
+            batchers = [b for b in (model.image_batcher, model.tensor_batcher) if b is not None]
             queue.add_metric([name], sum(b.queued_images for b in batchers))
             running.add_metric([name], sum(b.running_images for b in batchers))
             for s in ModelState:
@@ -133,14 +133,14 @@ class MetricsMiddleware:
 
     def _model(self, route: str, path_params: dict[str, Any], scope: Scope) -> str:
         """The model a request addressed, if the server holds it; "" otherwise (bounded label values)."""
-        registry = self.metrics.model_registry
-        if registry is None:
+        served = self.metrics.served
+        if served is None:
             return ""
         name: Any = path_params.get("model_name")
         if name is None and route == "/classify":
             query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            name = query.get("model", [registry.settings.default_model])[0]
-        return name if isinstance(name, str) and name in registry.models else ""
+            name = query.get("model", [served.settings.default_model])[0]
+        return name if isinstance(name, str) and name in served.models else ""
 
 
 def _route_of(scope: Scope) -> tuple[str, dict[str, Any]]:

@@ -1,7 +1,14 @@
-"""Request-level helpers shared by the routes: pick the model, read the files, map pipeline errors."""
+"""What one request does with a model, step by step, as the routes call it:
+
+    pick the model --> decode its images (CPU pool, or the runner's device) --> the model's
+    DynamicBatcher --> runner thread --> probabilities
+
+Each step maps its failures onto the HTTP error a client should see (400, 404, 503, 504).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -9,22 +16,24 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from saikyo import imaging
-from saikyo.batching import BatcherClosed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
-from saikyo.server import deadline as deadlines
+from saikyo.inference import imaging
+from saikyo.inference.batching import BatcherClosed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
+from saikyo.server.middlewares import deadline as deadlines
 from saikyo.server.errors import ApiError
-from saikyo.server.registry import ModelRegistry, ModelState, ServedModel
+from saikyo.runtime.base import device_decoder
+from saikyo.server.served import ModelState, ServedModel, ServedModels
 
 
-def registry_of(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+def models_of(request: Request) -> ServedModels:
+    return request.app.state.models
 
 
-def served_model(registry: ModelRegistry, name: str | None) -> ServedModel:
-    name = name or registry.settings.default_model
-    model = registry.models.get(name)
+def served_model(served: ServedModels, name: str | None) -> ServedModel:
+    """The model a request names (or the default), ready to serve; else 404 or 503."""
+    name = name or served.settings.default_model
+    model = served.models.get(name)
     if model is None:
-        raise ApiError(404, f"unknown model {name!r}", {"models": list(registry.models)})
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(served.models)})
     if model.state is ModelState.LOADING:
         raise ApiError(503, f"model {name!r} is still loading", headers={"Retry-After": "2"})
     if model.state is ModelState.FAILED:
@@ -61,11 +70,36 @@ async def run_batch(
         raise ApiError(503, "server is shutting down", headers={"Retry-After": "1"}) from None
 
 
+async def decode(served: ServedModels, model: ServedModel, blobs: Sequence[bytes]) -> list[Any]:
+    """Decode every blob into an item for `model.image_batcher`; a failure is returned in place (an
+    ImageError) so the caller can name the file.
+
+    Items are uint8 HWC arrays, or -- for a runner that decodes on its device -- whatever its
+    decode_images returns: one call per request, so that nvJPEG decodes the request's images as a batch.
+    """
+    assert model.runner is not None
+    pp = model.runner.preprocessing
+    limit = served.settings.max_image_pixels
+    loop = asyncio.get_running_loop()
+    decoder = device_decoder(model.runner)
+    if decoder is not None:
+        return await loop.run_in_executor(served.decode_pool, decoder.decode_images, blobs, limit)
+
+    def one(data: bytes) -> np.ndarray | imaging.ImageError:
+        try:
+            return imaging.decode(data, pp, limit)
+        except imaging.ImageError as exc:
+            return exc
+
+    return list(await asyncio.gather(*(loop.run_in_executor(served.decode_pool, one, b) for b in blobs)))
+
+
 async def decode_or_400(
-    registry: ModelRegistry, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str]
-) -> list[np.ndarray]:
+    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str]
+) -> list[Any]:
+    """decode(), with the first unusable image answered as a 400 that names every bad file."""
     check_deadline("decoding")
-    decoded = await registry.decode(model, blobs)
+    decoded = await decode(served, model, blobs)
     bad = [
         {"index": i, "filename": names[i], "reason": str(r)}
         for i, r in enumerate(decoded)
@@ -74,7 +108,7 @@ async def decode_or_400(
     if bad:
         first = bad[0]
         raise ApiError(400, f"image {first['index']} ({first['filename']!r}) is not usable: {first['reason']}", bad)
-    return decoded  # type: ignore[return-value]
+    return decoded
 
 
 def _deadline_error(phase: str) -> ApiError:

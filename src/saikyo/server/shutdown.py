@@ -63,10 +63,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def mark_draining(app: FastAPI) -> None:
-    app.state.draining = True
-    registry = getattr(app.state, "registry", None)
-    if registry is not None:
-        registry.draining = True
+    models = getattr(app.state, "models", None)  # absent until the lifespan has started
+    if models is not None:
+        models.draining = True
 
 
 def serve(app: FastAPI, settings: Settings) -> None:

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from saikyo.zoo import Preprocessing
+from saikyo.inference.preprocessing import Preprocessing
 
 # What we accept, by content (Pillow's sniffed format), never by file name.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})
@@ -57,17 +57,11 @@ def decode(data: bytes, pp: Preprocessing, max_pixels: int | None = None) -> np.
             raise ImageError(
                 f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
             )
-        target = pp.input_size
         if img.format in ("JPEG", "MPO"):
             # DCT scaling: let libjpeg decode at 1/2, 1/4 or 1/8 size while staying >= the crop we need.
             scale = pp.resize_size / min(width, height)
             img.draft("RGB", (max(1, int(width * scale + 1)), max(1, int(height * scale + 1))))
-        if img.mode != "RGB":
-            img = _to_rgb(img)
-        # draft() may have shrunk the image: compute the crop on the decoded size.
-        box = crop_box(img.width, img.height, pp)
-        img = img.resize((target, target), _RESAMPLE[pp.interpolation], box=box, reducing_gap=3.0)
-        return np.asarray(img)
+        return resize_crop(img, pp)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -82,6 +76,18 @@ def decode(data: bytes, pp: Preprocessing, max_pixels: int | None = None) -> np.
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         # Truncated or corrupt data surfaces as any of these from Pillow's decoders.
         raise ImageError(f"corrupt or truncated image ({type(exc).__name__})") from None
+
+
+def resize_crop(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """An opened image -> uint8 [H, W, 3] RGB: resize the shorter side and centre-crop in one resampling
+    pass. Everything that turns a photo into a network's pixels goes through here (serving, calibration)."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    # draft() may have shrunk a JPEG: compute the crop on the decoded size.
+    box = crop_box(img.width, img.height, pp)
+    target = pp.input_size
+    img = img.resize((target, target), _RESAMPLE[pp.interpolation], box=box, reducing_gap=3.0)
+    return np.asarray(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

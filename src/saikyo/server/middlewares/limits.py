@@ -21,8 +21,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from saikyo.server import deadline
-from saikyo.server.endpoints import endpoint_group
+from saikyo.server.middlewares import deadline
+from saikyo.server.middlewares.path_groups import endpoint_group
 from saikyo.server.errors import error_body
 from saikyo.settings import Settings
 

@@ -10,7 +10,7 @@ from importlib import resources
 
 
 def _load() -> tuple[str, ...]:
-    text = resources.files("saikyo").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("saikyo.inference").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     names = tuple(line for line in text.splitlines() if line)
     if len(names) != 1000:
         raise RuntimeError(f"imagenet_classes.txt holds {len(names)} names, expected 1000")

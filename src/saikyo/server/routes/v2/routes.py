@@ -24,12 +24,12 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from saikyo import __version__
-from saikyo import labels as imagenet_labels
-from saikyo.server import v2_openapi as doc
-from saikyo.server import v2_protocol as wire
+from saikyo.inference import labels as imagenet_labels
+from saikyo.server.routes.v2 import openapi as doc
+from saikyo.server.routes.v2 import protocol as wire
 from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, registry_of, run_batch, served_model
-from saikyo.server.registry import ModelRegistry, ModelState, ServedModel
+from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, served_model
+from saikyo.server.served import ServedModels, ModelState, ServedModel
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -61,12 +61,12 @@ async def live() -> Response:
     response_class=Response,
 )
 async def ready(request: Request) -> Response:
-    registry = registry_of(request)
-    if registry.ready:
+    models = models_of(request)
+    if models.ready:
         return Response(status_code=200)
     # The v2 spec: a 4xx status means "false".
-    states = {name: m.state.value for name, m in registry.models.items()}
-    if registry.draining:
+    states = {name: m.state.value for name, m in models.models.items()}
+    if models.draining:
         return JSONResponse({"error": "not ready: shutting down", "detail": states}, status_code=400)
     return JSONResponse({"error": "not ready", "detail": states}, status_code=400)
 
@@ -99,8 +99,8 @@ async def repository_index(request: Request) -> JSONResponse:
         only_ready = query.get("ready", False)
         if not isinstance(only_ready, bool):
             raise ApiError(400, "'ready' must be true or false")
-    registry = registry_of(request)
-    index = [_index_entry(m) for m in registry.models.values() if m.ready or not only_ready]
+    models = models_of(request)
+    index = [_index_entry(m) for m in models.models.values() if m.ready or not only_ready]
     return JSONResponse(index)
 
 
@@ -111,7 +111,7 @@ def _index_entry(model: ServedModel) -> dict[str, str]:
 
 @router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
 async def model_metadata(request: Request, model_name: ModelName) -> JSONResponse:
-    return JSONResponse(metadata(_model(registry_of(request), model_name, None)))
+    return JSONResponse(metadata(_model(models_of(request), model_name, None)))
 
 
 @router.get(
@@ -120,7 +120,7 @@ async def model_metadata(request: Request, model_name: ModelName) -> JSONRespons
     responses=doc.MODEL_METADATA,
 )
 async def model_version_metadata(request: Request, model_name: ModelName, model_version: ModelVersion) -> JSONResponse:
-    return JSONResponse(metadata(_model(registry_of(request), model_name, model_version)))
+    return JSONResponse(metadata(_model(models_of(request), model_name, model_version)))
 
 
 def metadata(served: ServedModel) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def metadata(served: ServedModel) -> dict[str, Any]:
     response_class=Response,
 )
 async def model_ready(request: Request, model_name: ModelName) -> Response:
-    return _readiness(registry_of(request), model_name, None)
+    return _readiness(models_of(request), model_name, None)
 
 
 @router.get(
@@ -163,29 +163,29 @@ async def model_ready(request: Request, model_name: ModelName) -> Response:
     response_class=Response,
 )
 async def model_version_ready(request: Request, model_name: ModelName, model_version: ModelVersion) -> Response:
-    return _readiness(registry_of(request), model_name, model_version)
+    return _readiness(models_of(request), model_name, model_version)
 
 
-def _readiness(registry: ModelRegistry, model_name: str, model_version: str | None) -> Response:
-    model = _known(registry, model_name, model_version)
+def _readiness(models: ServedModels, model_name: str, model_version: str | None) -> Response:
+    model = _known(models, model_name, model_version)
     if model.ready:
         return Response(status_code=200)
     reason = f": {model.error}" if model.error else ""
     return JSONResponse({"error": f"model {model_name!r} is not ready ({model.state.value}){reason}"}, status_code=400)
 
 
-def _known(registry: ModelRegistry, name: str, version: str | None) -> ServedModel:
-    model = registry.models.get(name)
+def _known(models: ServedModels, name: str, version: str | None) -> ServedModel:
+    model = models.models.get(name)
     if model is None:
-        raise ApiError(404, f"unknown model {name!r}", {"models": list(registry.models)})
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(models.models)})
     if version is not None and version != VERSION:
         raise ApiError(404, f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
     return model
 
 
-def _model(registry: ModelRegistry, name: str, version: str | None) -> ServedModel:
-    _known(registry, name, version)
-    return served_model(registry, name)
+def _model(models: ServedModels, name: str, version: str | None) -> ServedModel:
+    _known(models, name, version)
+    return served_model(models, name)
 
 
 # ---- inference ----
@@ -212,9 +212,9 @@ async def infer_version(request: Request, model_name: ModelName, model_version: 
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    registry = registry_of(request)
-    served = _model(registry, model_name, model_version)
-    settings = registry.settings
+    models = models_of(request)
+    served = _model(models, model_name, model_version)
+    settings = models.settings
     timer = Timer()
 
     body = await request.body()  # LimitsMiddleware has capped its size
@@ -236,14 +236,14 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
 
     if tensor.name == IMAGES:
         blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
-        pixels = await decode_or_400(registry, served, blobs, [f"{IMAGES}[{i}]" for i in range(len(blobs))])
+        pixels = await decode_or_400(models, served, blobs, [f"{IMAGES}[{i}]" for i in range(len(blobs))])
         timer.mark("decode")
-        assert served.pixels is not None
-        probs = await run_batch(served.pixels, pixels, deadline)
+        assert served.image_batcher is not None
+        probs = await run_batch(served.image_batcher, pixels, deadline)
     elif tensor.name == TENSOR:
         batch = _fp32_batch(tensor, served, settings.max_images_per_request)
-        assert served.tensors is not None
-        probs = await run_batch(served.tensors, list(batch), deadline)
+        assert served.tensor_batcher is not None
+        probs = await run_batch(served.tensor_batcher, list(batch), deadline)
     else:
         raise ApiError(
             400, f"unknown input {tensor.name!r}; model {served.name!r} takes {IMAGES!r} (BYTES) or {TENSOR!r} (FP32)"

@@ -1,59 +1,24 @@
 """The model zoo as data: one frozen config per network, in the spirit of timm's pretrained configs.
 
 Nothing here imports torch. Builders are named as "module:function" strings and resolved by
-`saikyo.torch_models` only when a torch model is actually needed (export, the torch runner).
+`saikyo.models.builders` only when a torch model is actually needed (export, the torch runner).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from saikyo.inference.preprocessing import Preprocessing
+from saikyo.models.errors import UnknownModel
 
 WEIGHT_SOURCES = ("imagenet", "random", "file")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a photo becomes the network's input: resize the shorter side, centre-crop, normalise.
-
-    mean/std are on the [0, 1] pixel scale, RGB order.
-    """
-
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"  # "bilinear" | "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def resize_size(self) -> int:
-        """Shorter side after resizing, before the centre crop (timm's convention)."""
-        return int(math.floor(self.input_size / self.crop_pct))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["resize_size"] = self.resize_size
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(
-            input_size=int(d["input_size"]),
-            crop_pct=float(d["crop_pct"]),
-            interpolation=str(d["interpolation"]),
-            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
-        )
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     family: str  # display family for plots and tables: "ResNet", "SqueezeNet", ...
-    builder: str  # "module:function" returning an nn.Module; see saikyo.torch_models
+    builder: str  # "module:function" returning an nn.Module; see saikyo.models.builders
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     weight_sources: tuple[str, ...] = WEIGHT_SOURCES
     default_weights: str = "random"  # what `models export` uses when --weights is not given
@@ -85,7 +50,7 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec(
             name="efficientnet_lite0",
             family="EfficientNet",
-            builder="saikyo.torch_models:efficientnet_lite0",
+            builder="saikyo.models.builders:efficientnet_lite0",
             preprocessing=Preprocessing(
                 input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
             ),
@@ -97,7 +62,7 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec(
             name="caffenet",
             family="CaffeNet",
-            builder="saikyo.torch_models:caffenet",
+            builder="saikyo.models.builders:caffenet",
             preprocessing=Preprocessing(input_size=227, crop_pct=227 / 256),
             weight_sources=("random", "file"),
             weights_source="BVLC reference CaffeNet has no torch release; supply a converted state dict as a file",
@@ -149,29 +114,41 @@ ZOO: dict[str, ModelSpec] = {
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
-# Quantised variants live beside their fp32 model under "<name>-<suffix>".
-VARIANT_SUFFIXES = ("-int8",)
+# Quantised variants live beside their fp32 model as "<name>-<variant>". This module is the one place
+# that knows the spelling: everything else asks split_variant / variant_name.
+VARIANTS = ("int8",)
+_SEPARATOR = "-"
 
 
-class UnknownModel(KeyError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+def split_variant(name: str) -> tuple[str, str | None]:
+    """"resnet50-int8" -> ("resnet50", "int8"); "resnet50" -> ("resnet50", None)."""
+    base, sep, tag = name.rpartition(_SEPARATOR)
+    if sep and base and tag in VARIANTS:
+        return base, tag
+    return name, None
 
-    def __str__(self) -> str:
-        return f"unknown model {self.name!r}; known: {', '.join(sorted(ZOO))}"
+
+def variant_name(base: str, variant: str | None) -> str:
+    """("resnet50", "int8") -> "resnet50-int8"; a variant of None is the fp32 model itself."""
+    if variant is None:
+        return base
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return f"{base}{_SEPARATOR}{variant}"
 
 
 def base_name(name: str) -> str:
     """The zoo entry a (possibly quantised) model name derives from: "resnet50-int8" -> "resnet50"."""
-    for suffix in VARIANT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return split_variant(name)[0]
+
+
+def precision_of(name: str) -> str:
+    """What a served name runs at by its spelling: "int8" for NAME-int8, else "fp32"."""
+    return split_variant(name)[1] or "fp32"
 
 
 def get(name: str) -> ModelSpec:
     try:
         return ZOO[base_name(name)]
     except KeyError:
-        raise UnknownModel(name) from None
+        raise UnknownModel(name, list(ZOO)) from None

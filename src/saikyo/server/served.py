@@ -1,9 +1,7 @@
-"""The models a server holds, and the pipeline each request runs through:
-
-    bytes --decode pool--> uint8 pixels --DynamicBatcher--> runner thread --> probabilities
+"""The models a server holds: each one's runner, batchers and state, from loading to closing.
 
 Models load in the background so that liveness answers at once; readiness waits for every model
-to load and pass a warm-up inference.
+to load and pass a warm-up inference. What a request does with a model is in server/pipeline.py.
 """
 
 from __future__ import annotations
@@ -12,17 +10,17 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from saikyo import imaging, zoo
-from saikyo.batching import DynamicBatcher
-from saikyo.repository import ModelNotExported
+from saikyo.inference.batching import DynamicBatcher
+from saikyo.models.errors import ModelNotExported, UnknownModel
 from saikyo.runtime import Runner, RunnerError, create_runner
+from saikyo.runtime.base import device_decoder
 from saikyo.server.redact import redact_paths
 from saikyo.settings import Settings
 
@@ -41,8 +39,8 @@ class ServedModel:
     state: ModelState = ModelState.LOADING
     error: str | None = None
     runner: Runner | None = None
-    pixels: DynamicBatcher | None = None  # images decoded by the server
-    tensors: DynamicBatcher | None = None  # preprocessed FP32 tensors sent by clients
+    image_batcher: DynamicBatcher | None = None  # images, decoded by the server or by the runner's device
+    tensor_batcher: DynamicBatcher | None = None  # preprocessed FP32 tensors sent by clients
     executor: ThreadPoolExecutor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +49,7 @@ class ServedModel:
         return self.state is ModelState.READY
 
 
-class ModelRegistry:
+class ServedModels:
     def __init__(
         self,
         settings: Settings,
@@ -91,7 +89,7 @@ class ModelRegistry:
         try:
             runner = await loop.run_in_executor(executor, self._runner_factory, model.name, self.settings)
             await loop.run_in_executor(executor, self._warm_up, runner)
-        except (ModelNotExported, RunnerError, zoo.UnknownModel) as exc:
+        except (ModelNotExported, RunnerError, UnknownModel) as exc:
             self._fail(model, executor, str(exc))
             return
         except Exception as exc:  # a broken model must not take the server down
@@ -111,14 +109,15 @@ class ModelRegistry:
             max_queue_images=s.max_queue_images,
             on_batch=observer,
         )
-        if _decodes_on_device(runner):
+        decoder = device_decoder(runner)
+        if decoder is not None:
             # Items are images already decoded into device memory: the batch is a list, no host buffer.
-            model.pixels = DynamicBatcher(runner.infer_images, None, None, executor, name=model.name, **common)  # type: ignore[attr-defined]
+            model.image_batcher = DynamicBatcher(decoder.infer_images, None, None, executor, name=model.name, **common)
         else:
-            model.pixels = DynamicBatcher(
+            model.image_batcher = DynamicBatcher(
                 runner.infer_pixels, (pp.input_size, pp.input_size, 3), np.uint8, executor, name=model.name, **common
             )
-        model.tensors = DynamicBatcher(
+        model.tensor_batcher = DynamicBatcher(
             runner.infer_tensor,
             (3, pp.input_size, pp.input_size),
             np.float32,
@@ -126,8 +125,8 @@ class ModelRegistry:
             name=f"{model.name}/tensor",
             **common,
         )
-        model.pixels.start()
-        model.tensors.start()
+        model.image_batcher.start()
+        model.tensor_batcher.start()
         model.runner = runner
         model.executor = executor
         model.meta = runner.meta
@@ -159,7 +158,7 @@ class ModelRegistry:
             except (asyncio.CancelledError, Exception):
                 pass
         for model in self.models.values():
-            for batcher in (model.pixels, model.tensors):
+            for batcher in (model.image_batcher, model.tensor_batcher):
                 if batcher is not None:
                     await batcher.close()
             if model.executor is not None:
@@ -167,31 +166,3 @@ class ModelRegistry:
             if model.runner is not None:
                 model.runner.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-
-    # ---- the pipeline ----
-    async def decode(self, model: ServedModel, blobs: Sequence[bytes]) -> list[Any]:
-        """Decode every blob into an item for `model.pixels`; a failure is returned in place (an
-        ImageError) so the caller can name the file.
-
-        Items are uint8 HWC arrays, or -- for a runner that decodes on its device -- whatever its
-        decode_images returns: one call per request, so that nvJPEG decodes the request's images as a batch.
-        """
-        assert model.runner is not None
-        pp = model.runner.preprocessing
-        limit = self.settings.max_image_pixels
-        loop = asyncio.get_running_loop()
-        if _decodes_on_device(model.runner):
-            return await loop.run_in_executor(self.decode_pool, model.runner.decode_images, blobs, limit)  # type: ignore[attr-defined]
-
-        def one(data: bytes) -> np.ndarray | imaging.ImageError:
-            try:
-                return imaging.decode(data, pp, limit)
-            except imaging.ImageError as exc:
-                return exc
-
-        return list(await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, b) for b in blobs)))
-
-
-def _decodes_on_device(runner: Runner) -> bool:
-    """Runners that decode JPEGs on their device (the torch runner on CUDA) say so with this attribute."""
-    return bool(getattr(runner, "decodes_on_device", False))

@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from saikyo import zoo
-from saikyo.export import WeightsUnavailable
-
-# Fixed so that two "random" exports of the same model are the same network (comparable benchmarks).
-RANDOM_SEED = 0
+from saikyo.models import zoo
+from saikyo.models.errors import WeightsUnavailable
+from saikyo.models.provenance import RANDOM_SEED
 
 
 def build(spec: zoo.ModelSpec, weights: str) -> nn.Module:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from saikyo.predictions import top_k
+from saikyo.inference.predictions import top_k
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"

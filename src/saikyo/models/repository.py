@@ -15,29 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saikyo.models import zoo
+from saikyo.models.errors import ModelNotExported
+
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
 # The same network's torch state dict, beside model.onnx: the torch runner loads exactly these weights.
 WEIGHTS_FILE = "weights.pt"
-
-
-class ModelNotExported(FileNotFoundError):
-    def __init__(self, name: str, root: Path) -> None:
-        super().__init__(name)
-        self.name = name
-        self.root = root
-
-    def __str__(self) -> str:
-        from saikyo import zoo
-
-        base = zoo.base_name(self.name)
-        if self.name != base:
-            fix = f"saikyo models export {base} --quantize int8"
-        else:
-            spec = zoo.ZOO.get(base)
-            weights = spec.default_weights if spec else "random"
-            fix = f"saikyo models export {base} --weights {weights}"
-        return f"model {self.name!r} is not exported in the repository {str(self.root)!r}; run: {fix}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +51,7 @@ class ModelRepository:
 
     def get(self, name: str) -> Entry:
         if not self.has(name):
-            raise ModelNotExported(name, self.root)
+            raise ModelNotExported(name, self.root, export_command(name))
         meta = json.loads((self.model_dir(name) / META_FILE).read_text())
         return Entry(name=name, path=self.model_path(name), meta=meta)
 
@@ -98,3 +82,12 @@ class ModelRepository:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.get(name)
+
+
+def export_command(name: str) -> str:
+    """The command that puts `name` in a repository: the fp32 export, or the variant's quantisation."""
+    base, variant = zoo.split_variant(name)
+    if variant is not None:
+        return f"saikyo models export {base} --quantize {variant}"
+    spec = zoo.ZOO.get(base)
+    return f"saikyo models export {base} --weights {spec.default_weights if spec else 'random'}"

@@ -8,11 +8,11 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from saikyo import labels as imagenet_labels
-from saikyo.predictions import top_k
-from saikyo.server import multipart
+from saikyo.inference import labels as imagenet_labels
+from saikyo.inference.predictions import top_k
+from saikyo.server.routes import multipart
 from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, registry_of, run_batch, served_model
+from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, served_model
 
 router = APIRouter()
 
@@ -98,9 +98,9 @@ async def classify(
     topk: Annotated[int, Query(ge=1, le=1000, description="how many classes per image")] = 5,
     labels: Annotated[bool, Query(description="keys become `\"<index>:<label>\"`")] = False,
 ) -> JSONResponse:
-    registry = registry_of(request)
-    settings = registry.settings
-    served = served_model(registry, model)
+    models = models_of(request)
+    settings = models.settings
+    served = served_model(models, model)
     timer = Timer()
 
     content_type = request.headers.get("content-type", "")
@@ -136,9 +136,9 @@ async def classify(
         names.append(name)
     timer.mark("read")
 
-    pixels = await decode_or_400(registry, served, blobs, names)
+    pixels = await decode_or_400(models, served, blobs, names)
     timer.mark("decode")
-    assert served.pixels is not None
-    probs = await run_batch(served.pixels, pixels)
+    assert served.image_batcher is not None
+    probs = await run_batch(served.image_batcher, pixels)
     timer.mark("infer")
     return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), labels), headers=timer.header())

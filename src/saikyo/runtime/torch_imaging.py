@@ -1,10 +1,10 @@
 """Encoded bytes -> uint8 HWC pixels on a torch device: nvJPEG decode, then resize + centre-crop there.
 
-The device twin of `saikyo.imaging` for the torch runner. A request's JPEGs are decoded in one batched
+The device twin of `saikyo.inference.imaging` for the torch runner. A request's JPEGs are decoded in one batched
 `torchvision.io.decode_jpeg(..., device="cuda")` call (nvJPEG; baseline JPEGs go to the hardware decoder
 on A100/H100), then cropped and resampled with antialiasing on the GPU -- photos of one size together --
 so the CPU never touches the pixels. Whatever nvJPEG does not take -- PNG, WebP, GIF, CMYK or truncated JPEGs -- goes through
-`saikyo.imaging` on the CPU, which also produces the user-facing errors, and is copied to the device.
+`saikyo.inference.imaging` on the CPU, which also produces the user-facing errors, and is copied to the device.
 Resampling reproduces Pillow's: the same fractional crop box (`imaging.crop_box`), the same filter
 weights (Pillow's `precompute_coeffs`), horizontal pass first with a uint8 intermediate, applied as two
 small matrix products. Pixels then differ from the CPU path only by the JPEG decoders' own rounding --
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from saikyo import imaging
-from saikyo.zoo import Preprocessing
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 QDQ format, weights int8 per output channel, activations uint8 per tensor: ONNX Runtime fuses the
 QDQ pairs into QLinearConv/QGemm whose u8 x s8 kernels use VNNI/AMX on x86.
-Calibration runs the fp32 model on real photos, preprocessed exactly as the model expects.
+Calibration runs the fp32 model on real photos, preprocessed by the serving code itself.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
-from saikyo import zoo
-from saikyo.export import INPUT_NAME, OUTPUT_NAME, ExportError, quiet, sha256_file, utc_now, versions
-from saikyo.repository import Entry, ModelRepository
+from saikyo.inference import imaging
+from saikyo.inference.preprocessing import Preprocessing
+from saikyo.models import zoo
+from saikyo.models.capture import quiet
+from saikyo.models.contract import INPUT_NAME, OUTPUT_NAME
+from saikyo.models.errors import ExportError
+from saikyo.models.provenance import sha256_file, utc_now, versions
+from saikyo.models.repository import Entry, ModelRepository
 
-INT8_SUFFIX = "-int8"
 CALIBRATION_BATCH = 4
 # scikit-image's bundled photos (no download): varied natural scenes, two grayscale ones for contrast.
 SKIMAGE_PHOTOS = (
@@ -41,11 +45,13 @@ def quantize_int8(
     """Write `<spec.name>-int8` from the exported fp32 entry; record how it was made and how it agrees."""
     say = progress or (lambda _msg: None)
     base = repository.get(spec.name)
-    name = spec.name + INT8_SUFFIX
-    pre = zoo.Preprocessing.from_dict(base.meta["preprocessing"])
+    name = zoo.variant_name(spec.name, "int8")
+    pre = Preprocessing.from_dict(base.meta["preprocessing"])
     photos, sources = calibration_photos(calibration_images)
-    # Each photo and its mirror image: twice the activation statistics for free.
-    samples = np.stack([preprocess(im, pre) for p in photos for im in (p, p.transpose(Image.FLIP_LEFT_RIGHT))])
+    # Each photo and its mirror image: twice the activation statistics for free. The pixels are exactly
+    # those serving computes (imaging.resize_crop), normalised as the served graph's front does.
+    pixels = [imaging.resize_crop(im, pre) for p in photos for im in (p, p.transpose(Image.FLIP_LEFT_RIGHT))]
+    samples = imaging.normalize(np.stack(pixels), pre)
     started = time.perf_counter()
     options = {
         "activation_type": QuantType.QUInt8,
@@ -129,20 +135,6 @@ def calibration_photos(paths: list[Path] | None) -> tuple[list[Image.Image], lis
 def _rgb(image: Image.Image) -> Image.Image:
     image.load()
     return image.convert("RGB")
-
-
-def preprocess(image: Image.Image, pre: zoo.Preprocessing) -> np.ndarray:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: float32 CHW (calibration only)."""
-    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
-    w, h = image.size
-    scale = pre.resize_size / min(w, h)
-    image = image.resize((max(pre.resize_size, round(w * scale)), max(pre.resize_size, round(h * scale))), resample)
-    w, h = image.size
-    left, top = (w - pre.input_size) // 2, (h - pre.input_size) // 2
-    image = image.crop((left, top, left + pre.input_size, top + pre.input_size))
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def top1_agreement(fp32: Path, int8: Path, samples: np.ndarray) -> float:

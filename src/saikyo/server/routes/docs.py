@@ -13,9 +13,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
-from saikyo.server.endpoints import endpoint_group
+from saikyo.server.middlewares.path_groups import endpoint_group
 from saikyo.server.errors import ApiError
-from saikyo.server.v2_openapi import ERROR_SCHEMA
+from saikyo.server.routes.v2.openapi import ERROR_SCHEMA
 
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from saikyo.server.endpoints import GROUPS, endpoint_group
-from saikyo.server.limits import send_json
+from saikyo.server.middlewares.path_groups import GROUPS, endpoint_group
+from saikyo.server.middlewares.limits import send_json
 from saikyo.settings import Settings
 
 REALM = "saikyo"

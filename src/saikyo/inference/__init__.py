@@ -1,0 +1,1 @@
+"""Framework-free inference pieces: image bytes -> pixels, dynamic batching, probabilities -> answers."""

@@ -1,0 +1,36 @@
+"""What can go wrong with a model before it serves: unknown name, not exported, weights or export failing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UnknownModel(KeyError):
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known or []
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; known: {', '.join(sorted(self.known))}"
+
+
+class ModelNotExported(FileNotFoundError):
+    """The repository has no usable entry for the name; `fix` is the command that makes one."""
+
+    def __init__(self, name: str, root: Path, fix: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.root = root
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"model {self.name!r} is not exported in the repository {str(self.root)!r}; run: {self.fix}"
+
+
+class ExportError(RuntimeError):
+    """The export or its check failed; nothing was written to the repository."""
+
+
+class WeightsUnavailable(ExportError):
+    """The requested weights cannot be had here (offline host, unsupported source, bad file)."""

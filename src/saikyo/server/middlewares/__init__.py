@@ -1,0 +1,1 @@
+"""ASGI middlewares and what they share: API keys, admission and body limits, request deadlines."""
