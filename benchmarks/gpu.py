@@ -4,18 +4,20 @@
     python benchmarks/gpu.py --device cpu --quick --out /tmp/gpu-dry.jsonl   # dry run of the whole flow
 
 Sections, in order (each appends JSON lines to --out as it measures, naming the GPU):
+  env     versions, the GPU's properties and saikyo.bench.hardware's description of the machine;
   raw     images/s of resnet50, resnext50_32x4d, squeezenet1_1 (random weights, fp16, CUDA graphs) at
           batch 1, 8, 64, 256: "img_s" with the batch already on the GPU (the model alone), "host_img_s"
           from uint8 numpy pixels to numpy probabilities (pinned copies included);
   decode  images/s to model-ready uint8 224x224 pixels: nvJPEG + resize/crop on the GPU
-          (saikyo.runtime.torch_imaging) vs saikyo.inference.imaging in a thread pool over every core, on ImageNet-sized
-          photos and on 1920x1280 ones; "ratio" = GPU / CPU;
+          (saikyo.runtime.torch_imaging) vs saikyo.inference.imaging in a thread pool over every core,
+          on ImageNet-sized photos and on 1920x1280 ones; "ratio" = GPU / CPU;
   export  resnet50 (random weights) into a temporary repository with `saikyo models export`'s code
-          (CPU work, run beside the raw section);
-  e2e     `saikyo serve --backend torch` on a loopback port, closed-loop client, 32 images per request,
-          concurrency 16, max batch 256 with GPU decode (GIL switch interval 5 ms, Python's default, then
-          0.5 ms) and with CPU decode, then max batch 64 with GPU decode; "ratio" = server img/s / raw
-          img_s at the server's max batch size.
+          (CPU work, run beside the raw section; if the dynamo exporter fails, TorchScript's writes it);
+  e2e     `saikyo serve --backend torch` on a loopback port (saikyo.bench.localserver), the cost lab's
+          closed-loop client (saikyo.bench.load, aiohttp; latency percentiles by nearest rank), 32
+          images per request, concurrency 16, max batch 256 with GPU decode (--gil-switch-interval-ms
+          5, Python's default, then 0.5) and with CPU decode, then max batch 64 with GPU decode;
+          "ratio" = server img/s / raw img_s at the server's max batch size.
 Sections run in child processes under hard time limits: a hang or crash costs its own section only,
 and what it measured before stays in the file. The total stays under --budget-s.
 """
@@ -24,8 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import importlib.util
+import dataclasses
 import io
 import json
 import os
@@ -33,18 +34,30 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+# Children (sections, servers) find the same saikyo and print as they go.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYTHONUNBUFFERED"] = "1"
+
+from saikyo.bench import records  # noqa: E402
+from saikyo.bench.load import LoadResult, LoadSpec, multipart_body, run_load  # noqa: E402
+from saikyo.bench.localserver import local_server  # noqa: E402
+from saikyo.models.provenance import utc_now  # noqa: E402
+from saikyo.models.repository import Entry, ModelRepository  # noqa: E402
+from saikyo.settings import available_cores  # noqa: E402
+
 PHOTOS = [ROOT / "tests" / "data" / f"{name}.jpg" for name in ("cat", "coffee", "astronaut")]
 
 RAW_MODELS = ("resnet50", "resnext50_32x4d", "squeezenet1_1")
@@ -59,10 +72,8 @@ class Recorder:
         self.common = common
 
     def emit(self, record: dict[str, Any]) -> dict[str, Any]:
-        full = {**record, **{k: v for k, v in self.common.items() if k not in record}}
-        full["time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        with open(self.path, "a") as f:
-            f.write(json.dumps(full) + "\n")
+        full = {**record, **{k: v for k, v in self.common.items() if k not in record}, "time": utc_now()}
+        records.append(self.path, full)
         shown = {k: v for k, v in record.items() if k not in ("traceback",)}
         print("  " + json.dumps(shown), flush=True)
         return full
@@ -73,6 +84,7 @@ class Recorder:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
+    """This script's records (records.read keeps only the cost lab's schema); a torn line is skipped."""
     if not path.exists():
         return []
     out = []
@@ -103,19 +115,29 @@ def timed(fn: Callable[[], Any], min_seconds: float, sync: Callable[[], None], m
     return iters, time.perf_counter() - t0
 
 
+def photos() -> list[tuple[str, bytes]]:
+    """The test photos (ImageNet-sized, 451x300 to 600x400), in a fixed order: the requests' mix."""
+    return [(p.name, p.read_bytes()) for p in PHOTOS]
+
+
 # ---- child sections (import torch) ----
 def child_env(rec: Recorder, args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     import torchvision
 
+    from saikyo.bench.hardware import describe
+
+    hw = describe()
     info: dict[str, Any] = {
         "section": "env",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
-        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu_cores": hw.cores,
+        "cpu_model": hw.cpu_model,
+        "hardware": hw.description,
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
@@ -152,8 +174,7 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
     import numpy as np
     import torch
 
-    from saikyo.models import builders
-    from saikyo.models import zoo
+    from saikyo.models import builders, zoo
     from saikyo.runtime.torch import TorchRunner
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -192,16 +213,18 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
 
 
 def photo_sets(quick: bool) -> dict[str, list[bytes]]:
-    """The test photos (ImageNet-sized, 451x300 to 600x400) and the same at 1920x1280."""
+    """The test photos and the same at 1920x1280."""
     from PIL import Image
 
-    small = [p.read_bytes() for p in PHOTOS]
+    small = [data for _, data in photos()]
     if quick:
         return {"imagenet-sized": small}
     large = []
-    for p in PHOTOS:
+    for data in small:
         buf = io.BytesIO()
-        Image.open(p).convert("RGB").resize((1920, 1280), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        Image.open(io.BytesIO(data)).convert("RGB").resize((1920, 1280), Image.Resampling.BICUBIC).save(
+            buf, "JPEG", quality=90
+        )
         large.append(buf.getvalue())
     return {"imagenet-sized": small, "1920x1280": large}
 
@@ -211,21 +234,21 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
 
     import torch
 
-    from saikyo.runtime import torch_imaging
     from saikyo.inference import imaging
     from saikyo.models import zoo
+    from saikyo.runtime import torch_imaging
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     pp = zoo.get(E2E_MODEL).preprocessing
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     pool = ThreadPoolExecutor(cores)
     n = args.decode_images
-    for label, photos in photo_sets(args.quick).items():
+    for label, blobs_set in photo_sets(args.quick).items():
         if time.time() > args.deadline - 5:
             rec.emit({"section": "decode", "images": label, "skipped": "out of time"})
             continue
-        blobs = [photos[i % len(photos)] for i in range(n)]
+        blobs = [blobs_set[i % len(blobs_set)] for i in range(n)]
         mean_kb = round(sum(map(len, blobs)) / len(blobs) / 1024, 1)
         common = {"section": "decode", "images": label, "mean_kb": mean_kb, "model_input": pp.input_size}
         results: dict[str, float] = {}
@@ -287,40 +310,42 @@ def child_export(rec: Recorder, args: argparse.Namespace) -> None:
     repo = ModelRepository(args.repository)
     t0 = time.perf_counter()
     try:
-        entry = export_model(args.e2e_model, repo, weights="random")
-        rec.emit({"section": "export", "model": args.e2e_model, "seconds": round(time.perf_counter() - t0, 1),
-                  "onnx_mb": round(entry.size_bytes / 1e6, 1), "exporter": "dynamo"})  # fmt: skip
+        entry, exporter = export_model(args.e2e_model, repo, weights="random"), "dynamo"
     except Exception as exc:
         rec.error("export", exc, model=args.e2e_model)
         say("export failed; writing the entry with the TorchScript-based ONNX exporter instead")
-        legacy_entry(repo, args.e2e_model)
-        rec.emit({"section": "export", "model": args.e2e_model, "seconds": round(time.perf_counter() - t0, 1),
-                  "exporter": "torchscript (fallback)"})  # fmt: skip
+        entry, exporter = torchscript_entry(repo, args.e2e_model), "torchscript (fallback)"
+    rec.emit({"section": "export", "model": args.e2e_model, "seconds": round(time.perf_counter() - t0, 1),
+              "onnx_mb": round(entry.size_bytes / 1e6, 1), "exporter": exporter})  # fmt: skip
 
 
-def legacy_entry(repo: Any, name: str) -> None:
-    """A repository entry without the dynamo exporter: the torch runner reads only weights.pt and meta."""
+def torchscript_entry(repo: ModelRepository, name: str) -> Entry:
+    """The repository entry without the dynamo exporter (the torch runner reads only weights.pt and
+    meta.json); the ONNX contract, provenance and meta.json keys are the export's."""
     import torch
 
-    from saikyo.models import provenance
-    from saikyo.models import builders
-    from saikyo.models import zoo
+    from saikyo.models import builders, zoo
+    from saikyo.models.contract import INPUT_NAME, OUTPUT_NAME, io_meta
+    from saikyo.models.provenance import sha256_file, versions, weights_provenance
     from saikyo.models.repository import WEIGHTS_FILE
 
-    spec = zoo.get(name)
+    spec, opset = zoo.get(name), 17
     model = builders.build(spec, "random")
     size = spec.preprocessing.input_size
-    tmp = Path(tempfile.mkdtemp(dir=repo.root))
-    onnx_path, weights = tmp / "model.onnx", tmp / WEIGHTS_FILE
-    torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(onnx_path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                      opset_version=17, dynamo=False)  # fmt: skip
-    torch.save(model.state_dict(), weights)
-    meta = {"name": name, "family": spec.family, "base_model": name, "precision": "fp32", "weights": "random",
-            "num_classes": spec.num_classes, "input_size": size, "preprocessing": spec.preprocessing.to_dict(),
-            "torch_weights": WEIGHTS_FILE, "exported_at": provenance.utc_now(), "versions": provenance.versions()}  # fmt: skip
-    repo.write(name, onnx_path, meta, extra_files=[weights])
-    shutil.rmtree(tmp, ignore_errors=True)
+    repo.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.export.", dir=repo.root) as tmp:
+        onnx_path, weights = Path(tmp) / "model.onnx", Path(tmp) / WEIGHTS_FILE
+        torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(onnx_path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                          opset_version=opset, dynamo=False)  # fmt: skip
+        torch.save(model.state_dict(), weights)
+        provenance, source = weights_provenance(spec, "random")
+        meta = {"name": name, "family": spec.family, "base_model": name, "precision": "fp32", "weights": provenance,
+                "weights_source": source, "num_classes": spec.num_classes, "input_size": size,
+                "preprocessing": spec.preprocessing.to_dict(), "opset": opset, "builder": spec.builder,
+                "torch_weights": WEIGHTS_FILE, "exported_at": utc_now(), "exporter": "torchscript",
+                "versions": versions(), **io_meta(size, spec.num_classes), "sha256": sha256_file(onnx_path)}  # fmt: skip
+        return repo.write(name, onnx_path, meta, extra_files=[weights])
 
 
 CHILDREN = {"env": child_env, "raw": child_raw, "decode": child_decode, "export": child_export}
@@ -344,7 +369,7 @@ class Child:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(args.out),
                "--device", args.device, "--dtype", args.dtype, "--deadline", str(self.ends),
                "--min-seconds", str(args.min_seconds), *(["--quick"] if args.quick else []), *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=child_env_vars(), start_new_session=True)
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
 
     def _record(self, record: dict[str, Any]) -> None:
         Recorder(self.args.out, {"run": self.args.run_id, "device": self.args.device}).emit(record)
@@ -363,104 +388,26 @@ class Child:
         self.proc = None
 
 
-def child_env_vars() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+async def closed_loop(url: str, args: argparse.Namespace) -> LoadResult:
+    """`concurrency` clients posting the same request back to back: --warm-seconds unrecorded, then
+    --e2e-seconds measured."""
+    spec = LoadSpec(url=url, model=args.e2e_model, mode="closed", images_per_request=args.images_per_request,
+                    concurrency=args.concurrency, seconds=args.warm_seconds, timeout=120.0)  # fmt: skip
+    await run_load(spec, photos())  # its first request proves the server answers (LoadError if not)
+    return await run_load(dataclasses.replace(spec, seconds=args.e2e_seconds, warmup=0), photos())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def multipart(blobs: list[bytes]) -> tuple[bytes, str]:
-    boundary = "saikyogpubench"
-    parts = [
-        (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{i}.jpg\"\r\n"
-         "Content-Type: image/jpeg\r\n\r\n").encode() + b + b"\r\n"
-        for i, b in enumerate(blobs)
-    ]  # fmt: skip
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-async def drive(url: str, body: bytes, ctype: str, concurrency: int, warm_s: float, seconds: float,
-                client: str) -> dict[str, Any]:  # fmt: skip
-    """Closed loop: `concurrency` workers each post the same body back to back."""
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    if client == "aiohttp":
-        import aiohttp
-
-        session: Any = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                             timeout=aiohttp.ClientTimeout(total=120))  # fmt: skip
-
-        async def post() -> tuple[int, bytes]:
-            async with session.post(f"{url}/classify", data=body, headers={"Content-Type": ctype}) as r:
-                return r.status, await r.read()
-    else:
-        import httpx
-
-        session = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=120)
-
-        async def post() -> tuple[int, bytes]:
-            r = await session.post(f"{url}/classify", content=body, headers={"Content-Type": ctype})
-            return r.status_code, r.content
-
-    async def worker(stop: float, record: bool) -> None:
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            try:
-                status, payload = await post()
-            except Exception as exc:  # count and go on: one failed request must not end the run
-                errors.append(f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.05)
-                continue
-            if status != 200:
-                errors.append(f"HTTP {status}: {payload[:200]!r}")
-            elif record:
-                latencies.append(time.perf_counter() - t0)
-
-    try:
-        warm_stop = time.perf_counter() + warm_s
-        await asyncio.gather(*(worker(warm_stop, False) for _ in range(concurrency)))
-        errors.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    finally:
-        await (session.close() if client == "aiohttp" else session.aclose())
-    lat = sorted(latencies)
-    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
-    return {"requests": len(lat), "elapsed_s": round(elapsed, 2), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)}  # fmt: skip
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"server not ready after {timeout:.0f}s")
+def load_fields(result: LoadResult) -> dict[str, Any]:
+    lat = result.latency()  # saikyo.bench.stats.LatencySummary, nearest-rank percentiles
+    errors = [s.error for s in result.samples if s.error is not None]
+    return {"requests": len(result.ok), "elapsed_s": round(result.duration_s, 2), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "errors_by_kind": result.errors_by_kind(),
+            "p50_ms": round(lat.p50, 1) if lat else None, "p90_ms": round(lat.p90, 1) if lat else None,
+            "p99_ms": round(lat.p99, 1) if lat else None}  # fmt: skip
 
 
 def batch_stats(url: str, model: str) -> dict[str, Any]:
     """Mean forward-pass batch and runner seconds from the server's Prometheus metrics."""
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
             text = r.read().decode()
@@ -482,20 +429,6 @@ def batch_stats(url: str, model: str) -> dict[str, Any]:
     return out
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-
-
 def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], decode: str,
         batch: int, gil_switch_ms: float = 5.0) -> None:  # fmt: skip
     """`gil_switch_ms`: the server's GIL switch interval (benchmarks/gil_switch.py says why it matters)."""
@@ -504,78 +437,70 @@ def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str
         rec.emit({"section": "e2e", "decode": decode, "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
                   "skipped": "out of time"})  # fmt: skip
         return
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = Path(tempfile.gettempdir()) / f"saikyo-gpu-bench-{port}.log"
-    cmd = [sys.executable, "-m", "saikyo", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--models", args.e2e_model, "--repository", str(repo), "--backend", "torch", "--device", args.device,
-           "--dtype", args.dtype, "--max-batch-size", str(batch),
-           "--max-queue-images", str(4 * args.concurrency * args.images_per_request),
-           "--max-concurrent-requests", str(4 * args.concurrency),
-           "--device-decode", "on" if decode == "gpu" else "off", "--log-level", "warning"]  # fmt: skip
-    say(f"e2e ({decode} decode, max batch {batch}, GIL switch {gil_switch_ms:g} ms): {' '.join(cmd[3:])}")
+    n = args.images_per_request
+    server_args = ["--backend", "torch", "--device", args.device, "--dtype", args.dtype,
+                   "--max-batch-size", str(batch), "--max-queue-images", str(4 * args.concurrency * n),
+                   "--max-concurrent-requests", str(4 * args.concurrency),
+                   "--device-decode", "on" if decode == "gpu" else "off",
+                   "--gil-switch-interval-ms", f"{gil_switch_ms:g}", "--log-level", "warning"]  # fmt: skip
+    say(f"e2e ({decode} decode, max batch {batch}, GIL switch {gil_switch_ms:g} ms): {' '.join(server_args)}")
     t0 = time.time()
-    env = {**child_env_vars(), "SAIKYO_GIL_SWITCH_INTERVAL_MS": str(gil_switch_ms)}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_ready(url, proc, min(args.ready_timeout, budget - args.e2e_seconds - 15))
-        load_s = time.time() - t0
-        say(f"server ready in {load_s:.1f}s")
-        photos = [p.read_bytes() for p in PHOTOS]
-        blobs = [photos[i % len(photos)] for i in range(args.images_per_request)]
-        body, ctype = multipart(blobs)
-        result = asyncio.run(drive(url, body, ctype, args.concurrency, args.warm_seconds, args.e2e_seconds, args.client))
-        img_s = result["requests"] * args.images_per_request / result["elapsed_s"]
-        raw_img_s = raw.get((args.e2e_model, batch))
-        record = {
-            "section": "e2e", "model": args.e2e_model, "decode": decode, "backend": "torch",
-            "img_s": round(img_s, 1), "raw_img_s": raw_img_s, "raw_batch": batch,
-            "ratio": round(img_s / raw_img_s, 3) if raw_img_s else None,
-            "images_per_request": args.images_per_request, "concurrency": args.concurrency,
-            "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
-            "mean_kb": round(len(body) / args.images_per_request / 1024, 1),
-            "client": args.client, "server_load_s": round(load_s, 1), **result, **batch_stats(url, args.e2e_model),
-        }  # fmt: skip
-        rec.emit(record)
-    except Exception as exc:
-        rec.error("e2e", exc, decode=decode, max_batch_size=batch)
-        print(log_path.read_text(errors="replace")[-4000:] if log_path.exists() else "(no server log)", flush=True)
-    finally:
-        stop(proc)
-        log_path.unlink(missing_ok=True)
+    server = None
+    with tempfile.TemporaryDirectory(prefix="saikyo-gpu-bench-logs-") as logs:
+        try:
+            with local_server(repo, args.e2e_model, Path(logs), server_args,
+                              timeout=min(args.ready_timeout, budget - args.e2e_seconds - 15)) as server:  # fmt: skip
+                load_s = time.time() - t0
+                say(f"server ready in {load_s:.1f}s")
+                result = asyncio.run(closed_loop(server.url, args))
+                img_s = result.images_per_s()
+                raw_img_s = raw.get((args.e2e_model, batch))
+                rec.emit({
+                    "section": "e2e", "model": args.e2e_model, "decode": decode, "backend": "torch",
+                    "img_s": round(img_s, 1), "raw_img_s": raw_img_s, "raw_batch": batch,
+                    "ratio": round(img_s / raw_img_s, 3) if raw_img_s else None,
+                    "images_per_request": n, "concurrency": args.concurrency,
+                    "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
+                    "mean_kb": round(len(multipart_body(photos(), n)[0]) / n / 1024, 1),
+                    "client": "aiohttp", "server_load_s": round(load_s, 1),
+                    **load_fields(result), **batch_stats(server.url, args.e2e_model),
+                })  # fmt: skip
+        except Exception as exc:  # ServerStartError carries the log's tail itself
+            rec.error("e2e", exc, decode=decode, max_batch_size=batch)
+            if server is not None:
+                print(server.log_tail(60), flush=True)
 
 
 def summary(rec: Recorder, args: argparse.Namespace) -> None:
-    records = [r for r in read_records(args.out) if r.get("run") == rec.common["run"]]
+    mine = [r for r in read_records(args.out) if r.get("run") == rec.common["run"]]
     print("\n==== summary ====", flush=True)
     print(f"device: {rec.common.get('gpu')}", flush=True)
-    for r in records:
+    for r in mine:
         if r.get("section") == "raw" and "img_s" in r:
             print(f"raw    {r['model']:<16} batch {r['batch']:>4}: {r['img_s']:>10.1f} img/s on device, "
                   f"{r['host_img_s']:>10.1f} from host ({r['dtype']}, graphs={r['cuda_graphs']})", flush=True)  # fmt: skip
-    for r in records:
+    for r in mine:
         if r.get("section") == "decode" and "img_s" in r:
             print(f"decode {r['images']:<15} {r['path']:<12} batch {str(r.get('batch', '-')):>4} "
                   f"threads {r.get('threads', '-')}: {r['img_s']:>9.1f} img/s", flush=True)  # fmt: skip
         if r.get("section") == "decode" and "ratio" in r:
             print(f"ratio  GPU decode / CPU decode ({r['images']}): {r['ratio']:.2f} (target >= 3)", flush=True)
-    for r in records:
+    for r in mine:
         if r.get("section") == "e2e" and "img_s" in r:
             ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "n/a"
             print(f"e2e    {r['model']} {r['decode']} decode, GIL switch {r.get('gil_switch_interval_ms', 5.0):g} ms: "
                   f"{r['img_s']:.1f} img/s, p50 {r['p50_ms']} ms, "
                   f"p99 {r['p99_ms']} ms, errors {r['errors']}, mean batch {r.get('mean_batch')}; "
                   f"ratio server/raw(batch {r['raw_batch']}) = {ratio} (target >= 0.5)", flush=True)  # fmt: skip
-    errors = [r for r in records if r.get("error")]
+    errors = [r for r in mine if r.get("error")]
     for r in errors:
         print(f"ERROR in {r['section']}: {r['error']}", flush=True)
-    rec.emit({"section": "summary", "records": len(records), "errors": len(errors),
+    rec.emit({"section": "summary", "records": len(mine), "errors": len(errors),
               "elapsed_s": round(time.time() - args.started, 1)})  # fmt: skip
 
 
-def gpu_name_from(records: list[dict[str, Any]], run: str) -> str | None:
-    for r in records:
+def gpu_name_from(found: list[dict[str, Any]], run: str) -> str | None:
+    for r in found:
         if r.get("run") == run and r.get("section") == "env":
             return r.get("gpu") or "cpu"
     return None
@@ -589,7 +514,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small, fast settings: a dry run of the whole flow")
     ap.add_argument("--budget-s", type=float, default=450.0, help="hard limit for everything")
     ap.add_argument("--sections", default="env,raw,decode,export,e2e")
-    ap.add_argument("--client", default=None, choices=("aiohttp", "httpx"))
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--images-per-request", type=int, default=None)
     ap.add_argument("--e2e-batch", type=int, default=None, help="server max batch size [256]")
@@ -620,9 +544,6 @@ def main() -> None:
             setattr(args, key, value)
     args.models = [m for m in str(args.models).split(",") if m] if isinstance(args.models, str) else args.models
     args.batches = [int(b) for b in str(args.batches).split(",")] if isinstance(args.batches, str) else args.batches
-    if args.client is None:
-        args.client = "aiohttp" if importlib.util.find_spec("aiohttp") else "httpx"
-    sys.path.insert(0, str(SRC))
 
     if args.child:
         rec = Recorder(args.out, {"run": args.run, "gpu": args.gpu, "device": args.device, "quick": args.quick})
@@ -636,7 +557,7 @@ def main() -> None:
     args.started = time.time()
     args.deadline = args.started + args.budget_s
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    run = args.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run = args.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     sections = set(args.sections.split(","))
     say(f"saikyo GPU benchmark, run {run}, device {args.device}, budget {args.budget_s:.0f}s -> {args.out}")
 
