@@ -72,12 +72,44 @@ def test_transparent_png_and_grayscale_become_rgb() -> None:
         (b"", "empty"),
         (b"hello, not an image", "not a recognised image"),
         (CAT.read_bytes()[:3000], "corrupt or truncated"),
-        (encode(Image.new("RGB", (8, 8)), "TIFF"), "unsupported image format"),
+        (encode(Image.new("RGB", (8, 8)), "TIFF"), "unsupported image format TIFF"),
     ],
 )
 def test_bad_input_raises_image_error(data: bytes, needle: str) -> None:
     with pytest.raises(imaging.ImageError, match=needle):
         imaging.decode(data, PP)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PCX", "ICO"])
+def test_parsers_of_other_formats_never_see_the_bytes(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image as PILImage
+
+    data = encode(Image.new("RGB", (16, 16)), fmt)
+    assert PILImage.open(io.BytesIO(data)).format == fmt  # Pillow alone would parse it
+    opened: list[str] = []
+    factory, accept = PILImage.OPEN[fmt]
+    monkeypatch.setitem(PILImage.OPEN, fmt, (lambda *a, **k: opened.append(fmt) or factory(*a, **k), accept))
+    with pytest.raises(imaging.ImageError, match=f"unsupported image format {fmt}"):
+        imaging.decode(data, PP)
+    assert opened == []
+
+
+def test_a_request_budget_counts_pixels_from_headers_and_stops_the_rest() -> None:
+    small = encode(Image.new("RGB", (100, 100)), "PNG")
+    budget = imaging.RequestBudget(25_000)
+    imaging.decode(small, PP, budget=budget)
+    imaging.decode(small, PP, budget=budget)
+    with pytest.raises(imaging.BudgetExceeded):
+        imaging.decode(small, PP, budget=budget)  # 30 000 > 25 000
+    with pytest.raises(imaging.BudgetExceeded):
+        imaging.decode(encode(Image.new("RGB", (2, 2)), "PNG"), PP, budget=budget)  # the request is over
+    gone = imaging.RequestBudget(None)
+    gone.abandoned.set()
+    with pytest.raises(imaging.DecodeAbandoned):
+        imaging.decode(small, PP, budget=gone)
+    late = imaging.RequestBudget(None, deadline=0.0)
+    with pytest.raises(imaging.DecodeAbandoned):
+        imaging.decode(small, PP, budget=late)
 
 
 def test_pixel_limit_refuses_before_decoding() -> None:

@@ -66,9 +66,22 @@ class Settings:
     max_images_per_request: int = setting(64, "images in one request; 413")
     max_image_bytes: int = setting(16 * 1024 * 1024, "largest encoded image; 413")
     max_image_pixels: int = setting(40_000_000, "width x height, checked before decoding; 400")  # decompression bombs
+    # Decoding cost per request: the sum of width x height over its images, counted from their headers
+    # as they are decoded (64 small files each claiming 40 MP would otherwise cost tens of CPU-seconds).
+    max_request_pixels: int = setting(256_000_000, "width x height summed over a request's images; 413")
+    # v2 bodies sent with Content-Encoding gzip/deflate: far below max_body_bytes, since a few kB of gzip
+    # expand to megabytes.
+    max_decompressed_bytes: int = setting(16 * 1024 * 1024, "v2: largest body after gzip/deflate; 413")
+    # The JSON part of a v2 request is parsed in one call that holds the GIL (~10 ms per MB of numbers):
+    # larger tensors go as binary data (Triton's binary tensor extension), which needs no parsing.
+    max_json_bytes: int = setting(8 * 1024 * 1024, "v2: largest JSON part of a request; 413")
     # Requests being read, decoded or waiting for inference; one more gets 503 + Retry-After at once.
     # Worst-case memory held by request bodies is about max_concurrent_requests x max_body_bytes.
     max_concurrent_requests: int = setting(128, "requests in flight before 503")
+    # A request's head (request line + headers) is refused before it is buffered past this (431), and
+    # when it is not complete this long after its first byte (408): a 50 MB header or a slowloris client.
+    max_header_bytes: int = setting(64 * 1024, "request line + headers; 431")
+    header_timeout_s: float = setting(10.0, "seconds to receive a request's headers; 408")
     # Slow uploads cannot hold a slot forever.
     body_timeout_s: float = setting(60.0, "seconds to receive a body; 408")
     request_timeout_ms: float = setting(0.0, "deadline for requests without X-Request-Timeout-Ms; 0 = none; 504")
@@ -156,6 +169,10 @@ def _coerce(name: str, value: Any) -> Any:
         value = tuple(value)
         if not value and name == "models":
             raise ValueError(f"setting {name!r} needs at least one value")
+        if not value and name == "api_keys":
+            # Present but empty (SAIKYO_API_KEYS="" or ","): a mistake that would silently serve without
+            # authentication. Unset the variable to serve without keys.
+            raise ValueError("setting 'api_keys' (SAIKYO_API_KEYS) is set but holds no key; unset it to serve without keys")
         return value
     if kind == "tuple[int, ...]":
         if isinstance(value, str):

@@ -12,7 +12,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from saikyo.inference.imaging import ImageError
+from saikyo.inference.imaging import ImageError, RequestBudget
 from saikyo.inference.preprocessing import Preprocessing
 
 
@@ -48,9 +48,12 @@ class Runner(Protocol):
 class DeviceDecoder(Runner, Protocol):
     """A runner whose capabilities say `device_decode`."""
 
-    def decode_images(self, blobs: Sequence[bytes], max_pixels: int | None = None) -> list[Any | ImageError]:
+    def decode_images(
+        self, blobs: Sequence[bytes], max_pixels: int | None = None, budget: RequestBudget | None = None
+    ) -> list[Any | ImageError]:
         """Encoded images -> one opaque decoded image each (e.g. a device tensor), or the ImageError that
-        says why that one cannot be used. Called from the server's decode threads."""
+        says why that one cannot be used. Called from the server's decode threads; each image takes its
+        pixels from the request's `budget` before it is decoded (imaging.RequestBudget)."""
         ...
 
     def infer_images(self, images: Sequence[Any]) -> np.ndarray:

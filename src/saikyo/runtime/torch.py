@@ -201,7 +201,7 @@ class TorchRunner:
         return self._chunked(len(images), lambda lo, hi: self._run_images(images[lo:hi]))
 
     def decode_images(
-        self, blobs: Sequence[bytes], max_pixels: int | None = None
+        self, blobs: Sequence[bytes], max_pixels: int | None = None, budget: imaging.RequestBudget | None = None
     ) -> list[torch.Tensor | imaging.ImageError]:
         """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each.
 
@@ -211,12 +211,12 @@ class TorchRunner:
         that used them has synchronised, so the caching allocator cannot hand their memory out early.
         """
         if not self._on_cuda:
-            return torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+            return torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels, budget)
         stream = getattr(self._decode_streams, "stream", None)
         if stream is None:
             stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            out = torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels)
+            out = torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels, budget)
         stream.synchronize()
         return out
 

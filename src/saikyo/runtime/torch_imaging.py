@@ -37,6 +37,9 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 JPEG_END = b"\xff\xd9"
 # Source pixels resampled in one go (x 3 channels x 4 bytes of float32 working memory).
 GROUP_PIXELS = 32_000_000
+# Source pixels one nvJPEG call decodes (x 3 bytes of device memory, plus its own buffers): a request of
+# 64 camera photos is decoded in several calls, not one that claims gigabytes.
+DECODE_CHUNK_PIXELS = 64_000_000
 
 
 def device_decodable(data: bytes, max_pixels: int | None = None) -> bool:
@@ -104,12 +107,23 @@ def decode(
     pp: Preprocessing,
     device: torch.device | str,
     max_pixels: int | None = None,
+    budget: imaging.RequestBudget | None = None,
 ) -> list[torch.Tensor | imaging.ImageError]:
-    """Each blob -> uint8 [S, S, 3] RGB on `device` (resized and centre-cropped), or its ImageError."""
+    """Each blob -> uint8 [S, S, 3] RGB on `device` (resized and centre-cropped), or its ImageError.
+
+    With a `budget`, every image takes its pixels from it before it is decoded (BudgetExceeded or
+    DecodeAbandoned stop the request), as on the CPU path.
+    """
     device = torch.device(device)
     out: list[torch.Tensor | imaging.ImageError | None] = [None] * len(blobs)
     on_device = [i for i, b in enumerate(blobs) if device_decodable(b, max_pixels)]
-    decoded = _decode_jpegs([blobs[i] for i in on_device], device)
+    sizes = [_pixels(blobs[i]) for i in on_device]
+    decoded: list[torch.Tensor | None] = []
+    for lo, hi in _chunks(sizes, DECODE_CHUNK_PIXELS):
+        if budget is not None:
+            for pixels in sizes[lo:hi]:
+                budget.take(pixels)
+        decoded += _decode_jpegs([blobs[i] for i in on_device[lo:hi]], device)
     # Photos of one size are resampled together: a few kernels per size instead of per image.
     by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
     for i, img in zip(on_device, decoded):
@@ -122,10 +136,31 @@ def decode(
             chunk = group[lo : lo + step]
             for (i, _), pixels in zip(chunk, resize_crop([img for _, img in chunk], pp)):
                 out[i] = pixels
+    counted = set(on_device)
     for i, item in enumerate(out):
-        if item is None:  # not for nvJPEG, or nvJPEG refused it
-            out[i] = _cpu_decode(blobs[i], pp, device, max_pixels)
+        if item is None:  # not for nvJPEG, or nvJPEG refused it (its pixels are already counted)
+            out[i] = _cpu_decode(blobs[i], pp, device, max_pixels, None if i in counted else budget)
     return out  # type: ignore[return-value]
+
+
+def _pixels(data: bytes) -> int:
+    frame = jpeg_frame(data)
+    assert frame is not None  # device_decodable read it
+    return frame[0] * frame[1]
+
+
+def _chunks(sizes: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges whose sizes add up to at most `limit` (an oversized item goes alone)."""
+    ranges: list[tuple[int, int]] = []
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > limit:
+            ranges.append((lo, i))
+            lo, total = i, 0
+        total += size
+    if lo < len(sizes):
+        ranges.append((lo, len(sizes)))
+    return ranges
 
 
 def _decode_jpegs(blobs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -149,10 +184,14 @@ def _decode_jpegs(blobs: Sequence[bytes], device: torch.device) -> list[torch.Te
 
 
 def _cpu_decode(
-    data: bytes, pp: Preprocessing, device: torch.device, max_pixels: int | None
+    data: bytes,
+    pp: Preprocessing,
+    device: torch.device,
+    max_pixels: int | None,
+    budget: imaging.RequestBudget | None,
 ) -> torch.Tensor | imaging.ImageError:
     try:
-        pixels = imaging.decode(data, pp, max_pixels)
+        pixels = imaging.decode(data, pp, max_pixels, budget)
     except imaging.ImageError as exc:
         return exc
     return to_device(host_tensor(pixels), device)

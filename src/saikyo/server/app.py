@@ -57,6 +57,12 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     app.include_router(metrics.router)
     # load_keys raises AuthConfigError on unusable settings.
     keys = load_keys(settings)
+    open_groups = sorted({"metrics", "docs"} & set(settings.public_endpoints))
+    if keys and open_groups:
+        log.warning(
+            "API keys are on, but %s stay(s) open to anyone who reaches this port (public_endpoints=%s)",
+            " and ".join(open_groups), ",".join(settings.public_endpoints),
+        )  # fmt: skip
     docs.install(app, public=settings.public_endpoints if keys else None)
     demo.install(app)
     # The last added runs first: keys are checked before admission control and body limits, so an

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready (logged and counted, not an error)."""
+
+
 def error_body(error: str, detail: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": error}
     if detail is not None:
@@ -35,7 +40,23 @@ def error_body(error: str, detail: Any = None) -> dict[str, Any]:
     return body
 
 
+# nginx's "client closed request": nobody receives it, but access logs and /metrics show what happened.
+CLIENT_CLOSED_REQUEST = 499
+
+
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # The client's doing, not a server error: no traceback, counted on /metrics.
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        when = "mid-upload" if isinstance(exc, ClientDisconnect) else "before its answer was ready"
+        log.info("client disconnected %s (%s %s)", when, request.method, route)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.client_disconnects.labels(route).inc()
+        return JSONResponse(error_body("client closed the connection"), status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.error, exc.detail), status_code=exc.status, headers=exc.headers)

@@ -50,6 +50,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.client_disconnects = Counter(
+            "saikyo_client_disconnects",
+            "Requests whose client closed the connection before the answer (mid-upload or while waiting)",
+            ["route"],
+            registry=r,
+        )
         self.images = Counter("saikyo_images", "Images (or client tensors) run through a model", ["model"], registry=r)
         self.batch_size = Histogram(
             "saikyo_batch_size", "Images per forward pass", ["model"], buckets=BATCH_BUCKETS, registry=r

@@ -9,8 +9,9 @@ Each step maps its failures onto the HTTP error a client should see (400, 404, 5
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from fastapi import Request
 from saikyo.inference import imaging
 from saikyo.inference.batching import BatcherClosed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
 from saikyo.server.middlewares import deadline as deadlines
-from saikyo.server.errors import ApiError
+from saikyo.server.errors import ApiError, ClientGone
 from saikyo.runtime.base import device_decoder
 from saikyo.server.served import ModelState, ServedModel, ServedModels
 
@@ -70,9 +71,11 @@ async def run_batch(
         raise ApiError(503, "server is shutting down", headers={"Retry-After": "1"}) from None
 
 
-async def decode(served: ServedModels, model: ServedModel, blobs: Sequence[bytes]) -> list[Any]:
+async def decode(
+    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], budget: imaging.RequestBudget
+) -> list[Any]:
     """Decode every blob into an item for `model.image_batcher`; a failure is returned in place (an
-    ImageError) so the caller can name the file.
+    ImageError) so the caller can name the file. The request's `budget` stops it as a whole.
 
     Items are uint8 HWC arrays, or -- for a runner that decodes on its device -- whatever its
     decode_images returns: one call per request, so that nvJPEG decodes the request's images as a batch.
@@ -83,23 +86,43 @@ async def decode(served: ServedModels, model: ServedModel, blobs: Sequence[bytes
     loop = asyncio.get_running_loop()
     decoder = device_decoder(model.runner)
     if decoder is not None:
-        return await loop.run_in_executor(served.decode_pool, decoder.decode_images, blobs, limit)
+        return await loop.run_in_executor(served.decode_pool, decoder.decode_images, blobs, limit, budget)
 
     def one(data: bytes) -> np.ndarray | imaging.ImageError:
         try:
-            return imaging.decode(data, pp, limit)
+            return imaging.decode(data, pp, limit, budget)
         except imaging.ImageError as exc:
             return exc
 
-    return list(await asyncio.gather(*(loop.run_in_executor(served.decode_pool, one, b) for b in blobs)))
+    futures = [loop.run_in_executor(served.decode_pool, one, b) for b in blobs]
+    try:
+        return list(await asyncio.gather(*futures))
+    finally:
+        for f in futures:  # after a failure, images still waiting for a thread are not decoded
+            f.cancel()
 
 
 async def decode_or_400(
-    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str]
+    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str], request: Request
 ) -> list[Any]:
-    """decode(), with the first unusable image answered as a 400 that names every bad file."""
+    """decode(), with the first unusable image answered as a 400 that names every bad file, a request
+    over its pixel budget as a 413, and one whose deadline passed meanwhile as a 504."""
     check_deadline("decoding")
-    decoded = await decode(served, model, blobs)
+    request_deadline = deadlines.current.get()
+    budget = imaging.RequestBudget(served.settings.max_request_pixels, request_deadline.at if request_deadline else None)
+    try:
+        async with _watch_client(request, budget):
+            decoded = await decode(served, model, blobs, budget)
+    except imaging.BudgetExceeded as exc:
+        raise ApiError(
+            413,
+            f"the request's images hold more than {exc.limit} pixels in all (setting max_request_pixels)",
+            {"limit_pixels": exc.limit, "setting": "max_request_pixels"},
+        ) from None
+    except imaging.DecodeAbandoned:
+        if budget.abandoned.is_set():
+            raise ClientGone() from None
+        raise _deadline_error("inference") from None
     bad = [
         {"index": i, "filename": names[i], "reason": str(r)}
         for i, r in enumerate(decoded)
@@ -109,6 +132,27 @@ async def decode_or_400(
         first = bad[0]
         raise ApiError(400, f"image {first['index']} ({first['filename']!r}) is not usable: {first['reason']}", bad)
     return decoded
+
+
+@contextlib.asynccontextmanager
+async def _watch_client(request: Request, budget: imaging.RequestBudget) -> AsyncIterator[None]:
+    """While the block runs, mark `budget` abandoned as soon as the client disconnects.
+
+    The body has been read, so the next ASGI message is the disconnect (or nothing, until the answer).
+    """
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                budget.abandoned.set()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 def _deadline_error(phase: str) -> ApiError:

@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from saikyo.server.http_protocol import bounded_protocol
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=settings.drain_timeout_s if settings.drain_timeout_s > 0 else None,
+        http=bounded_protocol(settings),
     )
     server = DrainingServer(config, on_drain=lambda: mark_draining(app), delay_s=settings.shutdown_delay_s)
     server.run()

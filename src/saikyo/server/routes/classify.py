@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import numpy as np
@@ -110,7 +111,10 @@ async def classify(
     try:
         boundary = multipart.boundary_of(content_type)
         # LimitsMiddleware caps the body's size (Content-Length and while streaming) before this reads it.
-        parts = multipart.parse(await request.body(), boundary, settings.max_images_per_request + MAX_TEXT_FIELDS)
+        body = await request.body()
+        # Parsing cost grows with the body: off the event loop, so probes and other requests go on meanwhile.
+        parts = await asyncio.to_thread(multipart.parse, body, boundary, settings.max_images_per_request + MAX_TEXT_FIELDS)
+        del body
     except multipart.TooManyParts as exc:
         if sum(p.name == FIELD for p in exc.parsed) > settings.max_images_per_request:
             raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request") from None
@@ -136,7 +140,7 @@ async def classify(
         names.append(name)
     timer.mark("read")
 
-    pixels = await decode_or_400(models, served, blobs, names)
+    pixels = await decode_or_400(models, served, blobs, names, request)
     timer.mark("decode")
     assert served.image_batcher is not None
     probs = await run_batch(served.image_batcher, pixels)

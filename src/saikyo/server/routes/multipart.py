@@ -25,6 +25,10 @@ class Part:
     data: bytes
 
 
+# One part's header block (Content-Disposition, Content-Type): real ones are a few hundred bytes. The cap
+# bounds the header parsing (regexes, unescaping) a hostile filename could make us do.
+MAX_PART_HEADER_BYTES = 16 * 1024
+
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _BOUNDARY_CHARS = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")
 
@@ -64,8 +68,10 @@ def parse(body: bytes, boundary: bytes, max_parts: int) -> list[Part]:
         if body.startswith(b"\r\n", headers_start):
             headers_end, data_start = headers_start, headers_start + 2
         else:
-            headers_end = body.find(b"\r\n\r\n", headers_start)
+            headers_end = body.find(b"\r\n\r\n", headers_start, headers_start + MAX_PART_HEADER_BYTES + 4)
             if headers_end < 0:
+                if len(body) - headers_start > MAX_PART_HEADER_BYTES:
+                    raise MultipartError(f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
                 raise MultipartError("malformed multipart body: part headers never end")
             data_start = headers_end + 4
         end = body.find(separator, data_start)

@@ -13,6 +13,7 @@ Pure functions, no web framework: bytes in, tensors out, and back.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -26,6 +27,10 @@ from saikyo.inference.predictions import top_k
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+# Triton's timeout is a uint64 of microseconds; anything larger is not a number we can honour.
+MAX_TIMEOUT_US = 2**64 - 1
+# Dimensions are int64, as in Triton: a larger one is refused before any arithmetic on it.
+MAX_DIM = 2**63 - 1
 
 
 class ProtocolError(ValueError):
@@ -46,7 +51,7 @@ class InputTensor:
 
     @property
     def element_count(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ class InferenceRequest:
         value = self.parameters.get("timeout")
         if value is None:
             return None
-        if not _is_int(value) or value < 0:
-            raise ProtocolError("parameter 'timeout' must be a non-negative integer (microseconds)")
+        if not _is_int(value) or not 0 <= value <= MAX_TIMEOUT_US:
+            raise ProtocolError(f"parameter 'timeout' must be an integer of microseconds, 0 to {MAX_TIMEOUT_US}")
         return int(value)
 
 
@@ -106,22 +111,37 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferenceRequest:
-    """Split header and binary section, check the JSON's structure, attach each input's bytes."""
+def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | None = None) -> InferenceRequest:
+    """Split header and binary section, check the JSON's structure, attach each input's bytes.
+
+    The JSON header is parsed in one call that holds the GIL, so its size is capped (`max_json_bytes`,
+    TooLarge beyond): a larger request sends its tensors as binary data, which costs no parsing.
+    """
     if header_length is None:
         header, binary = body, b""
     else:
-        if not header_length.strip().isdigit():
-            raise ProtocolError(f"{HEADER_LENGTH} must be a non-negative integer, got {header_length!r}")
-        n = int(header_length)
+        value = header_length.strip()
+        # isdigit() alone accepts digits int() refuses ("²") and numbers of any length.
+        if not (value.isascii() and value.isdigit()) or len(value) > 20:
+            raise ProtocolError(f"{HEADER_LENGTH} must be a non-negative integer, got {header_length[:40]!r}")
+        n = int(value)
         if n > len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body holds only {len(body)} bytes")
         header, binary = body[:n], body[n:]
+    if max_json_bytes is not None and len(header) > max_json_bytes:
+        raise TooLarge(
+            f"the JSON part of the request is {len(header)} bytes; the limit is {max_json_bytes} "
+            f"(send tensors as binary data with the {HEADER_LENGTH} header)"
+        )
     try:
         doc = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = "" if header_length is not None else f" (binary data needs the {HEADER_LENGTH} header)"
         raise ProtocolError(f"request header is not valid JSON: {exc}{hint}") from None
+    except RecursionError:
+        raise ProtocolError("request header is not usable JSON: arrays or objects nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's int-string conversion limit
+        raise ProtocolError(f"request header is not usable JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("inference request must be a JSON object")
 
@@ -169,8 +189,8 @@ def _input(item: Any, i: int, binary: bytes, offset: int) -> tuple[InputTensor, 
     if not isinstance(datatype, str):
         raise ProtocolError(f"{where}: 'datatype' must be a string")
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(f"{where}: 'shape' must be a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(f"{where}: 'shape' must be a list of at most 8 integers, each 0 to {MAX_DIM}")
     params = _object(item.get("parameters"), f"{where} parameters")
     if "shared_memory_region" in params:
         raise ProtocolError(f"{where}: shared memory is not supported; send the data in the request")
@@ -200,7 +220,7 @@ def _output(item: Any, i: int, binary_default: bool) -> RequestedOutput:
         raise ProtocolError(f"output {name!r}: shared memory is not supported")
     binary = binary_default if "binary_data" not in params else _flag(params, "binary_data", f"output {name!r}")
     k = params.get("classification", 0)
-    if not _is_int(k) or k < 0:
+    if not _is_int(k) or not 0 <= k <= MAX_DIM:
         raise ProtocolError(f"output {name!r}: 'classification' must be a non-negative integer")
     return RequestedOutput(name, binary, int(k))
 
@@ -225,11 +245,16 @@ def _is_int(value: Any) -> bool:
 
 
 # ---- tensor contents ----
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    """BYTES tensor binary data: each element a uint32 little-endian length, then that many bytes."""
+def deserialize_bytes(raw: bytes, limit: int | None = None) -> list[bytes]:
+    """BYTES tensor binary data: each element a uint32 little-endian length, then that many bytes.
+
+    With `limit`, a tensor holding more elements than that is refused as soon as the excess is seen.
+    """
     out: list[bytes] = []
     i = 0
     while i < len(raw):
+        if limit is not None and len(out) == limit:
+            raise ProtocolError(f"BYTES binary data holds more than the {limit} elements its shape declares")
         if i + 4 > len(raw):
             raise ProtocolError("BYTES binary data ends inside an element's 4-byte length")
         (n,) = struct.unpack_from("<I", raw, i)
@@ -245,8 +270,8 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def flatten_json(data: Any, what: str) -> list[Any]:
-    """Nested or flat row-major JSON data -> a flat list."""
+def flatten_json(data: Any, what: str, limit: int | None = None) -> list[Any]:
+    """Nested or flat row-major JSON data -> a flat list; with `limit`, refused past that many elements."""
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
@@ -256,6 +281,8 @@ def flatten_json(data: Any, what: str) -> list[Any]:
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
+            if limit is not None and len(out) == limit:
+                raise ProtocolError(f"{what}: 'data' holds more than the {limit} elements its shape declares")
             out.append(item)
         else:
             stack.pop()
@@ -275,7 +302,7 @@ def fp32_array(tensor: InputTensor) -> np.ndarray:
     else:
         try:
             values = np.asarray(tensor.data)
-        except ValueError:
+        except (ValueError, TypeError, OverflowError, RecursionError):
             raise ProtocolError(f"{where}: 'data' is not a regular array of numbers") from None
         if values.dtype.kind not in "iuf":
             raise ProtocolError(f"{where}: 'data' must hold only numbers for datatype FP32")
@@ -288,10 +315,11 @@ def fp32_array(tensor: InputTensor) -> np.ndarray:
 def bytes_elements(tensor: InputTensor, decode_json: Callable[[Any, int], bytes]) -> list[bytes]:
     """A BYTES input's elements; `decode_json` turns one JSON element into bytes (or raises ProtocolError)."""
     where = f"input {tensor.name!r}"
+    # Counted against the declared shape while walking: a body cannot make us walk more than it declares.
     if tensor.raw is not None:
-        items = deserialize_bytes(tensor.raw)
+        items = deserialize_bytes(tensor.raw, tensor.element_count)
     else:
-        items = [decode_json(v, i) for i, v in enumerate(flatten_json(tensor.data, where))]
+        items = [decode_json(v, i) for i, v in enumerate(flatten_json(tensor.data, where, tensor.element_count))]
     if len(items) != tensor.element_count:
         raise ProtocolError(
             f"{where}: shape {list(tensor.shape)} has {tensor.element_count} elements, the data holds {len(items)}"

@@ -11,12 +11,14 @@ DynamicBatchers, shared with /classify.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
 import json
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from saikyo.server.routes.v2 import protocol as wire
 from saikyo.server.errors import ApiError
 from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, served_model
 from saikyo.server.served import ServedModels, ModelState, ServedModel
+from saikyo.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -218,11 +221,51 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     timer = Timer()
 
     body = await request.body()  # LimitsMiddleware has capped its size
+    # Decompressing and parsing cost grows with the body: off the event loop, so probes and other
+    # requests keep being answered meanwhile.
+    parsed = await asyncio.to_thread(
+        _read, body, request.headers.get("content-encoding"), request.headers.get(wire.HEADER_LENGTH), served, settings
+    )
+    del body
+    deadline = time.monotonic() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
+    timer.mark("read")
+
+    if parsed.blobs is not None:
+        names = [f"{IMAGES}[{i}]" for i in range(len(parsed.blobs))]
+        pixels = await decode_or_400(models, served, parsed.blobs, names, request)
+        timer.mark("decode")
+        assert served.image_batcher is not None
+        probs = await run_batch(served.image_batcher, pixels, deadline)
+    else:
+        assert served.tensor_batcher is not None and parsed.tensor is not None
+        probs = await run_batch(served.tensor_batcher, list(parsed.tensor), deadline)
+    timer.mark("infer")
+    if not np.isfinite(probs).all():
+        raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
+    outputs = [_output(spec, probs) for spec in parsed.outputs]
+    accept = request.headers.get("accept-encoding", "")
+    return await asyncio.to_thread(_respond, served.name, parsed.id, outputs, timer, accept)
+
+
+@dataclass
+class _Parsed:
+    """A v2 request read and checked: its one input as image blobs or as an FP32 batch."""
+
+    id: str | None
+    outputs: list[wire.RequestedOutput]
+    timeout_us: int | None
+    blobs: list[bytes] | None = None
+    tensor: np.ndarray | None = None
+
+
+def _read(
+    body: bytes, encoding: str | None, header_length: str | None, served: ServedModel, settings: Settings
+) -> _Parsed:
+    """Body -> a checked request (in a worker thread). Every malformed request is an ApiError naming the field."""
     try:
-        body = wire.decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
-        req = wire.parse_request(body, request.headers.get(wire.HEADER_LENGTH))
-        outputs = _requested_outputs(req)
-        timeout_us = req.timeout_us
+        body = wire.decompress(body, encoding, settings.max_decompressed_bytes)
+        req = wire.parse_request(body, header_length, settings.max_json_bytes)
+        parsed = _Parsed(req.id, _requested_outputs(req), req.timeout_us)
     except wire.TooLarge as exc:
         raise ApiError(413, str(exc)) from None
     except wire.ProtocolError as exc:
@@ -230,31 +273,22 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     if len(req.inputs) != 1:
         names = [t.name for t in req.inputs]
         raise ApiError(400, f"supply exactly one input, {IMAGES!r} or {TENSOR!r}; got {names}")
-    deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
     tensor = req.inputs[0]
-    timer.mark("read")
-
     if tensor.name == IMAGES:
-        blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
-        pixels = await decode_or_400(models, served, blobs, [f"{IMAGES}[{i}]" for i in range(len(blobs))])
-        timer.mark("decode")
-        assert served.image_batcher is not None
-        probs = await run_batch(served.image_batcher, pixels, deadline)
+        parsed.blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
     elif tensor.name == TENSOR:
-        batch = _fp32_batch(tensor, served, settings.max_images_per_request)
-        assert served.tensor_batcher is not None
-        probs = await run_batch(served.tensor_batcher, list(batch), deadline)
+        parsed.tensor = _fp32_batch(tensor, served, settings.max_images_per_request)
     else:
         raise ApiError(
             400, f"unknown input {tensor.name!r}; model {served.name!r} takes {IMAGES!r} (BYTES) or {TENSOR!r} (FP32)"
         )
-    timer.mark("infer")
-    if not np.isfinite(probs).all():
-        raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
+    return parsed
 
-    payload, headers = wire.encode_response(served.name, VERSION, req.id, [_output(spec, probs) for spec in outputs])
+
+def _respond(model: str, request_id: str | None, outputs: list[wire.OutputTensor], timer: Timer, accept: str) -> Response:
+    payload, headers = wire.encode_response(model, VERSION, request_id, outputs)
     headers.update(timer.header())
-    return _maybe_compressed(payload, headers, request.headers.get("accept-encoding", ""))
+    return _maybe_compressed(payload, headers, accept)
 
 
 def _requested_outputs(req: wire.InferenceRequest) -> list[wire.RequestedOutput]:
