@@ -247,3 +247,48 @@ def test_fuzzed_v2_bodies_are_never_a_server_error(server, request, nesting, com
     r = infer(server, body, headers)
     assert r.status_code < 500, r.text
     assert r.status_code == 200 or isinstance(r.json()["error"], str)
+
+
+# ---- item 8: a memory budget for request bodies ----
+def test_the_memory_budget_comes_from_the_setting_the_cgroup_or_the_machine(tmp_path) -> None:
+    from saikyo.server.middlewares import memory
+    from saikyo.settings import Settings
+
+    s = Settings()
+    assert memory.body_budget(Settings(memory_budget_bytes=12345)) == (12345, "memory_budget_bytes")
+    budget, source = memory.body_budget(s, limit=2 * 2**30, physical=64 * 2**30)
+    assert budget == 2**30 and "cgroup" in source
+    budget, source = memory.body_budget(s, limit=2**63, physical=8 * 2**30)  # cgroup v1 "no limit"
+    assert budget == 4 * 2**30 and "machine" in source
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")
+    assert memory.cgroup_limit((v2, v1)) is None
+    v2.write_text("2147483648\n")
+    assert memory.cgroup_limit((v2, v1)) == 2**31
+    assert memory.cgroup_limit((tmp_path / "absent", v1)) is None
+    assert memory.request_cost(1000, False, s) == 2000
+    assert memory.request_cost(1000, True, s) == 2000 + s.max_decompressed_bytes
+
+
+def test_bodies_over_the_memory_budget_wait_their_turn_with_a_503(tiny_repository, tmp_path) -> None:
+    """Budget 300 kB; a held upload of 100 kB costs 200 kB (body + parsed parts): a second one is refused
+    at once with Retry-After, a third goes through once the first is done."""
+    with running_server(tiny_repository.root, "tiny", tmp_path, "--memory-budget-bytes", "300000",
+                        "--max-body-bytes", "200000") as s:  # fmt: skip
+        assert "request bodies may hold up to 0 MiB at once (memory_budget_bytes)" in s.log()
+        host, port = s.url.removeprefix("http://").split(":")
+        held = socket.create_connection((host, int(port)), timeout=10)
+        held.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\n")  # fmt: skip
+        time.sleep(0.5)
+        files = [("images", ("blob.bin", b"\x00" * 60000, "image/jpeg"))]  # costs about 120 kB
+        r = httpx.post(f"{s.url}/classify", files=files, timeout=30)
+        assert_error(r, 503, "memory_budget_bytes")
+        assert r.headers["retry-after"] == "1"
+        assert httpx.get(f"{s.url}/v2/health/live").status_code == 200  # probes cost nothing
+        held.close()
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{s.url}/classify", files=files, timeout=30)).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 400 and "blob.bin" in r.text  # admitted: not an image, named

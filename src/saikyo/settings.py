@@ -78,6 +78,9 @@ class Settings:
     # Requests being read, decoded or waiting for inference; one more gets 503 + Retry-After at once.
     # Worst-case memory held by request bodies is about max_concurrent_requests x max_body_bytes.
     max_concurrent_requests: int = setting(128, "requests in flight before 503")
+    # Bytes of request bodies (and their parsed and inflated copies) held at once; one more gets 503 +
+    # Retry-After. 0 = half the memory this process may use: its cgroup limit, else the machine's.
+    memory_budget_bytes: int = setting(0, "bytes of request bodies held at once; 0 = half the cgroup/machine memory; 503")
     # A request's head (request line + headers) is refused before it is buffered past this (431), and
     # when it is not complete this long after its first byte (408): a 50 MB header or a slowloris client.
     max_header_bytes: int = setting(64 * 1024, "request line + headers; 431")

@@ -7,6 +7,8 @@ server a header parse, not memory:
 - a body (chunked, or lying about its length) that grows past the limit while streaming: 413 as soon as
   the limit is crossed, whatever the route was doing with it;
 - a body that is still arriving after body_timeout_s: 408, so slow uploads cannot hold slots forever;
+- bodies (with their parsed and inflated copies) over the memory budget (memory.py): 503 + Retry-After,
+  reserved from Content-Length at admission, or as a chunked body arrives;
 - the request's deadline (see deadline.py) is parsed and published for the pipeline; a bad header is 400.
 Responses that cut a body short carry `Connection: close`: the rest of the body is never read.
 """
@@ -14,6 +16,7 @@ Responses that cut a body short carry `Connection: close`: the rest of the body 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -21,10 +24,13 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from saikyo.server.middlewares import deadline
+from saikyo.server.middlewares import deadline, memory
 from saikyo.server.middlewares.path_groups import endpoint_group
 from saikyo.server.errors import error_body
 from saikyo.settings import Settings
+
+
+log = logging.getLogger(__name__)
 
 
 class _BodyRefused(Exception):
@@ -57,6 +63,10 @@ class LimitsMiddleware:
         self.max_in_flight = settings.max_concurrent_requests
         self.default_timeout_ms = settings.request_timeout_ms
         self.in_flight = 0  # only touched from the event loop: no lock needed
+        self.settings = settings
+        self.memory_budget, source = memory.body_budget(settings)
+        self.bytes_reserved = 0
+        log.info("request bodies may hold up to %.0f MiB at once (%s)", self.memory_budget / 2**20, source)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,15 +108,44 @@ class LimitsMiddleware:
                 headers={"Connection": "close"},
             )  # fmt: skip
             return
+        compressed = headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+        known = int(length) if length is not None and length.strip().isdigit() else 0
+        reserved = 0
 
+        def reserve(cost: int) -> bool:
+            nonlocal reserved
+            others = self.bytes_reserved - reserved
+            if cost and self.bytes_reserved + cost > self.memory_budget and others:
+                return False  # a request alone is always let through: max_body_bytes bounds it
+            self.bytes_reserved += cost
+            reserved += cost
+            return True
+
+        try:
+            if not reserve(memory.request_cost(known, compressed, self.settings) if known else 0):
+                await send_json(
+                    scope, receive, send, 503,
+                    "server busy: request bodies in memory are at the memory budget, retry later",
+                    {"budget_bytes": self.memory_budget, "setting": "memory_budget_bytes"},
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )  # fmt: skip
+                return
+            await self._receive_within_limits(scope, receive, send, known, compressed, reserve)
+        finally:
+            self.bytes_reserved -= reserved
+
+    async def _receive_within_limits(
+        self, scope: Scope, receive: Receive, send: Send, known: int, compressed: bool, reserve: Any
+    ) -> None:
         received = 0
+        charged = known  # body bytes whose cost is reserved
         body_done = False
         started = time.monotonic()
         refused: _BodyRefused | None = None
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done, refused
+            nonlocal received, charged, body_done, refused
             if body_done or refused is not None:
                 return await receive()
             remaining = self.body_timeout - (time.monotonic() - started)
@@ -123,7 +162,8 @@ class LimitsMiddleware:
                 )
                 raise refused from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                received += chunk
                 if received > self.max_body:
                     refused = _BodyRefused(
                         413,
@@ -131,6 +171,19 @@ class LimitsMiddleware:
                         {"limit_bytes": self.max_body, "received_bytes": received},
                     )
                     raise refused
+                # A body without a length (or longer than it said) is reserved for as it arrives.
+                if received > charged:
+                    extra = memory.request_cost(received, compressed, self.settings) - (
+                        memory.request_cost(charged, compressed, self.settings) if charged else 0
+                    )
+                    charged = received
+                    if not reserve(extra):
+                        refused = _BodyRefused(
+                            503,
+                            "server busy: request bodies in memory are at the memory budget, retry later",
+                            {"budget_bytes": self.memory_budget, "setting": "memory_budget_bytes"},
+                        )
+                        raise refused
                 if not message.get("more_body", False):
                     body_done = True
             return message
@@ -151,7 +204,8 @@ class LimitsMiddleware:
             if refused is None:
                 raise
         if refused is not None and not response_started:
+            retry = {"Retry-After": "1"} if refused.status == 503 else {}
             await send_json(
                 scope, receive, send, refused.status, refused.error, refused.detail,
-                headers={"Connection": "close"},
+                headers={"Connection": "close", **retry},
             )  # fmt: skip
