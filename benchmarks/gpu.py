@@ -506,7 +506,7 @@ def gpu_name_from(found: list[dict[str, Any]], run: str) -> str | None:
     return None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSONL file to append to")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -544,7 +544,11 @@ def main() -> None:
             setattr(args, key, value)
     args.models = [m for m in str(args.models).split(",") if m] if isinstance(args.models, str) else args.models
     args.batches = [int(b) for b in str(args.batches).split(",")] if isinstance(args.batches, str) else args.batches
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         rec = Recorder(args.out, {"run": args.run, "gpu": args.gpu, "device": args.device, "quick": args.quick})
         try:
