@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "docker" / "Dockerfile.cpu", DEPLOY / "docker" / "Dockerfile.gpu"]
@@ -102,6 +104,45 @@ def test_build_context_ignore_file_lets_through_exactly_what_the_dockerfile_copi
         assert (ROOT / src).exists(), src
         assert included(src.rstrip("/")), f"{src} is excluded by {ignore.name}"
     assert not included("tests/data/cat.jpg") and not included(".venv/bin/python")
+
+
+def pyproject_requirements(*extras: str) -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for extra in extras for d in project["optional-dependencies"][extra]]
+    return [Requirement(spec) for spec in specs]
+
+
+def test_gpu_image_takes_torch_from_the_pytorch_index_alone_and_pins_everything_else() -> None:
+    """No pip step searches two indexes (dependency confusion): torch from PyTorch's, the rest pinned."""
+    dockerfile = DEPLOY / "docker" / "Dockerfile.gpu"
+    for path in DOCKERFILES:
+        assert "--extra-index-url" not in path.read_text(), path.name
+    _, runtime = stages(dockerfile)
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile.read_text(), re.M)
+    assert index and re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index.group(1))
+    installs = [" ".join(cmd.split()) for cmd in re.findall(r"pip install ([^&\n]+)", runtime)]
+    torch_pins = {str(r) for r in pyproject_requirements("gpu") if r.name in ("torch", "torchvision")}
+    assert torch_pins == {"torch==2.14.1", "torchvision==0.29.1"}
+    assert installs[0] == f'--index-url "${{TORCH_INDEX_URL}}" {" ".join(sorted(torch_pins))}'
+    # Every other install takes exact versions from the constraints file the stage copies in.
+    copied = re.search(r"^COPY (deploy/docker/\S+) (\S+)$", runtime, re.M)
+    assert copied
+    constraints_file, target = ROOT / copied.group(1), copied.group(2).rstrip("/") + "/"
+    for install in installs[1:]:
+        assert install.startswith(f"--constraint {target}{constraints_file.name} "), install
+    pins: dict[str, Requirement] = {}
+    for line in constraints_file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            assert len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==", line
+            pins[canonicalize_name(pin.name)] = pin
+    # Every dependency the runtime step resolves is pinned, within the range pyproject.toml allows.
+    for req in pyproject_requirements("gpu", "ray"):
+        if req.name in ("torch", "torchvision"):
+            continue
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin, f"{req.name} is not pinned in {constraints_file.name}"
+        assert req.specifier.contains(next(iter(pin.specifier)).version), (str(req), str(pin))
 
 
 # ---- Kubernetes ----
