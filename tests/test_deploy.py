@@ -223,19 +223,35 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+RAYSERVICE = DEPLOY / "k8s" / "ray" / "rayservice.yaml"
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def ray_manifests() -> dict[str, dict[str, Any]]:
+    """rayservice.yaml's objects by kind: the RayService and the NetworkPolicy that goes with it."""
+    return by_kind([doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc])
+
+
+def ray_pod_templates(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
 @needs_validate
 def test_rayservice_pod_templates_are_valid_and_its_serve_config_is_the_documented_one() -> None:
     import kubernetes_validate
 
-    svc = load_yaml(DEPLOY / "k8s" / "ray" / "rayservice.yaml")
+    objs = ray_manifests()
+    assert set(objs) == {"RayService", "NetworkPolicy"}
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(objs["NetworkPolicy"], version, strict=True)
+    svc = objs["RayService"]
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
     cluster = svc["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"  # the version the ray extra pins
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"ray[serve]==2.60.0"' in pyproject
     # No schema for KubeRay's CRD here: validate the pod templates it embeds as core objects.
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for template in templates:
+    for template in ray_pod_templates(cluster):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(wrapped, version, strict=True)
@@ -244,6 +260,109 @@ def test_rayservice_pod_templates_are_valid_and_its_serve_config_is_the_document
         assert container["readinessProbe"]["httpGet"]  # no wget in the image: probes are HTTP
     embedded = yaml.safe_load(svc["spec"]["serveConfigV2"])
     assert embedded == load_yaml(DEPLOY / "ray" / "serve-config.yaml")
+
+
+def test_ray_pods_run_as_locked_down_as_the_deployment() -> None:
+    """Non-root, seccomp, read-only root with an emptyDir /tmp, no capabilities, no API token."""
+    base = load_yaml(DEPLOY / "k8s" / "base" / "deployment.yaml")["spec"]["template"]["spec"]
+    (base_container,) = base["containers"]
+    cluster = ray_manifests()["RayService"]["spec"]["rayClusterConfig"]
+    for template in ray_pod_templates(cluster):
+        spec = template["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"] == base["securityContext"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (container,) = spec["containers"]
+        assert container["securityContext"] == base_container["securityContext"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        assert SA_TOKEN_PATH not in mounts
+    # KubeRay adds the autoscaler to the head pod: it scales the worker group through the Kubernetes
+    # API, so it alone mounts a service-account token, and it is locked down like the rest.
+    autoscaler = cluster["autoscalerOptions"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert autoscaler["securityContext"] == base_container["securityContext"]
+    head_volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in autoscaler["volumeMounts"]}
+    token = head_volumes[mounts[SA_TOKEN_PATH]["name"]]["projected"]["sources"]
+    assert {"serviceAccountToken", "configMap"} <= {key for source in token for key in source}
+    assert mounts[SA_TOKEN_PATH]["readOnly"] is True and "emptyDir" in head_volumes[mounts["/tmp"]["name"]]
+
+
+def test_ray_token_auth_comes_from_a_secret_on_every_ray_container() -> None:
+    objs = ray_manifests()
+    cluster = objs["RayService"]["spec"]["rayClusterConfig"]
+    # The operator injects the token into what it adds and sends it on its own dashboard calls.
+    secret = cluster["authOptions"]["secretName"]
+    assert cluster["authOptions"]["mode"] == "token"
+    for template in ray_pod_templates(cluster):
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "auth_token"}}
+        assert "value" not in env["RAY_AUTH_TOKEN"]
+    if importlib.util.find_spec("ray") is not None:  # the variable the pinned Ray reads
+        from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+        assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"
+
+
+def network_policy_admits(policy: dict[str, Any], source: dict[str, Any], port: int) -> bool:
+    """Whether `policy` lets `source` ({"labels": ..., "namespace": "same"|"other"} or {"ip": ...})
+    reach `port` on the pods it selects (TCP). A rule without `from` admits every source; a peer's
+    podSelector without namespaceSelector means pods of the policy's own namespace."""
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        if "labels" not in source:  # an address outside the cluster's pods
+            return False
+        if "namespaceSelector" not in peer and source["namespace"] != "same":
+            return False
+        if peer.get("namespaceSelector", {}) != {}:
+            return False  # a named namespace: the sources below live in none this policy names
+        wanted = peer.get("podSelector", {}).get("matchLabels", {})
+        return set(wanted.items()) <= set(source["labels"].items())
+
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"].get("ingress", []):
+        peers_ok = "from" not in rule or any(peer_matches(peer) for peer in rule["from"])
+        ports_ok = "ports" not in rule or any(
+            p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in rule["ports"]
+        )
+        if peers_ok and ports_ok:
+            return True
+    return False
+
+
+def test_ray_network_policy_admits_only_serve_from_outside_the_ray_pods() -> None:
+    objs = ray_manifests()
+    policy, cluster = objs["NetworkPolicy"], objs["RayService"]["spec"]["rayClusterConfig"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    ray_labels = [t["metadata"]["labels"] for t in ray_pod_templates(cluster)]
+    for labels in ray_labels:
+        assert set(selector.items()) <= set(labels.items())  # it covers the head and every worker
+    containers = [c for t in ray_pod_templates(cluster) for c in t["spec"]["containers"]]
+    declared = [p["containerPort"] for c in containers for p in c.get("ports", [])]
+    # and Ray's undeclared ones: dashboard agent, metrics, object manager, node manager, a worker's.
+    ports = set(declared) | {52365, 8080, 44217, 44218, 10002}
+    serve = 8000
+    assert serve in ports
+    operator = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace": "other"}
+    outsiders = [
+        {"ip": "203.0.113.7"},
+        {"labels": {}, "namespace": "same"},
+        {"labels": {"app.kubernetes.io/name": "saikyo"}, "namespace": "same"},  # the plain Deployment's pods
+        {"labels": dict(ray_labels[0]), "namespace": "other"},  # a look-alike in another namespace
+    ]
+    for port in sorted(ports):
+        for labels in ray_labels:
+            assert network_policy_admits(policy, {"labels": labels, "namespace": "same"}, port), port
+        for source in outsiders:
+            assert network_policy_admits(policy, source, port) == (port == serve), (source, port)
+        # The operator deploys the Serve config through the dashboard (token required there too).
+        assert network_policy_admits(policy, operator, port) == (port in (serve, 8265)), port
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve missing: pip install -e '.[ray]'")
