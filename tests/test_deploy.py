@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ import yaml
 from conftest import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from saikyo.settings import Settings
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "docker" / "Dockerfile.cpu", DEPLOY / "docker" / "Dockerfile.gpu"]
@@ -386,6 +389,17 @@ def test_serve_config_is_a_valid_ray_config_that_builds_the_saikyo_app() -> None
 
 # ---- AWS ----
 ECS = DEPLOY / "aws" / "ecs.yaml"
+needs_cfnlint = pytest.mark.skipif(
+    importlib.util.find_spec("cfnlint") is None, reason="cfn-lint missing: pip install cfn-lint"
+)
+
+
+def ecs_template() -> dict[str, Any]:
+    from cfnlint.decode import decode
+
+    template, errors = decode(str(ECS))
+    assert not errors, errors
+    return template
 
 
 @pytest.mark.skipif(tool("cfn-lint") is None, reason="cfn-lint missing: pip install cfn-lint")
@@ -396,12 +410,9 @@ def test_ecs_template_is_cfn_lint_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cfnlint") is None, reason="cfn-lint missing: pip install cfn-lint")
+@needs_cfnlint
 def test_ecs_template_wires_gpu_roles_health_and_scaling() -> None:
-    from cfnlint.decode import decode
-
-    template, errors = decode(str(ECS))
-    assert not errors, errors
+    template = ecs_template()
     params, res = template["Parameters"], template["Resources"]
     assert params["GpuAmiId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     assert params["GpuAmiId"]["Default"] == "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
@@ -435,3 +446,90 @@ def test_ecs_template_wires_gpu_roles_health_and_scaling() -> None:
     scaling = res["RequestsPerTargetPolicy"]["Properties"]["TargetTrackingScalingPolicyConfiguration"]
     assert scaling["PredefinedMetricSpecification"]["PredefinedMetricType"] == "ALBRequestCountPerTarget"
     assert res["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]["HttpTokens"] == "required"
+
+
+def resolve_conditions(node: Any, conditions: dict[str, bool]) -> Any:
+    """The template as CloudFormation deploys it for these condition values: Fn::If taken, NoValue gone."""
+    if isinstance(node, list):
+        items = [resolve_conditions(item, conditions) for item in node]
+        return [item for item in items if item != {"Ref": "AWS::NoValue"}]
+    if isinstance(node, dict):
+        if set(node) == {"Fn::If"}:
+            name, if_true, if_false = node["Fn::If"]
+            return resolve_conditions(if_true if conditions[name] else if_false, conditions)
+        return {k: resolve_conditions(v, conditions) for k, v in node.items()}
+    return node
+
+
+@needs_cfnlint
+@pytest.mark.parametrize("certificate", [True, False], ids=["certificate", "no-certificate"])
+def test_ecs_serves_https_when_given_a_certificate_and_redirects_http_to_it(certificate: bool) -> None:
+    template = ecs_template()
+    params = template["Parameters"]
+    assert params["CertificateArn"]["Default"] == ""
+    assert template["Conditions"]["HasCertificate"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "CertificateArn"}, ""]}]}
+    conditions = {"HasCertificate": certificate, "UseGpu": True, "HasApiKeysKmsKey": False}
+    res = {
+        name: resolve_conditions(r, conditions)
+        for name, r in template["Resources"].items()
+        if conditions.get(r.get("Condition", ""), True)
+    }
+    forward = [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+    http = res["HttpListener"]["Properties"]
+    rules = res["LoadBalancerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    ingress = {(r["FromPort"], r["CidrIp"]["Ref"]) for r in rules}
+    url = resolve_conditions(template["Outputs"]["Url"]["Value"], conditions)
+    # The service starts once a listener forwards to its target group.
+    listener = res["Service"]["Metadata"]["ForwardingListener"]["Ref"]
+    assert res[listener]["Properties"]["DefaultActions"] == forward
+    if certificate:
+        https = res["HttpsListener"]["Properties"]
+        assert (https["Port"], https["Protocol"]) == (443, "HTTPS")
+        assert https["Certificates"] == [{"CertificateArn": {"Ref": "CertificateArn"}}]
+        assert https["SslPolicy"].startswith("ELBSecurityPolicy-TLS13")
+        assert http["DefaultActions"] == [
+            {"Type": "redirect", "RedirectConfig": {"Protocol": "HTTPS", "Port": "443", "StatusCode": "HTTP_301"}}
+        ]
+        assert ingress == {(80, "AllowedCidr"), (443, "AllowedCidr")}
+        assert url["Fn::Sub"].startswith("https://")
+    else:
+        assert "HttpsListener" not in res
+        assert http["DefaultActions"] == forward
+        assert ingress == {(80, "AllowedCidr")}
+        assert url["Fn::Sub"].startswith("http://")
+
+
+@needs_cfnlint
+def test_ecs_task_reads_its_api_keys_from_secrets_manager_on_a_locked_down_container() -> None:
+    template = ecs_template()
+    params, res = template["Parameters"], template["Resources"]
+    # Mandatory: the load balancer is internet-facing, so the template never deploys an open service.
+    assert "Default" not in params["ApiKeysSecretArn"]
+    pattern = params["ApiKeysSecretArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "arn:aws:secretsmanager:eu-west-1:123456789012:secret:saikyo/keys-AbC123")
+    assert not re.fullmatch(pattern, "")
+    assert not re.fullmatch(pattern, "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*")
+    task = res["TaskDefinition"]["Properties"]
+    (container,) = task["ContainerDefinitions"]
+    assert container["Secrets"] == [{"Name": "SAIKYO_API_KEYS", "ValueFrom": {"Ref": "ApiKeysSecretArn"}}]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert "SAIKYO_API_KEYS" not in env and "SAIKYO_API_KEYS_FILE" not in env
+    assert Settings.from_env({k: v for k, v in env.items() if isinstance(v, str)}).public_endpoints == ("health",)
+    # The execution role (ECS itself, not the app) reads exactly that secret, nothing more.
+    statements = [
+        s
+        for policy in res["ExecutionRole"]["Properties"]["Policies"]
+        for s in resolve_conditions(policy["PolicyDocument"]["Statement"], {"HasApiKeysKmsKey": False})
+    ]
+    read_keys = {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": {"Ref": "ApiKeysSecretArn"}}
+    assert statements == [read_keys]
+    task_role = json.dumps(res["TaskRole"])
+    assert "secretsmanager" not in task_role and "kms" not in task_role
+    # Read-only root filesystem, /tmp on a volume of the task, no Linux capabilities.
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["LinuxParameters"]["Capabilities"] == {"Drop": ["ALL"]}
+    assert "Add" not in container["LinuxParameters"]["Capabilities"] and not container.get("Privileged")
+    (mount,) = container["MountPoints"]
+    assert (mount["ContainerPath"], mount["ReadOnly"]) == ("/tmp", False)
+    (volume,) = [v for v in task["Volumes"] if v["Name"] == mount["SourceVolume"]]
+    assert volume["DockerVolumeConfiguration"]["Scope"] == "task"
