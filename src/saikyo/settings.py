@@ -118,6 +118,14 @@ class Settings:
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or available_cores()
 
+    def sized_to(self, threads: int) -> "Settings":
+        """These settings for one of several processes sharing the machine, `threads` cores its share:
+        inference and decode threads left at 0 (one per core) become `threads`, so the processes
+        together run one thread per core instead of each running one per core."""
+        return self.with_overrides(
+            intra_op_threads=self.intra_op_threads or threads, decode_threads=self.decode_threads or threads
+        )
+
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply overrides whose value is not None (unset CLI flags)."""
         clean = {k: _coerce(k, v) for k, v in overrides.items() if v is not None}
