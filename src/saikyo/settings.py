@@ -87,9 +87,15 @@ class Settings:
     shutdown_delay_s: float = setting(0.0, "on SIGTERM, keep serving (not ready) this long first")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, wait this long for requests in flight")
 
+    # Several server processes on one port (server/workers.py), each the whole app with its own runner,
+    # batchers and share of the cores. auto: one per core up to 8 on the CPU (separate processes keep
+    # the cores busy where one ONNX Runtime run with several threads waits at every operator's barrier),
+    # two per GPU when serving on GPUs. The CPU policy is in server/workers.py:auto_workers.
+    workers: str = setting("1", "server processes on one port: a count, or auto (CPU: one per core, at most 8; GPU: two per GPU)")
+
     # Scale-out (`--engine ray`): Ray Serve replicas, each running this whole app with its own runner
     # and batchers. See src/saikyo/scale/ray.py.
-    engine: str = setting("plain", "plain (one process) | ray (Ray Serve replicas)")
+    engine: str = setting("plain", "plain (this machine's processes, see --workers) | ray (Ray Serve replicas)")
     replicas: str = setting("1", "ray: replica count, or auto")  # auto: between min and max
     min_replicas: int = setting(1, "ray, auto: fewest replicas")
     max_replicas: int = setting(4, "ray, auto: most replicas")
@@ -107,6 +113,8 @@ class Settings:
                 "setting 'gil_switch_interval_ms' must be a positive number of milliseconds below 1000, "
                 f"not {self.gil_switch_interval_ms!r}"
             )
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            raise ValueError(f"setting 'workers' must be a count of at least 1 or 'auto', not {self.workers!r}")
 
     @property
     def default_model(self) -> str:
@@ -188,6 +196,8 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "str":
+        return str(value)
     return value
 
 
