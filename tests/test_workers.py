@@ -80,6 +80,7 @@ def test_auto_picks_from_the_cores_and_the_backend() -> None:
     assert auto_workers(2, 1, on_gpu=True) == 1  # two cores per worker at least
     assert not serves_on_gpu(Settings(device="cpu", backend="torch"), gpus=1)
     assert not serves_on_gpu(Settings(), gpus=1)  # ONNX Runtime's default build has no CUDA provider
+    assert not serves_on_gpu(Settings(backend="openvino"), gpus=1)  # a CPU backend
     assert serves_on_gpu(Settings(backend="torch"), gpus=1) and serves_on_gpu(Settings(device="cuda"), gpus=2)
     assert not serves_on_gpu(Settings(backend="torch"), gpus=0)
     assert worker_count(Settings(workers="auto"), cores=4, gpus=[]) == 4
@@ -433,6 +434,28 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
         assert "SIGTERM: draining every worker" in log and "Traceback" not in log
         print(f"\ndrain: 12 requests x 32 images in flight at SIGTERM over 2 workers {dict(answered)}; all 200, "
               f"last {max(finished) - signalled:.2f} s after the signal; exit status 0")  # fmt: skip
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except OSError:
+        return False
+
+
+def test_workers_whose_supervisor_dies_drain_and_exit(
+    repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with running_server(repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
+        pids = worker_pids(server.url)
+        assert all(_running(pid) for pid in pids.values())
+        server.proc.kill()
+        server.proc.wait(10)
+        deadline = time.monotonic() + 60
+        while any(_running(pid) for pid in pids.values()):
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        assert server.log().count("the supervisor is gone: draining") == 2
 
 
 def _children(pid: int) -> list[int]:

@@ -138,7 +138,7 @@ class Worker:
         await self.app.state.models.wait_loaded()
         if self.board.state(self.slot) is WorkerState.STARTING:
             self.board.set_state(self.slot, WorkerState.SERVING)
-            log.info("worker %d serving", self.slot)
+            log.info("models loaded: taking connections")
 
     def tick(self) -> None:
         """Every 0.1 s: this worker's readiness on the board."""
@@ -174,6 +174,7 @@ class WorkerServer(DrainingServer):
             force_signals=frozenset(),
         )
         self.worker = worker
+        self._orphaned = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -181,8 +182,9 @@ class WorkerServer(DrainingServer):
             self.worker.start(counted_protocols(self, self.worker.board, self.worker.slot))
 
     async def on_tick(self, counter: int) -> bool:
-        if os.getppid() != self.worker.spec.supervisor_pid and not self.should_exit:
-            log.warning("worker %d: the supervisor is gone; draining", self.worker.slot)
+        if not self._orphaned and os.getppid() != self.worker.spec.supervisor_pid:
+            self._orphaned = True
+            log.warning("the supervisor is gone: draining")
             self.handle_exit(signal.SIGTERM, None)
         self.worker.tick()
         return await super().on_tick(counter)
@@ -250,7 +252,7 @@ class BalancedAcceptor:
             except (BlockingIOError, InterruptedError):
                 return  # another worker took it
             except OSError as exc:  # out of file descriptors, for one: leave it to the others a while
-                log.warning("worker %d could not accept a connection: %s", self.slot, exc)
+                log.warning("could not accept a connection: %s", exc)
                 break
             self.board.add_connections(self.slot, 1)
             task = self._loop.create_task(self._connect(conn))
@@ -281,7 +283,7 @@ class BalancedAcceptor:
         self._last_look = now
         if now - self._waiting_since < self.MAX_WAIT_S:
             return False
-        log.debug("worker %d takes a connection out of turn: left waiting %.0f ms", self.slot, 1000 * (now - self._waiting_since))
+        log.debug("taking a connection out of turn: left waiting %.0f ms", 1000 * (now - self._waiting_since))
         return True
 
     async def _connect(self, conn: socket.socket) -> None:
@@ -289,7 +291,7 @@ class BalancedAcceptor:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self._loop.connect_accepted_socket(self.protocol_factory, conn)
         except Exception as exc:  # the client already hung up, for one
-            log.debug("worker %d: connection dropped while being set up: %s", self.slot, exc)
+            log.debug("connection dropped while being set up: %s", exc)
             self.board.add_connections(self.slot, -1)
             conn.close()
 

@@ -71,11 +71,12 @@ def visible_gpus(environ: Mapping[str, str] | None = None, driver_dir: Path = NV
 
 
 def serves_on_gpu(settings: Settings, gpus: int) -> bool:
-    """Whether the workers will run their models on GPUs. ONNX Runtime with device auto counts as CPU:
-    its default build has no CUDA provider (with onnxruntime-gpu, say --device cuda)."""
+    """Whether the workers will run their models on GPUs: device cuda, or device auto with the torch
+    backend (auto picks torch where CUDA is). Other backends with device auto count as CPU: ONNX
+    Runtime's default build has no CUDA provider (with onnxruntime-gpu, say --device cuda)."""
     if settings.device == "cpu" or gpus == 0:
         return False
-    return settings.device.startswith("cuda") or settings.backend != "onnxruntime"
+    return settings.device.startswith("cuda") or settings.backend in ("torch", "auto")
 
 
 def auto_workers(cores: int, gpus: int, on_gpu: bool) -> int:
@@ -190,6 +191,9 @@ class Supervisor:
                 else:
                     self._kill_overdue()
         finally:
+            if self.stopping_since is None and any(self.processes):  # only on an error of our own
+                log.error("the supervisor is stopping on an error: draining every worker")
+                self._stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(previous_fd)
@@ -246,7 +250,8 @@ class Supervisor:
             self.board.set_state(slot, WorkerState.DOWN)
             self.processes[slot] = None
             if self.stopping_since is not None:
-                self.exit_codes[slot] = code
+                # Stopped by our SIGTERM before it could handle one: it had accepted nothing.
+                self.exit_codes[slot] = 0 if not served and code == -signal.SIGTERM else code
                 continue
             if served:
                 self.failed_starts[slot] = 0
