@@ -91,7 +91,11 @@ class Settings:
     # batchers and share of the cores. auto: one per core up to 8 on the CPU (separate processes keep
     # the cores busy where one ONNX Runtime run with several threads waits at every operator's barrier),
     # two per GPU when serving on GPUs. The CPU policy is in server/workers.py:auto_workers.
-    workers: str = setting("1", "server processes on one port: a count, or auto (CPU: one per core, at most 8; GPU: two per GPU)")
+    workers: str = setting(
+        "1",
+        "server processes on one port, each with its share of the cores: N, or auto = on the CPU one per core "
+        "up to 8 (one-thread processes keep the cores busier than one process's threads), on GPUs two per GPU",
+    )
 
     # Scale-out (`--engine ray`): Ray Serve replicas, each running this whole app with its own runner
     # and batchers. See src/saikyo/scale/ray.py.
