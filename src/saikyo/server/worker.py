@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -97,12 +98,21 @@ def run_worker(spec: WorkerSpec, sock: socket.socket) -> None:
         server.run(sockets=[])  # uvicorn binds nothing: the worker accepts for itself
     finally:
         board.close()  # the supervisor marks the slot down when it sees the process end
+        if server.orphaned:
+            _remove_if_last(spec.directory)
     if server.force_exit:
         raise SystemExit(1)
 
 
 def _exit_before_serving(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
+
+
+def _remove_if_last(directory: Path) -> None:
+    """Without a supervisor to remove the shared directory, the last worker out does (each removed its
+    own metrics when it stopped; whoever finds none left is last, or as good as)."""
+    if not any(directory.glob(f"*{DirectoryBoard.SUFFIX}")):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Worker:
@@ -174,7 +184,7 @@ class WorkerServer(DrainingServer):
             force_signals=frozenset(),
         )
         self.worker = worker
-        self._orphaned = False
+        self.orphaned = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -182,8 +192,8 @@ class WorkerServer(DrainingServer):
             self.worker.start(counted_protocols(self, self.worker.board, self.worker.slot))
 
     async def on_tick(self, counter: int) -> bool:
-        if not self._orphaned and os.getppid() != self.worker.spec.supervisor_pid:
-            self._orphaned = True
+        if not self.orphaned and os.getppid() != self.worker.spec.supervisor_pid:
+            self.orphaned = True
             log.warning("the supervisor is gone: draining")
             self.handle_exit(signal.SIGTERM, None)
         self.worker.tick()
