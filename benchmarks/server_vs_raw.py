@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,14 +39,19 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def raw_throughput(settings: Settings, name: str, data: bytes, seconds: float) -> float:
-    """Decode in the pool while the runner thread runs full batches; images/s over `seconds`."""
+def raw_throughput(
+    settings: Settings, name: str, data: bytes, seconds: float, start: Callable[[], object] | None = None
+) -> float:
+    """Decode in the pool while the runner thread runs full batches; images/s over `seconds`, timed
+    from when `start` (e.g. a barrier several processes wait at) returns, after the warm-up."""
     runner = create_runner(name, settings)
     pp = runner.preprocessing
     batch = settings.max_batch_size
     pool = ThreadPoolExecutor(settings.resolved_decode_threads())
     buf = np.empty((batch, pp.input_size, pp.input_size, 3), np.uint8)
     runner.infer_pixels(buf)  # warm-up
+    if start is not None:
+        start()
     # Keep two batches of decodes in flight so decode overlaps inference, as in the server.
     inflight: collections.deque[Future[np.ndarray]] = collections.deque(
         pool.submit(imaging.decode, data, pp) for _ in range(2 * batch)

@@ -306,6 +306,7 @@ def test_bench_run_cli_appends_a_record_with_the_design_fields(tiny_server, tmp_
     assert rec["url"] == tiny_server.url and rec["model"] == "tiny" and rec["mode"] == "seed"
     assert (rec["requests"], rec["errors"], rec["images_per_request"], rec["concurrency"]) == (4, 0, 2, 1)
     assert rec["backend"] == "onnxruntime" and rec["device"] == "cpu"  # from the server's v2 metadata
+    assert rec["workers"] == 1
     assert re.search(r"\d+ cores", rec["hardware"])
     assert rec["instance_type"] == "c7i.large" and rec["price_per_hour"] == pytest.approx(0.08925)
     assert rec["latency_p50_ms"] <= rec["latency_p90_ms"] <= rec["latency_p99_ms"]

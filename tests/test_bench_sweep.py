@@ -82,6 +82,41 @@ def test_sweep_measures_skips_unexported_and_resumes(repo: ModelRepository, tmp_
     assert len(closed) == 4 and all(r["concurrency"] == 2 and r["ok"] > 0 for r in closed)
 
 
+def test_workers_are_an_axis_and_records_carry_them(repo: ModelRepository, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.jsonl"
+    cfg = config(repo, out, models=["tiny"], precisions=["fp32"], images_per_request=[1], workers=[1, 2])
+    cells = plan(cfg)
+    assert [c.server.workers for c in cells] == [1, 2]
+    said: list[str] = []
+    summary = run_sweep(cfg, say=said.append)
+    assert (summary.ran, summary.failed) == (2, 0), said
+    assert any("2 workers" in m and "serving at" in m for m in said)
+    recs = records.read(out)
+    assert sorted((r["workers"], r["cell"]["workers"]) for r in recs) == [(1, 1), (2, 2)]
+    assert all(r["ok"] == 3 for r in recs)
+    # The server of the two-worker cell answered from two processes.
+    logs = (tmp_path / "logs").glob("server-*.log")
+    assert any("with 2 workers" in log.read_text() for log in logs)
+
+
+def test_cells_recorded_before_workers_were_an_axis_count_as_one_worker(repo: ModelRepository, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.jsonl"
+    cfg = config(repo, out, models=["tiny"], precisions=["fp32"], images_per_request=[1])
+    run_sweep(cfg, say=lambda m: None)
+    (rec,) = records.read(out)
+    del rec["cell"]["workers"]
+    out.write_text(json.dumps(rec) + "\n")
+    again = run_sweep(cfg, say=lambda m: None)
+    assert (again.ran, again.already_done) == (0, 1)
+
+
+def test_worker_counts_go_to_the_workers_option_only(repo: ModelRepository, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--workers"):
+        config(repo, tmp_path / "out.jsonl", server_args=["--workers", "2"])
+    with pytest.raises(ValueError, match="at least 1"):
+        config(repo, tmp_path / "out.jsonl", workers=[0])
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)

@@ -89,6 +89,12 @@ def serve(**flags: Any) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if settings.engine == "ray":
+        if settings.workers != "1":
+            err.print(
+                "[red]error:[/] --workers is for the plain engine; under --engine ray the Ray Serve replicas "
+                "are the workers: use --replicas"
+            )
+            raise typer.Exit(2)
         _serve_on_ray(settings)
         return
     if settings.engine != "plain":
@@ -96,12 +102,22 @@ def serve(**flags: Any) -> None:
         raise typer.Exit(2)
     from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
+    from saikyo.server.workers import serve_workers, worker_count
 
+    settings = settings.with_overrides(workers=str(worker_count(settings)))
     try:
         server_app = create_app(settings)
     except AuthConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    if settings.workers != "1":
+        # Each worker builds its own app; this one only checked the settings.
+        try:
+            status = serve_workers(settings, int(settings.workers))
+        except OSError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+        raise typer.Exit(status)
     # SIGTERM: readiness false, drain in-flight requests, exit 0 (server/shutdown.py).
     serve_draining(server_app, settings)
 

@@ -103,9 +103,19 @@ class Settings:
     shutdown_delay_s: float = setting(0.0, "on SIGTERM, keep serving (not ready) this long first")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, wait this long for requests in flight")
 
+    # Several server processes on one port (server/workers.py), each the whole app with its own runner,
+    # batchers and share of the cores. auto: one per core up to 8 on the CPU (separate processes keep
+    # the cores busy where one ONNX Runtime run with several threads waits at every operator's barrier),
+    # two per GPU when serving on GPUs. The CPU policy is in server/workers.py:auto_workers.
+    workers: str = setting(
+        "1",
+        "server processes on one port, each with its share of the cores: N, or auto = on the CPU one per core "
+        "up to 8 (one-thread processes keep the cores busier than one process's threads), on GPUs two per GPU",
+    )
+
     # Scale-out (`--engine ray`): Ray Serve replicas, each running this whole app with its own runner
     # and batchers. See src/saikyo/scale/ray.py.
-    engine: str = setting("plain", "plain (one process) | ray (Ray Serve replicas)")
+    engine: str = setting("plain", "plain (this machine's processes, see --workers) | ray (Ray Serve replicas)")
     replicas: str = setting("1", "ray: replica count, or auto")  # auto: between min and max
     min_replicas: int = setting(1, "ray, auto: fewest replicas")
     max_replicas: int = setting(4, "ray, auto: most replicas")
@@ -123,6 +133,8 @@ class Settings:
                 "setting 'gil_switch_interval_ms' must be a positive number of milliseconds below 1000, "
                 f"not {self.gil_switch_interval_ms!r}"
             )
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            raise ValueError(f"setting 'workers' must be a count of at least 1 or 'auto', not {self.workers!r}")
 
     @property
     def default_model(self) -> str:
@@ -133,6 +145,14 @@ class Settings:
 
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or available_cores()
+
+    def sized_to(self, threads: int) -> "Settings":
+        """These settings for one of several processes sharing the machine, `threads` cores its share:
+        inference and decode threads left at 0 (one per core) become `threads`, so the processes
+        together run one thread per core instead of each running one per core."""
+        return self.with_overrides(
+            intra_op_threads=self.intra_op_threads or threads, decode_threads=self.decode_threads or threads
+        )
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply overrides whose value is not None (unset CLI flags)."""
@@ -200,6 +220,8 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "str":
+        return str(value)
     return value
 
 

@@ -161,6 +161,7 @@ def run(
         backend=backend or info.backend,
         device=device or info.device,
         max_batch_size=max_batch_size or info.max_batch_size,
+        workers=info.workers,
         weights=info.weights,
     )
     rec = records.make_record(result, ctx)
@@ -208,6 +209,7 @@ def sweep(
     precisions: Annotated[str, typer.Option(help="fp32,int8 (int8 serves NAME-int8)")] = "fp32",
     targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,torch/cuda")] = "onnxruntime/cpu",
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
+    workers: Annotated[str, typer.Option(help="comma-separated server --workers counts (processes)")] = "1",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
     concurrency: Annotated[str, typer.Option(help="closed-mode levels")] = "1,2,4,8",
     rates: Annotated[str, typer.Option(help="open-mode levels, requests/s")] = "",
@@ -248,7 +250,7 @@ def sweep(
         cfg = SweepConfig(
             models=model_list, repository=settings.repository, out=out, pricing=pricing,
             images_per_request=_ints(images_per_request), precisions=_names(precisions),
-            targets=_names(targets), max_batch_sizes=_ints(max_batch_sizes),
+            targets=_names(targets), max_batch_sizes=_ints(max_batch_sizes), workers=_ints(workers),
             modes=_names(modes), concurrency=_ints(concurrency), rates=_floats(rates), requests=requests,
             warmup=warmup, seconds=seconds, timeout=timeout, images=read_images(images),
             export_missing=export_missing, export_weights=export_weights, server_args=shlex.split(server_args),

@@ -146,7 +146,7 @@ def pareto_front(points: Sequence[CostPoint]) -> list[CostPoint]:
 
 
 def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
-    """Per configuration (model, images per request, backend, device, max batch, instance): throughput
+    """Per configuration (model, images per request, backend, device, max batch, workers, instance): throughput
     against p99 over the closed- and open-loop load levels, in order of offered load."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
@@ -154,11 +154,11 @@ def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
             continue
         key = (
             r["model"], int(r["images_per_request"]), r.get("backend"), r.get("device"),
-            r.get("max_batch_size"), r.get("instance_type"), r["mode"],
+            r.get("max_batch_size"), r.get("workers") or 1, r.get("instance_type"), r["mode"],
         )  # fmt: skip
         groups.setdefault(key, []).append(r)
     curves = []
-    for (model, n, backend, device, mbs, hw, mode), rs in groups.items():
+    for (model, n, backend, device, mbs, workers, hw, mode), rs in groups.items():
         load_key = "concurrency" if mode == "closed" else "rate"
         latest: dict[float, dict[str, Any]] = {}
         for r in rs:  # a rerun of the same level replaces the earlier one
@@ -172,7 +172,7 @@ def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
             for _, r in sorted(latest.items())
         )
         any_r = rs[0]
-        label = f"{model} {backend}/{device} max batch {mbs} {hw}"
+        label = f"{model} {backend}/{device} max batch {mbs}{f' {workers} workers' if workers != 1 else ''} {hw}"
         curves.append(
             Curve(label, model, any_r.get("family") or model, n, any_r.get("precision") or "fp32", pts)
         )

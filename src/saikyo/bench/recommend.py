@@ -31,6 +31,7 @@ class Option:
     backend: str
     device: str
     max_batch_size: int | None
+    workers: int  # server processes
     load: str  # the measured level that sets the capacity: "seed", "c=4", "20/s"
     p99_ms: float
     capacity_rps: float  # measured requests/s at that level
@@ -69,7 +70,7 @@ def _load_label(r: dict[str, Any]) -> str:
 def _config_key(r: dict[str, Any]) -> tuple:
     return (
         r["model"], int(r["images_per_request"]), r.get("instance_type"), r.get("backend"),
-        r.get("device"), r.get("max_batch_size"), r.get("hardware"),
+        r.get("device"), r.get("max_batch_size"), r.get("workers") or 1, r.get("hardware"),
     )  # fmt: skip
 
 
@@ -126,6 +127,7 @@ def recommend(
                 backend=str(top.get("backend")),
                 device=str(top.get("device")),
                 max_batch_size=top.get("max_batch_size"),
+                workers=int(top.get("workers") or 1),
                 load=_load_label(top),
                 p99_ms=float(top["latency_p99_ms"]),
                 capacity_rps=capacity,

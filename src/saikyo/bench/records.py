@@ -1,7 +1,7 @@
 """Benchmark records: one JSON line per measured run (docs/architecture.md, "Benchmark record").
 
 Flat keys so that `jq` and a spreadsheet read them directly. What ran: url, model, family, precision,
-backend, device, max_batch_size, weights, hardware (+ cpu_model, cores, memory_gib, accelerator),
+backend, device, max_batch_size, workers, weights, hardware (+ cpu_model, cores, memory_gib, accelerator),
 instance_type, price_per_hour, price_source, mode, images_per_request, concurrency, rate, seconds,
 warmup. What came out: duration_s, requests, ok, errors, errors_by_kind, latency_{mean,p50,p90,p99,
 min,max}_ms, requests_per_s, images_per_s, cost_performance_kimg_per_usd (images/s x 3600 / price per
@@ -39,6 +39,7 @@ class RunContext:
     backend: str | None = None
     device: str | None = None
     max_batch_size: int | None = None
+    workers: int | None = None  # server processes (`saikyo serve --workers`)
     weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. a sweep's `cell`
 
@@ -78,6 +79,7 @@ def make_record(result: LoadResult, ctx: RunContext) -> dict[str, Any]:
         "backend": ctx.backend or "unknown",
         "device": ctx.device or "unknown",
         "max_batch_size": ctx.max_batch_size,
+        "workers": ctx.workers,
         "weights": ctx.weights,
         "hardware": hw.description,
         "cpu_model": hw.cpu_model,
@@ -164,6 +166,7 @@ class ServerInfo:
     max_batch_size: int | None = None
     weights: str | None = None
     family: str | None = None
+    workers: int | None = None
 
 
 _PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "torch", "pytorch": "torch"}
@@ -199,16 +202,19 @@ def server_info(url: str, model: str | None, timeout: float = 5.0, api_key: str 
                 return v
         return None
 
+    def count(key: str) -> int | None:
+        value = pick(key)
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
     backend = pick("backend") or _PLATFORMS.get(str(meta.get("platform", "")))
-    mbs = pick("max_batch_size")
-    try:
-        mbs = int(mbs) if mbs is not None else None
-    except (TypeError, ValueError):
-        mbs = None
     return ServerInfo(
         backend=str(backend) if backend else None,
         device=str(pick("device")) if pick("device") else None,
-        max_batch_size=mbs,
+        max_batch_size=count("max_batch_size"),
         weights=str(pick("weights")) if pick("weights") else None,
         family=str(pick("family")) if pick("family") else None,
+        workers=count("workers"),
     )

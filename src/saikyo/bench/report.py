@@ -112,7 +112,7 @@ def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> str:
-    headers = ["model", "backend/device", "max batch", "images/req", "mode", "load", "requests", "errors",
+    headers = ["model", "backend/device", "max batch", "workers", "images/req", "mode", "load", "requests", "errors",
                "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
     rows = []
     def order(r: dict[str, Any]) -> tuple:
@@ -121,7 +121,8 @@ def _records_table(records: Sequence[dict[str, Any]]) -> str:
     for r in sorted(records, key=order):
         load = {"closed": f"c={r.get('concurrency')}", "open": f"{r.get('rate')}/s"}.get(r["mode"], "sequential")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("max_batch_size"), r["images_per_request"],
+            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("max_batch_size"), r.get("workers") or 1,
+            r["images_per_request"],
             r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
             _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
             _fmt(r.get("cost_performance_kimg_per_usd")),

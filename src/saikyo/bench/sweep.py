@@ -1,6 +1,6 @@
 """The sweep: models x precisions x server settings x images per request x load levels, on this machine.
 
-One local server per (model, backend, device, max batch size): only the measured model is loaded, so
+One local server per (model, backend, device, max batch size, workers): only the measured model is loaded, so
 cells do not share memory or threads with models they do not measure. Each finished cell is appended
 to the output at once, with its identity (`cell`); a rerun of the same command skips every cell whose
 identity is already there, so an interrupted sweep resumes where it stopped.
@@ -36,12 +36,15 @@ class ServerSetting:
     backend: str
     device: str
     max_batch_size: int
+    workers: int = 1  # `saikyo serve --workers`
 
     def args(self) -> list[str]:
-        return ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+        return ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size),
+                "--workers", str(self.workers)]  # fmt: skip
 
     def describe(self) -> str:
-        return f"{self.model} [{self.backend}/{self.device}, max batch {self.max_batch_size}]"
+        workers = f", {self.workers} workers" if self.workers != 1 else ""
+        return f"{self.model} [{self.backend}/{self.device}, max batch {self.max_batch_size}{workers}]"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class SweepConfig:
     precisions: Sequence[str] = ("fp32",)
     targets: Sequence[str] = ("onnxruntime/cpu",)  # "backend/device" pairs the server is started with
     max_batch_sizes: Sequence[int] = (16,)
+    workers: Sequence[int] = (1,)  # server processes, `saikyo serve --workers`
     modes: Sequence[str] = ("seed",)
     concurrency: Sequence[int] = (1, 2, 4, 8)  # closed-mode levels
     rates: Sequence[float] = ()  # open-mode levels, requests/s
@@ -98,6 +102,10 @@ class SweepConfig:
             backend, _, device = t.partition("/")
             if not backend or not device:
                 raise ValueError(f"target {t!r} is not backend/device, e.g. onnxruntime/cpu or torch/cuda")
+        if not self.workers or min(self.workers) < 1:
+            raise ValueError("--workers needs counts of at least 1")
+        if "--workers" in self.server_args:
+            raise ValueError("give worker counts with --workers, not in --server-args: records carry them")
         if "open" in self.modes and not self.rates:
             raise ValueError("open mode needs --rates")
         if not self.models:
@@ -131,10 +139,11 @@ def plan(cfg: SweepConfig) -> list[Cell]:
             for target in cfg.targets:
                 backend, _, device = target.partition("/")
                 for mbs in cfg.max_batch_sizes:
-                    server = ServerSetting(served_name(model, precision), backend, device, mbs)
-                    for n in cfg.images_per_request:
-                        for level in levels:
-                            cells.append(Cell(server, n, level))
+                    for workers in cfg.workers:
+                        server = ServerSetting(served_name(model, precision), backend, device, mbs, workers)
+                        for n in cfg.images_per_request:
+                            for level in levels:
+                                cells.append(Cell(server, n, level))
     return cells
 
 
@@ -151,6 +160,7 @@ def cell_identity(cell: Cell, cfg: SweepConfig, hw: Hardware) -> dict[str, Any]:
         "backend": cell.server.backend,
         "device": cell.server.device,
         "max_batch_size": cell.server.max_batch_size,
+        "workers": cell.server.workers,
         "server_args": list(cfg.server_args),
         "images_per_request": cell.images_per_request,
         **load,
@@ -164,7 +174,8 @@ def identity_key(identity: dict[str, Any]) -> str:
 
 
 def completed_keys(out: Path) -> set[str]:
-    return {identity_key(r["cell"]) for r in records.read(out) if isinstance(r.get("cell"), dict)}
+    # Cells recorded before workers were an axis ran one process.
+    return {identity_key({"workers": 1, **r["cell"]}) for r in records.read(out) if isinstance(r.get("cell"), dict)}
 
 
 @dataclass
@@ -252,6 +263,7 @@ def _run_cell(
         backend=cell.server.backend,
         device=cell.server.device,
         max_batch_size=cell.server.max_batch_size,
+        workers=cell.server.workers,
         weights=meta.get("weights"),
         extra={"cell": cell_identity(cell, cfg, hw)},
     )

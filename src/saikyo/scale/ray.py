@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saikyo.scale.ray_metrics import ReplicaMetrics
+from saikyo.server.middlewares.response_header import ResponseHeader
 from saikyo.settings import Settings
 
 if TYPE_CHECKING:
@@ -135,27 +136,18 @@ def replica_settings(settings: Settings) -> Settings:
     Two replicas of 0.5 CPU on two cores each default to one inference and one decode thread instead
     of each spawning one per core and fighting over them.
     """
-    threads = max(1, math.ceil(settings.cpus_per_replica))
-    return settings.with_overrides(
-        engine="plain",
-        intra_op_threads=settings.intra_op_threads or threads,
-        decode_threads=settings.decode_threads or threads,
-    )
+    return settings.sized_to(max(1, math.ceil(settings.cpus_per_replica))).with_overrides(engine="plain")
 
 
 # ---- the replica ----
 class ReplicaMiddleware:
-    """Wraps the app inside a replica.
+    """Wraps the app inside a replica's lifespan: reports startup complete only once every model has
+    loaded and warmed up, so Serve routes nothing to a replica (a new one from autoscaling included)
+    that would answer 503; from then until shutdown it publishes its metrics for the deployment-wide
+    /metrics."""
 
-    - Lifespan: reports startup complete only once every model has loaded and warmed up, so Serve
-      routes nothing to a replica (a new one from autoscaling included) that would answer 503; from
-      then until shutdown it publishes its metrics for the deployment-wide /metrics.
-    - HTTP: stamps each response with the replica's identity, so load spreading is observable.
-    """
-
-    def __init__(self, app: ASGIApp, identity: str, metrics: ReplicaMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
         self.app = app
-        self.identity = identity.encode()
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,17 +165,7 @@ class ReplicaMiddleware:
             finally:
                 await self.metrics.stop()
             return
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_stamped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REPLICA_HEADER.encode(), self.identity)]
-            await send(message)
-
-        await self.app(scope, receive, send_stamped)
+        await self.app(scope, receive, send)
 
 
 def _bind_replica_grpc_to_loopback() -> None:
@@ -226,7 +208,9 @@ class SaikyoReplica:
         app = create_app(self.settings)
         metrics = ReplicaMetrics(context.app_name, replica_id, app.state.metrics)
         app.state.metrics_view = metrics.view
-        app.add_middleware(ReplicaMiddleware, identity=f"{replica_id} pid={os.getpid()}", metrics=metrics)
+        # Every response names its replica, so load spreading is observable.
+        app.add_middleware(ResponseHeader, name=REPLICA_HEADER, value=f"{replica_id} pid={os.getpid()}")
+        app.add_middleware(ReplicaMiddleware, metrics=metrics)
         return app
 
 

@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
         redoc_url=None,
     )
     app.state.metrics = metrics.Metrics()
-    app.state.metrics_view = None  # under Ray: the deployment-wide view (saikyo.scale.ray_metrics)
+    # Under Ray or --workers: the view over every process (saikyo.server.shared_metrics).
+    app.state.metrics_view = None
+    # Under --workers: the other workers that are not ready, {slot: what it does} (server/worker.py).
+    app.state.workers_not_ready = None
     app.state.settings = settings
     install_handlers(app)
     app.include_router(classify.router)

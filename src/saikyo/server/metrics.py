@@ -7,8 +7,9 @@ What is measured where:
 - images, batch sizes and inference time: the batchers' on_batch hook, once per forward pass;
 - queue depth and model load state: read from the served models at scrape time.
 
-Under Ray Serve each replica has its own registry; `app.state.metrics_view` then turns the answering
-replica's exposition into the whole deployment's (see saikyo.scale.ray_metrics and merge_expositions).
+Under Ray Serve each replica, and under --workers each worker process, has its own registry;
+`app.state.metrics_view` then turns the answering process's exposition into the whole server's (see
+saikyo.server.shared_metrics and merge_expositions).
 """
 
 from __future__ import annotations
@@ -190,17 +191,20 @@ class _Families(Collector):
         return self._families
 
 
-def merge_expositions(texts: Mapping[str, bytes], label: str = "replica") -> bytes:
+def merge_expositions(texts: Mapping[str, bytes], label: str = "replica", unlabelled: bytes = b"") -> bytes:
     """Several processes' expositions as one: each sample gains `label`="<its source>", each family is
-    declared once. The series stay apart, so sums and rates over them are the querier's choice."""
+    declared once. The series stay apart, so sums and rates over them are the querier's choice.
+    `unlabelled` holds what is one value for all of them (e.g. how many were replaced): kept as it is."""
     families: dict[str, Metric] = {}
-    for source, text in sorted(texts.items()):
+    sources = [(None, unlabelled), *sorted(texts.items())]
+    for source, text in sources:
         for family in text_string_to_metric_families(text.decode()):
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             for sample in family.samples:
-                merged.add_sample(sample.name, {**sample.labels, label: source}, sample.value, sample.timestamp)
+                labels = sample.labels if source is None else {**sample.labels, label: source}
+                merged.add_sample(sample.name, labels, sample.value, sample.timestamp)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry)

@@ -29,10 +29,19 @@ log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_drain: Callable[[], None],
+        delay_s: float = 0.0,
+        force_signals: frozenset[int] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_drain = on_drain
         self._delay_s = delay_s
+        # Which signals, arriving while draining, stop the wait; None: any (one process, step 4).
+        # A worker under --workers takes none: its supervisor kills it instead (server/worker.py).
+        self._force_signals = force_signals
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -44,6 +53,9 @@ class DrainingServer(uvicorn.Server):
         # Runs in the main thread between two bytecodes of the event loop: set flags, schedule, return.
         # Unlike uvicorn's, it does not record the signal, so the process is not re-killed afterwards.
         if self._draining:
+            if self._force_signals is not None and sig not in self._force_signals:
+                log.info("%s while draining: still draining", signal.Signals(sig).name)
+                return
             log.warning("second %s: exiting without waiting for requests in flight", signal.Signals(sig).name)
             self.force_exit = True
             self.should_exit = True
@@ -69,9 +81,8 @@ def mark_draining(app: FastAPI) -> None:
         models.draining = True
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run `app` until a signal, then drain; raises SystemExit(1) if a second signal cut the drain short."""
-    config = uvicorn.Config(
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -80,6 +91,11 @@ def serve(app: FastAPI, settings: Settings) -> None:
         timeout_graceful_shutdown=settings.drain_timeout_s if settings.drain_timeout_s > 0 else None,
         http=bounded_protocol(settings),
     )
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run `app` until a signal, then drain; raises SystemExit(1) if a second signal cut the drain short."""
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, on_drain=lambda: mark_draining(app), delay_s=settings.shutdown_delay_s)
     server.run()
     if server.force_exit:

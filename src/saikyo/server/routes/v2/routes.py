@@ -66,7 +66,11 @@ async def live() -> Response:
 async def ready(request: Request) -> Response:
     models = models_of(request)
     if models.ready:
-        return Response(status_code=200)
+        others = request.app.state.workers_not_ready
+        waiting = others() if others is not None else {}
+        if not waiting:
+            return Response(status_code=200)
+        return JSONResponse({"error": "not ready: waiting for other workers", "detail": {"workers": waiting}}, status_code=400)
     # The v2 spec: a 4xx status means "false".
     states = {name: m.state.value for name, m in models.models.items()}
     if models.draining:
@@ -114,7 +118,8 @@ def _index_entry(model: ServedModel) -> dict[str, str]:
 
 @router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
 async def model_metadata(request: Request, model_name: ModelName) -> JSONResponse:
-    return JSONResponse(metadata(_model(models_of(request), model_name, None)))
+    models = models_of(request)
+    return JSONResponse(metadata(_model(models, model_name, None), models.settings))
 
 
 @router.get(
@@ -123,19 +128,23 @@ async def model_metadata(request: Request, model_name: ModelName) -> JSONRespons
     responses=doc.MODEL_METADATA,
 )
 async def model_version_metadata(request: Request, model_name: ModelName, model_version: ModelVersion) -> JSONResponse:
-    return JSONResponse(metadata(_model(models_of(request), model_name, model_version)))
+    models = models_of(request)
+    return JSONResponse(metadata(_model(models, model_name, model_version), models.settings))
 
 
-def metadata(served: ServedModel) -> dict[str, Any]:
+def metadata(served: ServedModel, settings: Settings) -> dict[str, Any]:
     runner = served.runner
     assert runner is not None
     size = runner.preprocessing.input_size
     backend = str(runner.meta.get("backend", "onnxruntime"))
     parameters = {
         key: runner.meta[key]
-        for key in ("family", "weights", "backend", "device", "input_size")
+        for key in ("family", "weights", "backend", "device", "input_size", "intra_op_threads")
         if isinstance(runner.meta.get(key), (str, int))
     }
+    # What one serving process runs with (under --workers: the worker that answers; they are alike).
+    workers = int(settings.workers) if settings.workers.isdigit() else settings.workers
+    parameters.update(decode_threads=settings.resolved_decode_threads(), workers=workers)
     return {
         "name": served.name,
         "versions": [VERSION],
