@@ -420,3 +420,27 @@ def test_check_fits_counts_min_replicas_when_autoscaling() -> None:
         check_fits(Settings(replicas="3", cpus_per_replica=1), two_cores)
     with pytest.raises(ValueError, match="GPU"):
         check_fits(Settings(replicas="auto", min_replicas=1, gpus_per_replica=0.25, device="cuda"), two_cores)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_to_the_whole_process_group_stops_everything_in_bounded_time(
+    tiny_repository: ModelRepository, tmp_path: Path, ray_home: Path, sig: signal.Signals
+) -> None:
+    """What systemd's KillMode=control-group, `timeout` or Ctrl-C do: the signal reaches Ray's GCS and
+    raylet too. The server still ends every process it started and exits within drain_timeout_s + margin."""
+    drain = 5
+    with ray_server(tiny_repository, "tiny", tmp_path, ray_home, "--replicas", "1",
+                    "--drain-timeout-s", str(drain)) as server:  # fmt: skip
+        assert classify(server.url).status_code == 200
+        sid = server.proc.pid  # started in a session (and process group) of its own
+        assert len(session_pids(sid)) > 3  # the server and Ray's processes
+        os.killpg(sid, sig)
+        started = time.monotonic()
+        server.proc.wait(timeout=drain + 40)
+        took = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_pids(sid) == set(), server.log_tail(40)
+        assert took < drain + 30, (took, server.log_tail(40))
+        assert server.proc.returncode in (0, 1), server.log_tail(40)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saikyo.scale import processes
 from saikyo.scale.ray_metrics import ReplicaMetrics
 from saikyo.server.middlewares.response_header import ResponseHeader
 from saikyo.settings import Settings
@@ -385,36 +386,95 @@ def serve_on_ray(settings: Settings) -> None:
     local = start_local_ray()
     # After ray.init, which installs a handler of its own that would end the process without a drain.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    tracked: processes.Tracked = {}
+    clean = True
     try:
-        import ray
         from ray import serve
 
-        check_fits(settings, ray.cluster_resources())
-        serve.start(
-            proxy_location="HeadOnly",
-            http_options={"host": settings.host, "port": settings.port},
-        )
-        serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
-        status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
-        log.info(
-            "serving on http://%s:%s with Ray Serve: replicas %s (%s)",
-            settings.host,
-            settings.port,
-            settings.replicas,
-            dict(status.replica_states),
-        )
-        while not stop.wait(0.5):
+        # Every Ray call runs in a thread the main thread waits on with a bound: once a signal to the
+        # whole process group has ended Ray's GCS, its calls block for a minute and then end the process.
+        deploy = _Step(lambda: _deploy(settings), "deploying")
+        while not deploy.done.wait(0.5) and not stop.is_set():
             pass
-        try:
-            # Deleting the app drains it: replicas finish their requests (up to drain_timeout_s) while
-            # the proxy is still up to carry the answers back (serve.shutdown() may stop the proxy
-            # under requests in flight, and takes ~5 s more). Then ray.shutdown() ends the rest.
-            serve.delete(APP_NAME)
-        except KeyboardInterrupt:
-            log.warning("second signal: stopping without draining")
+        deploy.result()  # a deployment that failed (e.g. replicas that do not fit) raises here
+        tracked = processes.descendants(os.getpid())
+        while not stop.wait(0.5):
+            tracked.update(processes.descendants(os.getpid()))  # replicas come and go with autoscaling
+        tracked.update(processes.descendants(os.getpid()))
+        # Deleting the app drains it: replicas finish their requests (up to drain_timeout_s) while the
+        # proxy is still up to carry the answers back (serve.shutdown() may stop the proxy under
+        # requests in flight, and takes ~5 s more). Then ray.shutdown() ends the rest.
+        clean = deploy.done.is_set() and _Step(lambda: serve.delete(APP_NAME), "draining").wait(
+            settings.drain_timeout_s + DRAIN_MARGIN_S
+        )
     finally:
+        # Every step bounded: the whole shutdown takes at most drain_timeout_s + a margin, whatever Ray does.
+        clean = _Step(local.stop, "stopping Ray").wait(RAY_STOP_S) and clean
+        leftovers = processes.kill({**tracked, **processes.descendants(os.getpid())})
+        if leftovers:
+            log.warning("killed %d Ray process(es) that outlived the shutdown: %s", len(leftovers), leftovers)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not clean:
+        # Ray's threads may still wait on processes that are gone: exit without waiting for them.
+        log.error(
+            "Ray could not drain (its own processes were signalled too? a signal to the whole process group "
+            "reaches them): requests in flight may be lost; everything this server started is stopped"
+        )
+        logging.shutdown()
+        os._exit(1)
+
+
+def _deploy(settings: Settings) -> None:
+    import ray
+    from ray import serve
+
+    check_fits(settings, ray.cluster_resources())
+    serve.start(proxy_location="HeadOnly", http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
+    status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+    log.info(
+        "serving on http://%s:%s with Ray Serve: replicas %s (%s)",
+        settings.host, settings.port, settings.replicas, dict(status.replica_states),
+    )  # fmt: skip
+
+
+class _Step:
+    """One Ray call in a daemon thread, so that the main thread can stop waiting for it."""
+
+    def __init__(self, step: Callable[[], object], what: str) -> None:
+        self.what = what
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                step()
+            except BaseException as exc:  # handed to the main thread by result()/wait()
+                self.error = exc
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, name=f"ray-{what}", daemon=True).start()
+
+    def result(self) -> None:
+        if self.done.is_set() and self.error is not None:
+            raise self.error
+
+    def wait(self, seconds: float) -> bool:
+        """Whether it finished without error within `seconds`; a second signal stops the wait."""
         try:
-            local.stop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            finished = self.done.wait(seconds)
+        except KeyboardInterrupt:
+            log.warning("second signal: %s skipped", self.what)
+            return False
+        if not finished:
+            log.warning("%s did not finish within %.0f s", self.what, seconds)
+        elif self.error is not None:
+            log.warning("%s failed: %s", self.what, self.error)
+        return finished and self.error is None
+
+
+# Beyond drain_timeout_s: Serve's own bookkeeping after the last replica stopped.
+DRAIN_MARGIN_S = 10.0
+RAY_STOP_S = 15.0

@@ -1,0 +1,62 @@
+"""The processes a server started, found and ended by PID (Linux /proc): what a shutdown that cannot
+trust Ray's own clean-up falls back on.
+
+A signal to the whole process group (systemd's KillMode=control-group, `timeout`, many supervisors)
+reaches Ray's GCS and raylet along with the server; once they are gone Ray's own shutdown calls never
+return, and their children are re-parented away from us. So the server notes its descendants while it
+serves, and at the end kills whichever of them are still alive -- each checked by its start time, so a
+reused PID is never hit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+Tracked = dict[int, int]  # pid -> start time in clock ticks since boot (/proc/<pid>/stat field 22)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live, non-zombie process; None otherwise."""
+    try:
+        text = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> Tracked:
+    """Every live process below `root` (children, their children, ...)."""
+    parents: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = stat
+    found: Tracked = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, started) in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = started
+                frontier.append(pid)
+    return found
+
+
+def alive(tracked: Tracked) -> Tracked:
+    return {pid: started for pid, started in tracked.items() if (s := _stat(pid)) is not None and s[1] == started}
+
+
+def kill(tracked: Tracked) -> list[int]:
+    """SIGKILL each tracked process that is still the same process; returns the PIDs killed."""
+    killed = []
+    for pid in alive(tracked):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
