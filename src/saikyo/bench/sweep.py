@@ -253,6 +253,7 @@ def _run_cell(
         device=cell.server.device,
         max_batch_size=cell.server.max_batch_size,
         weights=meta.get("weights"),
+        quantization=meta.get("quantization"),
         extra={"cell": cell_identity(cell, cfg, hw)},
     )
     rec = records.make_record(result, ctx)
