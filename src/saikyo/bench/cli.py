@@ -181,6 +181,7 @@ def run(
         device=device or info.device,
         max_batch_size=max_batch_size or info.max_batch_size,
         weights=info.weights,
+        precision=info.precision,
     )
     rec = records.make_record(result, ctx)
     if out is not None:
@@ -403,7 +404,7 @@ def capacity(
         hardware=hw, pricing=pricing, family=info.family, backend=info.backend or (backend if url is None else None),
         device=info.device or (device if url is None else None),
         max_batch_size=info.max_batch_size or (max_batch_size if url is None else None),
-        weights=info.weights or meta.get("weights"), quantization=meta.get("quantization"),
+        weights=info.weights or meta.get("weights"), precision=info.precision, quantization=meta.get("quantization"),
     )  # fmt: skip
     rec = records.capacity_record(found, ctx)
     if out is not None:
