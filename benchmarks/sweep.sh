@@ -2,7 +2,7 @@
 # The cost lab's committed sweep: every zoo model at 1, 4 and 8 images per request, fp32 and int8, on
 # this machine's CPU (ONNX Runtime); the 2018 method (1 warm-up + 10 sequential requests per cell) plus
 # closed-loop levels (concurrency 1 and 4 for 5 s each) for the throughput-vs-p99 curves. Then the
-# 2018 figure, the curves and the HTML report into benchmarks/results/.
+# 2018 figure, accuracy vs images per dollar, the curves and the HTML report into benchmarks/results/.
 #
 # Run it on a quiet machine: the numbers are only as good as the machine is idle. About 35 minutes on
 # 2 cores (exports and int8 calibration included). Interrupted? Run it again: finished cells are kept
@@ -29,5 +29,8 @@ REPOSITORY=${SAIKYO_REPOSITORY:-model-repository}
 
 "$PY" -m saikyo bench plot "$OUT/sweep.jsonl" --out-dir "$OUT"
 "$PY" -m saikyo bench recommend "$OUT/sweep.jsonl" --p99 500ms --qps 20 | tee "$OUT/recommend.txt"
-"$PY" -m saikyo bench report "$OUT/sweep.jsonl" --out "$OUT/report.html" --p99 500ms --qps 20 \
+# The report also shows the capacity searches of benchmarks/capacity.sh, when there are any.
+REPORTED=("$OUT/sweep.jsonl")
+[[ -f "$OUT/capacity.jsonl" ]] && REPORTED+=("$OUT/capacity.jsonl")
+"$PY" -m saikyo bench report "${REPORTED[@]}" --out "$OUT/report.html" --p99 500ms --qps 20 \
     --title "saikyo cost lab: the zoo on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"

@@ -53,6 +53,12 @@ def test_bundled_table_has_cpu_gpu_and_inferentia_rows_with_provenance() -> None
     assert "Inferentia2" in table.get("inf2.xlarge").accelerator
     # Sizes within a family scale linearly in price.
     assert table.get("c7i.xlarge").price_per_hour == pytest.approx(2 * table.get("c7i.large").price_per_hour)
+    # The H200 rows: the 8-GPU instance and one GPU's share of it, each dated and sourced.
+    whole, share = table.get("p5en.48xlarge"), table.get("p5en.48xlarge-1gpu")
+    assert "8x NVIDIA H200" in whole.accelerator and "1x NVIDIA H200" in share.accelerator
+    assert share.price_per_hour == pytest.approx(whole.price_per_hour / 8)
+    assert (share.vcpus, share.memory_gib) == (whole.vcpus // 8, whole.memory_gib / 8)
+    assert share.as_of == whole.as_of == "2026-08" and "not re-checked" in share.source
 
 
 def test_user_file_merges_over_the_bundled_table(tmp_path) -> None:

@@ -202,6 +202,22 @@ def test_open_loop_drops_beyond_max_outstanding_and_counts_them() -> None:
     assert len(result.ok) == 2
 
 
+def test_open_loop_warmup_is_sent_but_not_measured() -> None:
+    server = RecordingServer(service_s=0.01)
+    schedule = (0.0, 0.05, 0.2, 0.25)
+
+    async def go():
+        async with server.running():
+            spec = LoadSpec(url=server.url, mode="open", schedule=schedule, warmup_seconds=0.1, warmup=0)
+            return await run_load(spec)
+
+    result = run(go())
+    assert len(server.arrivals) == 4  # all four were sent ...
+    assert len(result.samples) == 2  # ... the two due after the warm-up are measured
+    # Measuring starts when the warm-up ends: the first measured request was due 0.1 s after that.
+    assert sorted(s.scheduled - result.started for s in result.samples) == pytest.approx([0.1, 0.15])
+
+
 def test_errors_are_counted_by_kind_and_left_out_of_latency() -> None:
     server = RecordingServer(status_every=(3, 503))
 

@@ -10,7 +10,17 @@ from typer.testing import CliRunner
 
 from saikyo.bench import records as records_module
 from saikyo.bench.cost import cost_performance
-from saikyo.bench.plot import cost_points, pareto_front, plot_cost, render, throughput_curves
+from saikyo.bench.plot import (
+    accuracy_front,
+    accuracy_points,
+    cost_points,
+    pareto_front,
+    plot_accuracy,
+    plot_cost,
+    render,
+    throughput_curves,
+)
+from saikyo.bench.records import accuracy_fields
 from saikyo.cli import app
 
 PRICES = {"c7i.large": 0.08925, "g4dn.xlarge": 0.526}
@@ -45,6 +55,11 @@ RECORDS = [
     rec("squeezenet1_1", "SqueezeNet", 4, "c7i.large", 40, 90, mode="open", rate=20, concurrency=None, latency_p99_ms=60),
     rec("squeezenet1_1", "SqueezeNet", 4, "c7i.large", 60, 150, mode="open", rate=40, concurrency=None, latency_p99_ms=200),
 ]
+
+
+def plotted(ax) -> list[tuple[float, float]]:
+    """Every marker's (x, y) in the axes, sorted."""
+    return sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
 
 
 def by_label(points):
@@ -82,8 +97,7 @@ def test_figure_plots_exactly_the_points_with_log_time_axis() -> None:
     try:
         ax = fig.axes[0]
         assert ax.get_xscale() == "log"
-        plotted = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
-        assert plotted == sorted((p.time_ms, p.cost_performance) for p in points)
+        assert plotted(ax) == sorted((p.time_ms, p.cost_performance) for p in points)
         assert sorted(t.get_text() for t in ax.texts) == sorted(p.label for p in points)
         # Colour by family: every point of a family has the same face colour, families differ.
         colours = {}
@@ -141,3 +155,66 @@ def test_plot_cli_json_reports_the_plotted_data(tmp_path) -> None:
     assert len(data["cost_points"]) == 5
     assert sum(p["pareto"] for p in data["cost_points"]) == 3
     assert (tmp_path / "cost.png").exists() and (tmp_path / "throughput-p99.svg").exists()
+
+
+# Accuracy: the records carry the published top-1 (records.accuracy_fields, as make_record writes it).
+HELD_OUT = {"top1_agreement_with_fp32": 0.9, "calibration_photos": ["skimage.data.coins"],
+            "agreement_photos": ["skimage.data.chelsea", "skimage.data.coffee"]}  # fmt: skip
+ACC_RECORDS = [
+    rec("squeezenet1_1", "SqueezeNet", 1, "c7i.large", 20, 50, **accuracy_fields("squeezenet1_1", "random")),
+    rec("squeezenet1_1", "SqueezeNet", 8, "c7i.large", 100, 80, **accuracy_fields("squeezenet1_1", "random")),
+    rec("resnet50", "ResNet", 1, "c7i.large", 80, 12.5, **accuracy_fields("resnet50", "imagenet-pretrained")),
+    rec("resnet50-int8", "ResNet", 1, "c7i.large", 40, 25, precision="int8",
+        **accuracy_fields("resnet50-int8", "random", HELD_OUT)),
+    rec("resnet152", "ResNet", 1, "c7i.large", 200, 5, **accuracy_fields("resnet152", "random")),
+    rec("resnet50", "ResNet", 1, "g4dn.xlarge", 10, 100, device="cuda", **accuracy_fields("resnet50", "random")),
+    rec("tiny", "Test", 1, "c7i.large", 5, 200, **accuracy_fields("tiny", "random")),  # nothing published
+]  # fmt: skip
+
+
+def test_accuracy_figure_data_equals_the_records() -> None:
+    import matplotlib.pyplot as plt
+
+    points = accuracy_points(cost_points(ACC_RECORDS))
+    assert {(p.model, p.hardware) for p in points} == {
+        ("squeezenet1_1", "c7i.large"), ("resnet50", "c7i.large"), ("resnet50-int8", "c7i.large"),
+        ("resnet152", "c7i.large"), ("resnet50", "g4dn.xlarge"),
+    }  # fmt: skip
+    for p in points:
+        # y is the record's published top-1, x its cost performance: the best of that network's records there.
+        assert p.top1 == p.record["published_top1"] is not None
+        same = [r for r in ACC_RECORDS if r["model"] == p.model and r["instance_type"] == p.hardware]
+        assert p.cost_performance == p.record["cost_performance_kimg_per_usd"] == max(
+            r["cost_performance_kimg_per_usd"] for r in same
+        )
+        assert p.speed_only == p.record["speed_only"] and p.agreement == p.record["top1_agreement_with_fp32"]
+    squeeze = next(p for p in points if p.model == "squeezenet1_1")
+    assert squeeze.record["images_per_request"] == 8 and squeeze.top1 == 58.178
+    assert [p.label for p in accuracy_front(points)] == [
+        "SqueezeNet, bs=8, c7i.large", "resnet50-int8, bs=1, c7i.large", "resnet152, bs=1, c7i.large",
+    ]  # fmt: skip
+    assert {p.label for p in points if p.pareto} == {p.label for p in accuracy_front(points)}
+
+    fig = plot_accuracy(points, ACC_RECORDS)
+    try:
+        ax = fig.axes[0]
+        assert ax.get_xscale() == "log"
+        assert plotted(ax) == sorted((p.cost_performance, p.top1) for p in points)
+        hollow = [c for c in ax.collections if c.get_label().endswith("/ int8")]
+        assert len(hollow) == 1 and hollow[0].get_facecolor().size == 0  # int8: no fill
+        assert any(t.get_text().startswith("resnet50-int8") and "(agrees 90%)" in t.get_text() for t in ax.texts)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_cli_json_has_the_accuracy_points(tmp_path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith(("published", "speed"))}) + "\n"
+                            for r in ACC_RECORDS))  # fmt: skip
+    result = CliRunner().invoke(app, ["bench", "plot", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    # Records written before the accuracy fields existed get them from the zoo when read.
+    got = {(p["model"], p["hardware"]): p["top1"] for p in data["accuracy_points"]}
+    assert got[("resnet152", "c7i.large")] == 82.284 and len(got) == 5
+    assert (tmp_path / "accuracy.svg").exists()

@@ -109,8 +109,53 @@ def test_report_is_one_self_contained_html_page(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<svg") == 2  # the 2018 figure and the throughput curves, inline
+    # The 2018 figure, accuracy vs images per dollar (zoo networks: published top-1) and the curves, inline.
+    assert page.count("<svg") == 3
+    assert "published, for the named weights" in page
     assert "src=" not in page and "href=\"http" not in page  # nothing fetched from elsewhere
     assert "c7i.large box" in page  # names the hardware
     assert "Recommendation" in page and "$130.31" in page
     assert build_report(RECORDS).count("<svg") == 1  # no seed records: curves only
+
+
+def searched(model: str, instance: str, capacity: float, target_ms: float, measured_p99: float) -> dict[str, Any]:
+    """A capacity search's record: the open-loop record of its highest passing step, with the search's fields."""
+    r = level(model, instance, capacity * 0.98, measured_p99, mode="open")
+    r.update(rate=capacity, concurrency=None, search="capacity", p99_target_ms=target_ms, capacity_rate=capacity)
+    return r
+
+
+def test_searched_capacities_come_before_measured_levels() -> None:
+    # squeezenet on c7i.large: levels say 90 req/s within 200 ms (closed loop, c=4); a search at a 100 ms
+    # target found 60 req/s; one at 300 ms (looser than the budget) found 120 req/s and does not count.
+    recs = RECORDS + [
+        searched("squeezenet1_1", "c7i.large", 60, 100, 80),
+        searched("squeezenet1_1", "c7i.large", 120, 300, 280),
+    ]
+    rec = recommend(recs, p99_ms=200, qps=100, headroom=0.7, images_per_request=1)
+    squeeze = next(o for o in rec.options if o.model == "squeezenet1_1")
+    assert (squeeze.basis, squeeze.capacity_rps, squeeze.load) == ("searched", 60, "searched p99<=100ms")
+    assert squeeze.instances == 3  # 100 / (60 x 0.7) = 2.4
+    # Configurations without a search keep their levels.
+    assert {o.basis for o in rec.options if o.model == "resnet50"} == {"levels"}
+    # At a budget tighter than every search's target, the levels decide again.
+    tight = recommend(recs, p99_ms=90, qps=10, headroom=0.7, images_per_request=1)
+    squeeze = next(o for o in tight.options if o.model == "squeezenet1_1")
+    assert (squeeze.basis, squeeze.load) == ("levels", "60/s")  # the search's own step, p99 80 ms, as a level
+
+
+def test_min_top1_keeps_networks_whose_published_accuracy_is_high_enough(tmp_path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))  # read() adds the published accuracy
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "recommend", str(path), "--p99", "200ms", "--qps", "100", "--min-top1", "75",
+                                 "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {o["model"] for o in data["options"]} == {"resnet50"}  # squeezenet1_1: 58.2% published
+    assert all(o["published_top1"] == 80.858 for o in data["options"])
+    assert "squeezenet1_1: published top-1 58.178% < 75%" in data["rejected"]
+    table = runner.invoke(app, ["bench", "recommend", str(path), "--p99", "200ms", "--qps", "100", "--min-top1", "75"])
+    assert table.exit_code == 0 and "80.9" in table.stdout and "squeezenet1_1" not in table.stdout
+    bad = runner.invoke(app, ["bench", "recommend", str(path), "--p99", "200ms", "--qps", "100", "--min-top1", "175"])
+    assert bad.exit_code == 2 and "percentage" in bad.output

@@ -159,3 +159,11 @@ def test_interrupted_sweep_stops_its_server_and_resumes(repo: ModelRepository, t
     assert len(done) == 1
     resumed = run_sweep(cfg, say=lambda m: None)
     assert (resumed.ran, resumed.already_done) == (1, 1)
+
+
+def test_torch_targets_plan_no_int8_cells(repo: ModelRepository, tmp_path: Path) -> None:
+    # NAME-int8 is an ONNX Runtime model: a GPU sweep with --targets torch/cuda measures fp32 only.
+    cfg = config(repo, tmp_path / "s.jsonl", targets=["onnxruntime/cpu", "torch/cuda"], images_per_request=[1])
+    got = {(c.server.model, c.server.backend) for c in plan(cfg)}
+    assert got == {("tiny", "onnxruntime"), ("tiny-int8", "onnxruntime"), ("tiny", "torch"),
+                   ("tiny2", "onnxruntime"), ("tiny2-int8", "onnxruntime"), ("tiny2", "torch")}  # fmt: skip

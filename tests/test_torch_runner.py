@@ -315,6 +315,7 @@ def test_server_with_the_torch_backend(pretrained_repository: ModelRepository, t
     ) as server:  # fmt: skip
         meta = httpx.get(f"{server.url}/v2/models/efficientnet_lite0", timeout=10).json()
         assert meta["parameters"]["backend"] == "torch" and meta["parameters"]["device"] == "cpu"
+        assert meta["parameters"]["precision"] == "fp32"  # what records take: torch on the CPU stays fp32
         files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
         files.insert(1, ("images", ("cat.png", png, "image/png")))
         r = httpx.post(f"{server.url}/classify", files=files, timeout=60)
@@ -386,6 +387,7 @@ def test_server_on_cuda_decodes_on_the_gpu(squeezenet_repository: ModelRepositor
         ) as server:  # fmt: skip
             meta = httpx.get(f"{server.url}/v2/models/squeezenet1_1", timeout=10).json()
             assert meta["parameters"]["device"].startswith("cuda")
+            assert meta["parameters"]["precision"] == "fp16"  # the CUDA default, as records name it
             r = httpx.post(f"{server.url}/classify", files=files, params={"topk": 1000}, timeout=60)
             assert r.status_code == 200, r.text
             answers[decode] = [[row[str(k)] for k in range(1000)] for row in r.json()]

@@ -1,4 +1,4 @@
-"""`saikyo bench ...`: run, sweep, plot, recommend, report, prices."""
+"""`saikyo bench ...`: run, sweep, capacity, plot, recommend, report, prices."""
 
 from __future__ import annotations
 
@@ -85,6 +85,35 @@ def _pricing(instance_type: str | None, price_per_hour: float | None, prices: Pa
         raise _fail(str(exc)) from None
 
 
+def _local_pricing(
+    targets: list[str], instance_type: str | None, price_per_hour: float | None, prices: Path | None, hw: Any
+) -> Any:
+    """The price of this machine for a local server: as named, else the c7i size of its cores (CPU only)."""
+    from saikyo.bench.cost import default_instance_type
+
+    if instance_type is None and price_per_hour is None:
+        if any(not t.endswith("/cpu") for t in targets) or hw.accelerator:
+            raise _fail("name the machine's price: --instance-type (e.g. g5.xlarge) or --price-per-hour")
+        instance_type = default_instance_type(hw.cores or 1)
+        err.print(f"pricing as {instance_type} (a {hw.cores}-vCPU machine); --instance-type changes it")
+    return _pricing(instance_type, price_per_hour, prices)
+
+
+def _api_key(api_key_file: Path | None) -> str | None:
+    # Never a flag: `ps` would show it.
+    key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SAIKYO_BENCH_API_KEY")
+    return key or None
+
+
+ApiKeyFileOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="file holding the server's API key [env SAIKYO_BENCH_API_KEY]", exists=True, dir_okay=False),
+]
+HardwareOpt = Annotated[Optional[str], typer.Option(help="the server's hardware [default: this machine]")]
+TimeoutOpt = Annotated[float, typer.Option(help="per-request timeout, seconds")]
+RecordOutOpt = Annotated[Optional[Path], typer.Option(help="append the record (one JSON line) to this file")]
+
+
 def _need_bench_extra() -> None:
     try:
         import aiohttp  # noqa: F401
@@ -103,47 +132,37 @@ def run(
     concurrency: Annotated[int, typer.Option(min=1, help="closed mode: workers")] = 1,
     rate: Annotated[Optional[float], typer.Option(help="open mode: Poisson arrivals, requests/s")] = None,
     seconds: Annotated[float, typer.Option(help="closed/open mode: how long to offer load")] = 10.0,
-    timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 60.0,
+    timeout: TimeoutOpt = 60.0,
     max_outstanding: Annotated[int, typer.Option(min=1, help="open mode: in flight at once; beyond: dropped")] = 256,
     seed: Annotated[int, typer.Option(help="open mode: arrival schedule seed")] = 0,
     images: ImagesOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="append the record (one JSON line) to this file")] = None,
+    out: RecordOutOpt = None,
     instance_type: InstanceOpt = None,
     price_per_hour: PriceOpt = None,
     prices: PricesOpt = None,
     backend: Annotated[Optional[str], typer.Option(help="record this backend [default: ask the server]")] = None,
     device: Annotated[Optional[str], typer.Option(help="record this device [default: ask the server]")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="record the server's max batch size")] = None,
-    hardware: Annotated[Optional[str], typer.Option(help="the server's hardware [default: this machine]")] = None,
-    api_key_file: Annotated[
-        Optional[Path],
-        typer.Option(help="file holding the server's API key [env SAIKYO_BENCH_API_KEY]", exists=True, dir_okay=False),
-    ] = None,
+    hardware: HardwareOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Measure one server: one record (mean/p50/p90/p99, images/s, thousand images per $)."""
-    from dataclasses import replace
-
-    from saikyo.bench import hardware as hw_module
     from saikyo.bench import records
     from saikyo.bench.load import LoadError, LoadSpec, read_images, rich_progress, run_load
 
     _need_bench_extra()
     pricing = _pricing(instance_type, price_per_hour, prices)
-    # Never a flag: `ps` would show it.
-    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SAIKYO_BENCH_API_KEY")
     try:
         spec = LoadSpec(
             url=url, model=model, mode=mode, images_per_request=images_per_request, requests=requests,
             warmup=warmup, concurrency=concurrency, rate=rate, seconds=seconds, timeout=timeout,
-            max_outstanding=max_outstanding, seed=seed, api_key=api_key or None,
+            max_outstanding=max_outstanding, seed=seed, api_key=_api_key(api_key_file),
         )  # fmt: skip
         files = read_images(images)
     except (ValueError, LoadError) as exc:
         raise _fail(str(exc)) from None
-    hw = hw_module.describe()
-    if hardware:
-        hw = replace(hw, cpu_model=hardware, cores=None, memory_gib=None, accelerator="", virtualised=False)
+    hw = _hardware(hardware)
     info = records.server_info(url, model, api_key=spec.api_key)
     bar = rich_progress(spec, enabled=sys.stdout.isatty() and not as_json)
     try:
@@ -163,6 +182,7 @@ def run(
         max_batch_size=max_batch_size or info.max_batch_size,
         workers=info.workers,
         weights=info.weights,
+        precision=info.precision,
     )
     rec = records.make_record(result, ctx)
     if out is not None:
@@ -175,7 +195,26 @@ def run(
         err.print("no price: pass --instance-type or --price-per-hour for cost performance")
 
 
+def _hardware(described: str | None) -> Any:
+    """This machine, or the hardware the user names for a server elsewhere."""
+    from dataclasses import replace
+
+    from saikyo.bench.hardware import describe
+
+    hw = describe()
+    if described:
+        hw = replace(hw, cpu_model=described, cores=None, memory_gib=None, accelerator="", virtualised=False)
+    return hw
+
+
 PERCENTILE_KEYS = ("mean", "p50", "p90", "p99")
+
+
+def _top1_text(top1: float | None, agreement: float | None) -> str:
+    """"80.9", or for int8 "80.9 (int8 agrees 90%)"; "-" where nothing is published."""
+    if top1 is None:
+        return "-"
+    return f"{top1:.1f}" + (f" (int8 agrees {agreement:.0%})" if agreement is not None else "")
 
 
 def _print_record(rec: dict[str, Any], out: Path | None) -> None:
@@ -216,7 +255,7 @@ def sweep(
     requests: Annotated[int, typer.Option(min=1, help="seed mode: measured requests per cell")] = 10,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     seconds: Annotated[float, typer.Option(help="closed/open mode: seconds per cell")] = 10.0,
-    timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 120.0,
+    timeout: TimeoutOpt = 120.0,
     repository: Annotated[Optional[Path], typer.Option(help="model repository [env SAIKYO_REPOSITORY]")] = None,
     export_missing: Annotated[bool, typer.Option("--export-missing", help="export missing models first")] = False,
     export_weights: Annotated[str, typer.Option(help="weights for --export-missing: random | imagenet | PATH")] = "random",
@@ -230,7 +269,6 @@ def sweep(
 ) -> None:
     """Measure the matrix on this machine, one local server per setting; rerun to resume."""
     from saikyo.models import zoo
-    from saikyo.bench.cost import default_instance_type
     from saikyo.bench.hardware import describe
     from saikyo.bench.load import LoadError, read_images
     from saikyo.bench.sweep import SweepConfig, cell_identity, completed_keys, identity_key, plan, run_sweep
@@ -238,12 +276,7 @@ def sweep(
 
     _need_bench_extra()
     hw = describe()
-    if instance_type is None and price_per_hour is None:
-        if any(not t.endswith("/cpu") for t in _names(targets)) or hw.accelerator:
-            raise _fail("name the machine's price: --instance-type (e.g. g5.xlarge) or --price-per-hour")
-        instance_type = default_instance_type(hw.cores or 1)
-        err.print(f"pricing as {instance_type} (a {hw.cores}-vCPU machine); --instance-type changes it")
-    pricing = _pricing(instance_type, price_per_hour, prices)
+    pricing = _local_pricing(_names(targets), instance_type, price_per_hour, prices, hw)
     settings = Settings.from_env(**({"repository": repository} if repository else {}))
     model_list = list(zoo.ZOO) if models.strip() == "all" else _names(models)
     try:
@@ -275,13 +308,157 @@ def sweep(
 
 
 @bench_app.command()
+def capacity(
+    p99: Annotated[str, typer.Option(help="the latency target for p99, e.g. 100ms or 0.1s")],
+    model: Annotated[Optional[str], typer.Option(help="model (needed without --url) [default: the server's]")] = None,
+    url: Annotated[Optional[str], typer.Option(help="server base URL [default: serve --model locally]")] = None,
+    images_per_request: Annotated[int, typer.Option(min=1, help="images in each request")] = 1,
+    rate_precision: Annotated[float, typer.Option(help="stop when lo and hi are this fraction apart")] = 0.05,
+    start_rate: Annotated[
+        Optional[float], typer.Option(help="first rate, req/s [default: half of one sequential client's]")
+    ] = None,
+    max_rate: Annotated[Optional[float], typer.Option(help="never offer more than this, req/s")] = None,
+    max_steps: Annotated[int, typer.Option(min=2, help="open-loop runs at most")] = 20,
+    min_requests: Annotated[int, typer.Option(min=1, help="per step: requests offered (1% lie beyond the p99)")] = 1000,
+    min_seconds: Annotated[float, typer.Option(help="per step: measured seconds at least")] = 10.0,
+    max_seconds: Annotated[float, typer.Option(help="per step: measured seconds at most")] = 120.0,
+    warmup_seconds: Annotated[float, typer.Option(help="per step: seconds of the same load first, not measured")] = 3.0,
+    timeout: TimeoutOpt = 60.0,
+    max_outstanding: Annotated[int, typer.Option(min=1, help="in flight at once; beyond: dropped (an error)")] = 256,
+    seed: Annotated[int, typer.Option(help="arrival schedule seed (step i uses seed + i)")] = 0,
+    images: ImagesOpt = None,
+    out: RecordOutOpt = None,
+    instance_type: InstanceOpt = None,
+    price_per_hour: PriceOpt = None,
+    prices: PricesOpt = None,
+    repository: Annotated[
+        Optional[Path], typer.Option(help="model repository: what a local server serves; meta.json for the record")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="local server: --backend")] = "onnxruntime",
+    device: Annotated[str, typer.Option(help="local server: --device")] = "cpu",
+    max_batch_size: Annotated[int, typer.Option(help="local server: --max-batch-size")] = 16,
+    server_args: Annotated[str, typer.Option(help="local server: more `saikyo serve` flags")] = "",
+    log_dir: Annotated[Optional[Path], typer.Option(help="local server: its log [default: a temporary dir]")] = None,
+    hardware: HardwareOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+) -> None:
+    """The highest Poisson request rate whose p99 meets --p99 with no errors: bracket, then bisect.
+
+    Each step is an open-loop run of --min-requests requests or more (the p99 rests on >= 10 beyond it),
+    --min-seconds to --max-seconds long, after --warmup-seconds of the same load, unmeasured.
+
+    Without --url, a local server is started for --model from --repository, as a sweep does."""
+    import contextlib
+    import tempfile
+    from dataclasses import replace
+
+    from saikyo.bench import records
+    from saikyo.bench.capacity import CapacitySpec, StepRule, run_capacity
+    from saikyo.bench.load import LoadError, LoadSpec, read_images
+    from saikyo.bench.localserver import ServerStartError, local_server
+    from saikyo.bench.sweep import ServerSetting
+    from saikyo.models.errors import ModelNotExported
+    from saikyo.models.repository import ModelRepository
+    from saikyo.settings import Settings
+
+    _need_bench_extra()
+    if url is None and not model:
+        raise _fail("name the --model to serve locally, or the --url of a running server")
+    repo = ModelRepository(Settings.from_env(**({"repository": repository} if repository else {})).repository)
+    hw = _hardware(hardware)
+    if url is None:
+        pricing = _local_pricing([f"{backend}/{device}"], instance_type, price_per_hour, prices, hw)
+    else:
+        pricing = _pricing(instance_type, price_per_hour, prices)
+    try:
+        # A local server's URL is known once it listens; the spec is checked before starting one.
+        load = LoadSpec(
+            url=url or "http://127.0.0.1", model=model, mode="seed", images_per_request=images_per_request,
+            timeout=timeout, max_outstanding=max_outstanding, seed=seed, api_key=_api_key(api_key_file),
+        )  # fmt: skip
+        spec = CapacitySpec(
+            load, parse_ms(p99), precision=rate_precision, start_rate=start_rate, max_rate=max_rate,
+            max_steps=max_steps, rule=StepRule(min_requests, min_seconds, max_seconds, warmup_seconds),
+        )  # fmt: skip
+        files = read_images(images)
+        meta = repo.get(model).meta if model and (url is None or repo.has(model)) else {}
+    except (ValueError, LoadError, ModelNotExported) as exc:
+        raise _fail(str(exc)) from None
+    say = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        try:
+            if url is None:
+                setting = ServerSetting(str(model), backend, device, max_batch_size)
+                logs = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saikyo-capacity-")))
+                server = stack.enter_context(
+                    local_server(repo.root, setting.model, logs, [*setting.args(), *shlex.split(server_args)])
+                )
+                say(f"{setting.describe()}: serving at {server.url}")
+                spec = replace(spec, load=replace(spec.load, url=server.url))
+            info = records.server_info(spec.load.url, model, api_key=spec.load.api_key)
+            found = run_capacity(spec, files, say=say)
+        except (LoadError, ServerStartError) as exc:
+            raise _fail(str(exc), 1) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted: no record written", 130) from None
+    ctx = records.RunContext(
+        hardware=hw, pricing=pricing, family=info.family, backend=info.backend or (backend if url is None else None),
+        device=info.device or (device if url is None else None),
+        max_batch_size=info.max_batch_size or (max_batch_size if url is None else None),
+        weights=info.weights or meta.get("weights"), precision=info.precision, quantization=meta.get("quantization"),
+    )  # fmt: skip
+    rec = records.capacity_record(found, ctx)
+    if out is not None:
+        records.append(out, rec)
+    if as_json:
+        print(json.dumps(rec))
+    else:
+        _print_capacity(rec, out)
+    if found.capacity is None:
+        raise typer.Exit(1)
+
+
+def _print_capacity(rec: dict[str, Any], out: Path | None) -> None:
+    target = f"p99 <= {rec['p99_target_ms']:g} ms"
+    table = Table(title=f"capacity of {rec['model']} x{rec['images_per_request']} at {target}, {rec['url']}")
+    for col in ("step", "phase", "rate req/s", "seconds", "requests", "errors", "p99 ms", "beyond p99", "images/s", ""):
+        table.add_column(col, justify="left" if col in ("phase", "") else "right")
+    for i, s in enumerate(rec["capacity_steps"], 1):
+        table.add_row(
+            str(i), s["phase"], f"{s['rate']:g}", f"{s.get('seconds', 0):g}", str(s.get("requests", "-")),
+            str(s.get("errors", "-")), "-" if s.get("p99_ms") is None else f"{s['p99_ms']:.1f}",
+            str(s.get("beyond_p99", "-")), f"{s.get('images_per_s', 0):.2f}", "pass" if s["passed"] else s["why"],
+        )  # fmt: skip
+    console.print(table)
+    price = f"{rec['instance_type']} ${rec['price_per_hour']}/h" if rec.get("price_per_hour") else "no price"
+    if rec["capacity_rate"] is None:
+        console.print(f"no rate met {target} without errors")
+    else:
+        above = (f"lowest failing rate {rec['capacity_upper_rate']:g}/s, resolution {rec['capacity_resolution']:.1%}"
+                 if rec["capacity_upper_rate"] else "no failing rate found above it: a lower bound")  # fmt: skip
+        console.print(
+            f"capacity at {target}: {rec['capacity_rate']:g} req/s = "
+            f"{rec['capacity_images_per_s']:g} images/s = {rec['capacity_cost_performance_kimg_per_usd'] or '-'} "
+            f"thousand images per $ ({price}); {above}"
+        )
+    console.print(
+        f"peak (any latency): {rec['peak_images_per_s']} images/s = "
+        f"{rec['peak_cost_performance_kimg_per_usd'] or '-'} thousand images per $"
+    )
+    if out is not None:
+        console.print(f"appended to {out}")
+
+
+@bench_app.command()
 def plot(
     records_files: RecordsArg,
     out_dir: Annotated[Optional[Path], typer.Option(help="where the PNG/SVG go [default: beside the first file]")] = None,
     stem: Annotated[str, typer.Option(help="file name prefix, e.g. 'c7i-'")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print the plotted data as JSON")] = False,
 ) -> None:
-    """The 2018 figure (cost performance vs time per request, Pareto frontier) and throughput-vs-p99 curves."""
+    """The 2018 figure (cost performance vs time per request), accuracy vs images per dollar (both with their
+    Pareto frontiers) and throughput-vs-p99 curves."""
     from dataclasses import asdict
 
     from saikyo.bench import records
@@ -294,6 +471,7 @@ def plot(
     if as_json:
         data = {
             "cost_points": [{k: v for k, v in asdict(p).items() if k != "record"} for p in result.cost_points],
+            "accuracy_points": [{k: v for k, v in asdict(p).items() if k != "record"} for p in result.accuracy_points],
             "curves": [asdict(c) for c in result.curves],
             "files": [str(f) for f in result.files],
         }
@@ -306,6 +484,9 @@ def plot(
     front = [p.label for p in sorted(result.cost_points, key=lambda p: p.time_ms) if p.pareto]
     if front:
         console.print("Pareto frontier (fastest first): " + "; ".join(front))
+    accurate = [f"{p.label} ({p.top1:g}%)" for p in result.accuracy_points if p.pareto]
+    if accurate:
+        console.print("accuracy frontier (most accurate first): " + "; ".join(accurate))
 
 
 @bench_app.command()
@@ -318,9 +499,16 @@ def recommend(
     model: Annotated[Optional[str], typer.Option(help="only these models (comma-separated)")] = None,
     max_error_rate: Annotated[float, typer.Option(help="largest error fraction a feasible load level may have")] = 0.0,
     hours_per_month: Annotated[float, typer.Option(help="hours billed per month")] = 730.0,
+    min_top1: Annotated[
+        Optional[float],
+        typer.Option(help="only networks whose published ImageNet top-1 is at least this, percent (int8: its fp32's)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Every measured configuration meeting the p99 budget, instances for --qps, monthly cost; cheapest first."""
+    """Every measured configuration meeting the p99 budget, instances for --qps, monthly cost; cheapest first.
+
+    Searched capacities (`saikyo bench capacity` at a p99 target within the budget) come before measured
+    levels."""
     from saikyo.bench import records
     from saikyo.bench.recommend import recommend as plan
 
@@ -329,6 +517,7 @@ def recommend(
         rec = plan(
             recs, parse_ms(p99), qps, headroom=headroom, images_per_request=images_per_request,
             models=_names(model) if model else None, max_error_rate=max_error_rate, hours_per_month=hours_per_month,
+            min_top1=min_top1,
         )  # fmt: skip
     except ValueError as exc:
         raise _fail(str(exc)) from None
@@ -338,21 +527,26 @@ def recommend(
             "options": [o.to_dict() for o in rec.options], "rejected": rec.rejected,
         }, indent=2))  # fmt: skip
         return
+    accuracy = f"; published top-1 >= {min_top1:g}%" if min_top1 is not None else ""
     table = Table(
-        title=f"p99 <= {rec.p99_ms:g} ms at {rec.qps:g} req/s; each instance planned at {rec.headroom:.0%} "
+        title=f"p99 <= {rec.p99_ms:g} ms at {rec.qps:g} req/s{accuracy}; each instance planned at {rec.headroom:.0%} "
         f"of measured throughput; {rec.hours_per_month:g} h/month"
     )
-    for col, just in [("#", "right"), ("model", "left"), ("instance", "left"), ("backend/device", "left"),
-                      ("img/req", "right"), ("measured at", "left"), ("p99 ms", "right"), ("req/s each", "right"),
-                      ("instances", "right"), ("$/h each", "right"), ("monthly", "right")]:  # fmt: skip
+    for col, just in [("#", "right"), ("model", "left"), ("top-1 %", "right"), ("instance", "left"),
+                      ("backend/device", "left"), ("img/req", "right"), ("capacity from", "left"),
+                      ("p99 ms", "right"), ("req/s each", "right"), ("instances", "right"), ("$/h each", "right"),
+                      ("monthly", "right")]:  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for i, o in enumerate(rec.options, 1):
         table.add_row(
-            str(i), o.model, o.instance_type, f"{o.backend}/{o.device}", str(o.images_per_request), o.load,
-            f"{o.p99_ms:.1f}", f"{o.capacity_rps:.2f}", str(o.instances), f"{o.price_per_hour:g}",
-            f"${o.monthly_cost:,.2f}",
+            str(i), o.model, _top1_text(o.published_top1, o.top1_agreement_with_fp32), o.instance_type,
+            f"{o.backend}/{o.device}", str(o.images_per_request), o.load, f"{o.p99_ms:.1f}", f"{o.capacity_rps:.2f}",
+            str(o.instances), f"{o.price_per_hour:g}", f"${o.monthly_cost:,.2f}",
         )  # fmt: skip
     console.print(table)
+    if rec.options:
+        console.print("top-1: published ImageNet-1k accuracy of each network's named weights, not measured here "
+                      "(int8: its fp32 weights', with how often int8 agreed with fp32)")  # fmt: skip
     if not rec.options:
         sizes = sorted({int(r["images_per_request"]) for r in recs})
         console.print(f"no measured configuration meets the budget (sizes measured: {sizes})")

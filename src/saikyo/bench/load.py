@@ -5,7 +5,8 @@
     open    requests scheduled at Poisson arrival times (R per second) for S seconds, whether or not
             earlier ones have answered; latency counts from the *scheduled* send time, so a request
             that waited behind a slow one (in the server or in this client) carries that wait. That is
-            what a user would see, and what a closed loop hides ("coordinated omission").
+            what a user would see, and what a closed loop hides ("coordinated omission"). An optional
+            warm-up of W seconds at the same rate comes first and is not measured.
 
 The client shares the machine with the server when both run here, so it is kept cheap: one asyncio
 loop, aiohttp with keep-alive connections, and the multipart body built once per run.
@@ -15,6 +16,7 @@ Latency statistics are over successful requests; failures are counted by kind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -118,6 +120,7 @@ class LoadSpec:
     concurrency: int = 1  # closed mode
     rate: float | None = None  # open mode, requests per second
     seconds: float = 10.0  # closed and open modes
+    warmup_seconds: float = 0.0  # open mode: the same arrivals for this long first, sent but not measured
     timeout: float = 60.0  # per request
     max_outstanding: int = 256  # open mode: requests in flight at once; beyond it a request is dropped
     seed: int = 0  # open mode: the arrival schedule's random seed
@@ -139,12 +142,15 @@ class LoadSpec:
             raise ValueError("--seconds must be positive")
         if self.max_outstanding < 1:
             raise ValueError("max outstanding must be at least 1")
+        if self.warmup_seconds < 0:
+            raise ValueError("warm-up seconds must not be negative")
 
     def offsets(self) -> list[float]:
+        """Send offsets from the start of the run, warm-up included (open mode)."""
         if self.schedule is not None:
             return sorted(self.schedule)
         assert self.rate is not None
-        return poisson_schedule(self.rate, self.seconds, self.seed)
+        return poisson_schedule(self.rate, self.warmup_seconds + self.seconds, self.seed)
 
 
 @dataclass(frozen=True)
@@ -320,26 +326,30 @@ async def _closed(client: _Client, spec: LoadSpec, result: LoadResult) -> None:
 
 async def _open(client: _Client, spec: LoadSpec, result: LoadResult) -> None:
     in_flight: set[asyncio.Task[Sample]] = set()
+    start = result.started
 
-    def finished(task: asyncio.Task[Sample]) -> None:
+    def finished(task: asyncio.Task[Sample], measured: bool) -> None:
         in_flight.discard(task)
-        if not task.cancelled():
+        if measured and not task.cancelled():
             result.samples.append(task.result())
 
     for offset in spec.offsets():
-        due = result.started + offset
+        due = start + offset
+        measured = offset >= spec.warmup_seconds
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         if len(in_flight) >= spec.max_outstanding:
             # Counted, not silently skipped: an offered request the client could not even send.
-            result.samples.append(Sample(due, None, None, "dropped"))
+            if measured:
+                result.samples.append(Sample(due, None, None, "dropped"))
             continue
         task = asyncio.create_task(client.send(due))
         in_flight.add(task)
-        task.add_done_callback(finished)
+        task.add_done_callback(functools.partial(finished, measured=measured))
     if in_flight:
         await asyncio.gather(*in_flight, return_exceptions=True)
+    result.started = start + spec.warmup_seconds  # what is measured starts after the warm-up
 
 
 def rich_progress(spec: LoadSpec, enabled: bool) -> "_RichProgress | None":

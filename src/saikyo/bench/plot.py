@@ -1,4 +1,4 @@
-"""The 2018 figure and the throughput-vs-p99 curves, from benchmark records.
+"""The 2018 figure, accuracy against images per dollar, and the throughput-vs-p99 curves, from records.
 
 The 2018 figure: x = processing time per request (mean response time of the seed method, ms, log
 scale), y = cost performance (thousand images per dollar); one point per (network, images per
@@ -7,13 +7,20 @@ where one instance type was measured on its CPU and its GPU). Where several
 server settings measured the same point (e.g. max batch sizes), the one with the best cost
 performance stands for it. The Pareto frontier joins the points nothing beats on both axes.
 
-Everything plotted is returned as data (`CostPoint`, `Curve`), so tests check numbers, not pixels.
+Accuracy against images per dollar: y = the published ImageNet-1k top-1 of the weights the zoo names
+(records' `published_top1`; not measured here), x = the 2018 cost performance, the best of the
+network's points on that hardware (so the figure's x values are the 2018 figure's). int8 variants are
+drawn hollow at their fp32 weights' top-1, which is all that is published; their agreement with fp32
+is in the label. The frontier joins the points no other beats on both accuracy and images per dollar.
+
+Everything plotted is returned as data (`CostPoint`, `AccuracyPoint`, `Curve`), so tests check numbers,
+not pixels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,21 @@ class CostPoint:
 
 
 @dataclass(frozen=True)
+class AccuracyPoint:
+    label: str  # the cost point's label: "ResNet int8, bs=8, c7i.large"
+    model: str
+    family: str
+    precision: str
+    hardware: str
+    top1: float  # published, for the named (fp32) weights
+    cost_performance: float  # thousand images per dollar: the best 2018 point of this network here
+    agreement: float | None  # int8: top-1 agreement with fp32
+    speed_only: bool  # the run served other weights than the named ones
+    pareto: bool = False
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class CurvePoint:
     images_per_s: float
     p99_ms: float
@@ -68,6 +90,11 @@ class PlotResult:
     curves: list[Curve]
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    accuracy_points: list[AccuracyPoint] = field(default_factory=list)
+
+    def file(self, stem: str) -> Path | None:
+        """The SVG whose name ends in `stem` ("cost", "accuracy", "throughput-p99"), if drawn."""
+        return next((f for f in self.files if f.suffix == ".svg" and f.stem.endswith(stem)), None)
 
 
 def _usable(r: dict[str, Any]) -> bool:
@@ -124,14 +151,8 @@ def cost_points(records: Iterable[dict[str, Any]]) -> list[CostPoint]:
             )
         )
     front = {id(p) for p in pareto_front(points)}
-    points = [_with_pareto(p, id(p) in front) for p in points]
+    points = [replace(p, pareto=id(p) in front) for p in points]
     return sorted(points, key=lambda p: (p.family, p.model, p.hardware, p.images_per_request))
-
-
-def _with_pareto(p: CostPoint, flag: bool) -> CostPoint:
-    from dataclasses import replace
-
-    return replace(p, pareto=flag)
 
 
 def pareto_front(points: Sequence[CostPoint]) -> list[CostPoint]:
@@ -142,6 +163,46 @@ def pareto_front(points: Sequence[CostPoint]) -> list[CostPoint]:
         if p.cost_performance > best_y:
             front.append(p)
             best_y = p.cost_performance
+    return front
+
+
+def accuracy_points(points: Sequence[CostPoint]) -> list[AccuracyPoint]:
+    """One point per (model, hardware) with a published top-1: its best 2018 cost point."""
+    best: dict[tuple[str, str], CostPoint] = {}
+    for p in points:
+        if p.record.get("published_top1") is None:
+            continue
+        key = (p.model, p.hardware)
+        if key not in best or p.cost_performance > best[key].cost_performance:
+            best[key] = p
+    out = [
+        AccuracyPoint(
+            label=p.label,
+            model=p.model,
+            family=p.family,
+            precision=str(p.record.get("precision") or zoo.precision_of(p.model)),
+            hardware=p.hardware,
+            top1=float(p.record["published_top1"]),
+            cost_performance=p.cost_performance,
+            agreement=p.record.get("top1_agreement_with_fp32"),
+            speed_only=bool(p.record.get("speed_only")),
+            record=p.record,
+        )
+        for p in best.values()
+    ]
+    front = {id(p) for p in accuracy_front(out)}
+    out = [replace(p, pareto=id(p) in front) for p in out]
+    return sorted(out, key=lambda p: (-p.top1, -p.cost_performance))
+
+
+def accuracy_front(points: Sequence[AccuracyPoint]) -> list[AccuracyPoint]:
+    """Points no other point beats on both accuracy and images per dollar; most images per dollar first."""
+    front: list[AccuracyPoint] = []
+    best_top1 = float("-inf")
+    for p in sorted(points, key=lambda p: (-p.cost_performance, -p.top1)):
+        if p.top1 > best_top1:
+            front.append(p)
+            best_top1 = p.top1
     return front
 
 
@@ -219,17 +280,52 @@ def _plain_ticks(axis: Any, span: float = 1.0) -> None:
     axis.set_tick_params(which="minor", labelsize=7)
 
 
-def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) -> Any:
+def _scatter_figure(points: Sequence[CostPoint] | Sequence[AccuracyPoint]) -> tuple[Any, Any, dict, dict]:
+    """A figure for one point per (network, hardware): colour = family, marker = hardware."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(13, 7.5), dpi=110)
     colours = _colour_map(p.family for p in points)
-    hardware = sorted({p.hardware for p in points})
-    markers = {hw: MARKERS[i % len(MARKERS)] for i, hw in enumerate(hardware)}
+    markers = {hw: MARKERS[i % len(MARKERS)] for i, hw in enumerate(sorted({p.hardware for p in points}))}
+    return fig, ax, colours, markers
+
+
+def _legends(ax: Any, colours: dict[str, str], markers: dict[str, str], extra: Sequence[Any]) -> None:
+    """The network (colour) and hardware (marker, + `extra`) legends, outside the axes so that they never
+    cover a point or a label."""
+    from matplotlib.lines import Line2D
+
+    fam_handles = [
+        Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="black", markersize=8, label=f)
+        for f, c in colours.items()
+    ]
+    hw_handles = [
+        Line2D([], [], marker=m, linestyle="", color="0.5", markeredgecolor="black", markersize=8, label=hw)
+        for hw, m in markers.items()
+    ]
+    leg1 = ax.legend(handles=fam_handles, title="network", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.add_artist(leg1)
+    ax.legend(handles=[*hw_handles, *extra], title="hardware", loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8)
+
+
+def _draw_frontier(ax: Any, xy: Sequence[tuple[float, float]], where: str) -> None:
+    if len(xy) > 1:
+        ax.step([x for x, _ in xy], [y for _, y in xy], where=where, color="0.35", linestyle="--", linewidth=1.2,
+                zorder=2)  # fmt: skip
+
+
+def _frontier_handle() -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color="0.35", linestyle="--", label="Pareto frontier (bold labels)")
+
+
+def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) -> Any:
+    fig, ax, colours, markers = _scatter_figure(points)
+    hardware = list(markers)
     for hw in hardware:
         for fam in sorted(colours):
             sel = [p for p in points if p.hardware == hw and p.family == fam]
@@ -247,11 +343,8 @@ def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) ->
                 label=f"{fam} / {hw}",
             )
     front = sorted((p for p in points if p.pareto), key=lambda p: p.time_ms)
-    if len(front) > 1:
-        ax.step(
-            [p.time_ms for p in front], [p.cost_performance for p in front], where="post",
-            color="0.35", linestyle="--", linewidth=1.2, zorder=2,
-        )  # fmt: skip
+    # Faster is better here: the best value within a time holds until the next frontier point.
+    _draw_frontier(ax, [(p.time_ms, p.cost_performance) for p in front], where="post")
     ax.set_xscale("log")
     ys = [p.cost_performance for p in points]
     if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
@@ -267,26 +360,73 @@ def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) ->
     if sub:
         fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="0.3")
     ax.grid(True, which="both", alpha=0.25)
-    fam_handles = [
-        Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="black", markersize=8, label=f)
-        for f, c in colours.items()
-    ]
-    hw_handles = [
-        Line2D([], [], marker=m, linestyle="", color="0.5", markeredgecolor="black", markersize=8, label=hw)
-        for hw, m in markers.items()
-    ]
-    if front:
-        hw_handles.append(Line2D([], [], color="0.35", linestyle="--", label="Pareto frontier (bold labels)"))
-    # Legends outside the axes, so that they never cover a point or a label.
-    leg1 = ax.legend(handles=fam_handles, title="network", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.add_artist(leg1)
-    ax.legend(handles=hw_handles, title="hardware", loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8)
+    _legends(ax, colours, markers, [_frontier_handle()] if front else [])
     # Room on the right for the labels of the slowest points.
     ax.set_xlim(min(xs) / 1.25, max(xs) * 2.2)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     # One hardware: the legend names it, so labels drop it; the data keep the full 2018 label.
     single_hw = len(hardware) == 1
-    _place_labels(fig, ax, points, lambda p: p.label.rsplit(", ", 1)[0] if single_hw else p.label)
+    _place_labels(fig, ax, [
+        Label(p.time_ms, p.cost_performance, p.label.rsplit(", ", 1)[0] if single_hw else p.label, p.pareto)
+        for p in sorted(points, key=lambda p: (not p.pareto, -p.cost_performance))
+    ])  # fmt: skip
+    return fig
+
+
+def _accuracy_text(p: AccuracyPoint, single_hw: bool) -> str:
+    text = p.label.rsplit(", ", 1)[0] if single_hw else p.label
+    if p.agreement is not None:
+        text += f" (agrees {p.agreement:.0%})"
+    return text
+
+
+def plot_accuracy(points: Sequence[AccuracyPoint], records: Sequence[dict[str, Any]]) -> Any:
+    from matplotlib.lines import Line2D
+
+    fig, ax, colours, markers = _scatter_figure(points)
+    hardware = list(markers)
+    for hw in hardware:
+        for fam in sorted(colours):
+            for int8 in (False, True):
+                sel = [p for p in points if p.hardware == hw and p.family == fam and (p.precision == "int8") == int8]
+                if not sel:
+                    continue
+                ax.scatter(
+                    [p.cost_performance for p in sel], [p.top1 for p in sel],
+                    facecolors="none" if int8 else colours[fam], edgecolors=colours[fam] if int8 else "black",
+                    marker=markers[hw], s=70, linewidths=1.4 if int8 else 0.6, zorder=3,
+                    label=f"{fam} / {hw}{' / int8' if int8 else ''}",
+                )  # fmt: skip
+    front = sorted((p for p in points if p.pareto), key=lambda p: p.cost_performance)
+    # More is better on both axes: up to a point's images per dollar, its accuracy is reachable.
+    _draw_frontier(ax, [(p.cost_performance, p.top1) for p in front], where="pre")
+    ax.set_xscale("log")
+    xs = [p.cost_performance for p in points]
+    _plain_ticks(ax.xaxis, max(xs) / min(xs))
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 2.2)
+    ax.margins(y=0.1)
+    ax.set_xlabel("cost performance (thousand images per $, best of the 2018 method's points; log scale)")
+    ax.set_ylabel("ImageNet-1k top-1 % (published, for the named weights)")
+    ax.set_title("Accuracy vs images per dollar", fontsize=13)
+    sub = _subtitle(records)
+    speed_only = sorted({zoo.base_name(p.model) for p in points if p.speed_only})
+    note = (
+        "top-1 is published for each network's named weights, not measured here; "
+        + (f"measured on other weights (speed only): {', '.join(speed_only)}; " if speed_only else "")
+        + "int8 (hollow) is drawn at its fp32 weights' top-1, with its agreement with fp32"
+    )
+    fig.text(0.5, 0.005, " | ".join(x for x in (note, sub) if x), ha="center", va="bottom", fontsize=7.5,
+             color="0.3", wrap=True)  # fmt: skip
+    ax.grid(True, which="both", alpha=0.25)
+    hollow = Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="0.3", markersize=8,
+                    label="int8 (hollow)")  # fmt: skip
+    _legends(ax, colours, markers, [hollow, _frontier_handle()] if front else [hollow])
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    single_hw = len(hardware) == 1
+    _place_labels(fig, ax, [
+        Label(p.cost_performance, p.top1, _accuracy_text(p, single_hw), p.pareto)
+        for p in sorted(points, key=lambda p: (not p.pareto, -p.top1))
+    ])  # fmt: skip
     return fig
 
 
@@ -298,16 +438,24 @@ _FAR = [(18, 16, "left", "bottom"), (18, -16, "left", "top"), (-18, 16, "right",
         (30, 0, "left", "center"), (-30, 0, "right", "center")]  # fmt: skip
 
 
-def _place_labels(fig: Any, ax: Any, points: Sequence[CostPoint], text_of: Any) -> None:
-    """Greedy placement: each label takes the first position that overlaps no marker and no label
-    placed before it (Pareto points first), else the least-overlapping one. Readable without a
-    layout library."""
+@dataclass(frozen=True)
+class Label:
+    x: float
+    y: float
+    text: str
+    bold: bool  # Pareto points: bold, and placed first
+
+
+def _place_labels(fig: Any, ax: Any, labels: Sequence[Label]) -> None:
+    """Greedy placement, in the given order: each label takes the first position that overlaps no
+    marker and no label placed before it, else the least-overlapping one. Readable without a layout
+    library."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     taken = []
-    for p in points:
-        x, y = ax.transData.transform((p.time_ms, p.cost_performance))
+    for p in labels:
+        x, y = ax.transData.transform((p.x, p.y))
         taken.append((x - 6, y - 6, x + 6, y + 6))
 
     def overlap(box: tuple[float, float, float, float]) -> float:
@@ -318,13 +466,13 @@ def _place_labels(fig: Any, ax: Any, points: Sequence[CostPoint], text_of: Any) 
         outside = (x1 - x0) * (y1 - y0) if x0 < frame.x0 or x1 > frame.x1 or y0 < frame.y0 or y1 > frame.y1 else 0
         return total + outside
 
-    for p in sorted(points, key=lambda p: (not p.pareto, -p.cost_performance)):
+    for p in labels:
         best: tuple[float, Any, tuple] | None = None
         for dx, dy, ha, va in _NEAR + _FAR:
             far = (dx, dy, ha, va) in _FAR
             t = ax.annotate(
-                text_of(p), (p.time_ms, p.cost_performance), textcoords="offset points", xytext=(dx, dy),
-                ha=ha, va=va, fontsize=7.5, fontweight="bold" if p.pareto else "normal", color="0.15", zorder=4,
+                p.text, (p.x, p.y), textcoords="offset points", xytext=(dx, dy),
+                ha=ha, va=va, fontsize=7.5, fontweight="bold" if p.bold else "normal", color="0.15", zorder=4,
                 arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if far else None,
             )  # fmt: skip
             bb = t.get_window_extent(renderer)
@@ -395,19 +543,25 @@ def plot_curves(curves: Sequence[Curve], records: Sequence[dict[str, Any]]) -> A
 
 
 def render(records: Sequence[dict[str, Any]], out_dir: Path, stem: str = "") -> PlotResult:
-    """Write <stem>cost.{png,svg} and <stem>throughput-p99.{png,svg} (those that have data)."""
+    """Write <stem>cost, <stem>accuracy and <stem>throughput-p99 .png/.svg (those that have data)."""
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     points = cost_points(records)
     curves = throughput_curves(records)
-    result = PlotResult(points, curves, [])
+    result = PlotResult(points, curves, [], accuracy_points=accuracy_points(points))
     if points:
         fig = plot_cost(points, records)
         result.files += _save(fig, out_dir / f"{stem}cost")
         plt.close(fig)
     else:
         result.notes.append("no seed-mode records with a price: no cost figure")
+    if result.accuracy_points:
+        fig = plot_accuracy(result.accuracy_points, records)
+        result.files += _save(fig, out_dir / f"{stem}accuracy")
+        plt.close(fig)
+    elif points:
+        result.notes.append("no zoo networks with a published top-1 among the cost points: no accuracy figure")
     if curves:
         fig = plot_curves(curves, records)
         result.files += _save(fig, out_dir / f"{stem}throughput-p99")

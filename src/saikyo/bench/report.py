@@ -1,4 +1,5 @@
-"""One self-contained HTML page: the hardware, the plots (inline SVG), the tables, a recommendation."""
+"""One self-contained HTML page: the hardware, the plots (inline SVG), accuracy, capacities at a latency
+target, the tables, a recommendation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from saikyo import __version__
-from saikyo.bench.plot import render
+from saikyo.bench.plot import AccuracyPoint, render
 from saikyo.bench.recommend import Recommendation
 
 _CSS = """
@@ -57,11 +58,11 @@ def build_report(
 ) -> str:
     with tempfile.TemporaryDirectory(prefix="saikyo-report-") as tmp:
         plots = render(records, Path(tmp))
-        figures = [
-            f"<figure>{_inline_svg(p)}<figcaption>{_esc(p.stem)}</figcaption></figure>"
-            for p in plots.files
-            if p.suffix == ".svg"
-        ]
+        figures = {
+            stem: f"<figure>{_inline_svg(f)}<figcaption>{_esc(f.stem)}</figcaption></figure>"
+            for stem in ("cost", "accuracy", "throughput-p99")
+            if (f := plots.file(stem)) is not None
+        }
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -76,7 +77,7 @@ def build_report(
         "counts from each request's scheduled send time. <code>client_colocated</code>: the load generator "
         "ran on the server's machine and shared its cores.</p>",
         "<h2>The 2018 figure</h2>",
-        *(figures[:1] if plots.cost_points else []),
+        figures.get("cost", ""),
     ]
     if plots.cost_points:
         ranked = sorted(plots.cost_points, key=lambda p: -p.cost_performance)
@@ -87,12 +88,69 @@ def build_report(
         ]  # fmt: skip
         headers = ["point", "model", "mean ms", "images/s", "k images/$", "Pareto"]
         parts.append(_table(headers, rows, left=2, classes=["pareto" if p.pareto else "" for p in ranked]))
+    if plots.accuracy_points:
+        parts += ["<h2>Accuracy vs images per dollar</h2>", _ACCURACY_NOTE, figures.get("accuracy", ""),
+                  _accuracy_table(plots.accuracy_points)]  # fmt: skip
+    capacities = [r for r in records if r.get("search") == "capacity"]
+    if capacities:
+        parts += ["<h2>Capacity at a latency target</h2>", _CAPACITY_NOTE, _capacity_table(capacities)]
     if plots.curves:
-        parts += ["<h2>Throughput vs p99</h2>", figures[-1]]
+        parts += ["<h2>Throughput vs p99</h2>", figures.get("throughput-p99", "")]
     if recommendation is not None:
         parts += ["<h2>Recommendation</h2>", _recommendation_html(recommendation)]
     parts += ["<h2>All records</h2>", _records_table(records), "</body></html>"]
     return "\n".join(parts)
+
+
+_ACCURACY_NOTE = (
+    "<p>Top-1 / top-5: ImageNet-1k validation accuracy <b>published, for the named weights</b> (below, with "
+    "the source); not measured here. A run on other weights (random, as the committed sweeps use: speed does "
+    "not depend on them) measures speed only and says so. An int8 variant has no published accuracy of its "
+    "own: it is drawn at its fp32 weights' top-1 (hollow), with how often its top-1 agreed with fp32 on the "
+    "photos named (held out from calibration, or not).</p>"
+)
+_CAPACITY_NOTE = (
+    "<p>The highest Poisson request rate whose p99 met the target with no errors (<code>saikyo bench "
+    "capacity</code>: bracket by doubling, then bisect, each step an open-loop run), beside the peak "
+    "throughput any step reached at whatever latency. Images per dollar at the target is the number to "
+    "budget with.</p>"
+)
+
+
+def _accuracy_table(points: Sequence[AccuracyPoint]) -> str:
+    rows = []
+    for p in points:
+        r = p.record
+        if p.agreement is None:
+            agreement = "-"
+        else:
+            held = "held-out" if r.get("agreement_held_out") else "calibration"
+            agreement = f"{p.agreement:.0%} of {r.get('agreement_photos')} {held} photos"
+        rows.append([
+            p.label, _fmt(p.top1, 1), _fmt(r.get("published_top5"), 1), r.get("published_for"),
+            f"{r.get('weights')} (speed only)" if p.speed_only else r.get("weights"), agreement,
+            _fmt(p.cost_performance), "yes" if p.pareto else "", r.get("published_source"),
+        ])  # fmt: skip
+    headers = ["point", "top-1 %", "top-5 %", "published for", "measured with weights", "int8 agrees with fp32",
+               "k images/$", "Pareto", "source"]  # fmt: skip
+    return _table(headers, rows, left=1, classes=["pareto" if p.pareto else "" for p in points])
+
+
+def _capacity_table(capacities: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for r in sorted(capacities, key=lambda r: (r["model"], r["p99_target_ms"])):
+        upper = r.get("capacity_upper_rate")
+        rows.append([
+            r["model"], f"{r.get('backend')}/{r.get('device')}", r["images_per_request"], _fmt(r["p99_target_ms"], 0),
+            _fmt(r.get("capacity_rate"), 2), "-" if upper is None else _fmt(upper, 2),
+            _fmt(r.get("capacity_images_per_s"), 2), _fmt(r.get("capacity_cost_performance_kimg_per_usd")),
+            _fmt(r.get("peak_images_per_s"), 2), _fmt(r.get("peak_cost_performance_kimg_per_usd")),
+            len(r.get("capacity_steps") or []), r.get("instance_type"),
+        ])  # fmt: skip
+    headers = ["model", "backend/device", "images/req", "p99 target ms", "capacity req/s", "lowest failing req/s",
+               "images/s at target", "k images/$ at target", "peak images/s", "peak k images/$", "steps",
+               "priced as"]  # fmt: skip
+    return _table(headers, rows, left=2)
 
 
 _HARDWARE_KEYS = ("hardware", "instance_type", "price_per_hour", "price_source", "client_colocated")
@@ -112,16 +170,19 @@ def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> str:
-    headers = ["model", "backend/device", "max batch", "workers", "images/req", "mode", "load", "requests", "errors",
-               "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
+    headers = ["model", "backend/device", "top-1 % (published)", "max batch", "workers", "images/req", "mode", "load",
+               "requests", "errors", "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
     rows = []
     def order(r: dict[str, Any]) -> tuple:
         return (r["model"], r["images_per_request"], r["mode"], r.get("concurrency") or 0, r.get("rate") or 0)
 
     for r in sorted(records, key=order):
         load = {"closed": f"c={r.get('concurrency')}", "open": f"{r.get('rate')}/s"}.get(r["mode"], "sequential")
+        if r.get("search") == "capacity":
+            load += f" (capacity at p99 <= {r['p99_target_ms']:g} ms)"
+        top1 = _fmt(r.get("published_top1"), 1) + (" (speed only)" if r.get("speed_only") else "")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("max_batch_size"), r.get("workers") or 1,
+            r["model"], f"{r.get('backend')}/{r.get('device')}", top1, r.get("max_batch_size"), r.get("workers") or 1,
             r["images_per_request"],
             r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
             _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
@@ -133,17 +194,18 @@ def _records_table(records: Sequence[dict[str, Any]]) -> str:
 def _recommendation_html(rec: Recommendation) -> str:
     intro = (
         f"<p>Budget p99 &le; {rec.p99_ms:g} ms at {rec.qps:g} requests/s; each instance planned at "
-        f"{rec.headroom:.0%} of its measured throughput; {rec.hours_per_month:g} hours a month.</p>"
+        f"{rec.headroom:.0%} of its measured throughput (a searched capacity where one was searched at a "
+        f"target within the budget); {rec.hours_per_month:g} hours a month.</p>"
     )
     if not rec.options:
         return intro + "<p>No measured configuration meets the budget.</p>"
     rows = [
-        [o.model, o.instance_type, f"{o.backend}/{o.device}", o.images_per_request, o.load, _fmt(o.p99_ms),
-         _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
+        [o.model, o.instance_type, f"{o.backend}/{o.device}", _fmt(o.published_top1, 1), o.images_per_request,
+         o.load, _fmt(o.p99_ms), _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
         for o in rec.options
     ]  # fmt: skip
-    headers = ["model", "instance", "backend/device", "images/req", "measured at", "p99 ms", "req/s each",
-               "instances", "monthly"]  # fmt: skip
+    headers = ["model", "instance", "backend/device", "top-1 % (published)", "images/req", "capacity from", "p99 ms",
+               "req/s each", "instances", "monthly"]  # fmt: skip
     return intro + _table(headers, rows, left=3)
 
 

@@ -26,6 +26,8 @@ from saikyo.models.errors import ModelNotExported
 from saikyo.models.repository import ModelRepository, export_command
 
 PRECISIONS = ("fp32", "int8")
+# NAME-int8 is a quantised ONNX file: the torch runner builds fp32 networks only, so it has no int8 cells.
+ONNX_ONLY_BACKENDS = ("torch",)
 
 Say = Callable[[str], None]
 
@@ -116,6 +118,11 @@ def served_name(model: str, precision: str) -> str:
     return model if precision == "fp32" else f"{model}-{precision}"
 
 
+def runs_at(backend: str, precision: str) -> bool:
+    """Whether a backend can serve a precision: int8 (an ONNX file of its own) not on torch."""
+    return precision != "int8" or backend not in ONNX_ONLY_BACKENDS
+
+
 def load_levels(cfg: SweepConfig) -> list[LoadLevel]:
     levels: list[LoadLevel] = []
     for mode in cfg.modes:
@@ -138,6 +145,8 @@ def plan(cfg: SweepConfig) -> list[Cell]:
         for precision in cfg.precisions:
             for target in cfg.targets:
                 backend, _, device = target.partition("/")
+                if not runs_at(backend, precision):
+                    continue
                 for mbs in cfg.max_batch_sizes:
                     for workers in cfg.workers:
                         server = ServerSetting(served_name(model, precision), backend, device, mbs, workers)
@@ -205,6 +214,9 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
         groups.setdefault(cell.server, []).append(cell)
     say(f"sweep: {sum(map(len, groups.values()))} cells on {len(groups)} server settings; {hw.description}; "
         f"instance {cfg.pricing.instance_type} at {_price(cfg.pricing)}; server logs in {log_dir}")  # fmt: skip
+    skipped = [t for t in cfg.targets for p in cfg.precisions if not runs_at(t.partition("/")[0], p)]
+    if skipped:
+        say(f"int8 is not measured on {', '.join(sorted(set(skipped)))}: NAME-int8 is an ONNX Runtime model")
 
     for setting, cells in groups.items():
         todo = [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done]
@@ -223,9 +235,12 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
             with local_server(
                 repo.root, setting.model, log_dir, [*setting.args(), *cfg.server_args], timeout=cfg.server_timeout
             ) as server:
-                say(f"{setting.describe()}: serving at {server.url}; {len(todo)} cells")
+                # The precision the server runs (torch on CUDA: fp16), as it says; else the model name's.
+                precision = records.server_info(server.url, setting.model).precision
+                say(f"{setting.describe()}: serving at {server.url}{f' in {precision}' if precision else ''}; "
+                    f"{len(todo)} cells")  # fmt: skip
                 for cell in todo:
-                    _run_cell(cell, server.url, cfg, hw, meta, summary, say)
+                    _run_cell(cell, server.url, cfg, hw, meta, precision, summary, say)
         except ServerStartError as exc:
             summary.failed += len(todo)
             summary.messages.append(f"{setting.describe()}: {exc}")
@@ -235,7 +250,14 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
 
 
 def _run_cell(
-    cell: Cell, url: str, cfg: SweepConfig, hw: Hardware, meta: dict[str, Any], summary: SweepSummary, say: Say
+    cell: Cell,
+    url: str,
+    cfg: SweepConfig,
+    hw: Hardware,
+    meta: dict[str, Any],
+    precision: str | None,
+    summary: SweepSummary,
+    say: Say,
 ) -> None:
     spec = LoadSpec(
         url=url,
@@ -265,6 +287,8 @@ def _run_cell(
         max_batch_size=cell.server.max_batch_size,
         workers=cell.server.workers,
         weights=meta.get("weights"),
+        precision=precision,
+        quantization=meta.get("quantization"),
         extra={"cell": cell_identity(cell, cfg, hw)},
     )
     rec = records.make_record(result, ctx)

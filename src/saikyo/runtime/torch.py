@@ -147,6 +147,7 @@ class TorchRunner:
             backend="torch",
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
+            precision=next(k for k, v in DTYPES.items() if v == self.dtype),  # what records call it: "fp16"
             batch_buckets=list(self.buckets) if self.pad else None,
             cuda_graphs=self.cuda_graphs,
             torch_compile=compile,

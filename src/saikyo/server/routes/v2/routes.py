@@ -139,7 +139,7 @@ def metadata(served: ServedModel, settings: Settings) -> dict[str, Any]:
     backend = str(runner.meta.get("backend", "onnxruntime"))
     parameters = {
         key: runner.meta[key]
-        for key in ("family", "weights", "backend", "device", "input_size", "intra_op_threads")
+        for key in ("family", "weights", "backend", "device", "precision", "input_size", "intra_op_threads")
         if isinstance(runner.meta.get(key), (str, int))
     }
     # What one serving process runs with (under --workers: the worker that answers; they are alike).
