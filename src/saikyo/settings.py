@@ -9,6 +9,9 @@ from typing import Any
 
 from saikyo.models import zoo
 
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; NAME-int8 is chosen by name
+
 
 def available_cores() -> int:
     try:
@@ -45,6 +48,10 @@ class Settings:
     # decode threads need between batches, so it is off unless measured to help.
     ort_spinning: bool = setting(False, "ONNX Runtime threads spin while waiting for work")
     ort_cache_optimized: bool = setting(False, "write ONNX Runtime's optimised graph beside the model and reuse it")
+    # OpenVINO runner (backend "openvino"). auto follows OpenVINO's own default: bf16 on CPUs that compute
+    # it natively (AVX512_BF16, AMX), fp32 elsewhere. NAME-int8 runs its quantised layers in int8 either way.
+    precision: str = setting("auto", "openvino: auto (bf16 where the CPU has it natively, else fp32) | fp32 | bf16")
+    openvino_streams: int = setting(0, "openvino: forward passes at once (streams), each on its share of the threads; 0 = 1")
 
     # PyTorch runner (backend "torch").
     torch_dtype: str = setting("auto", "torch: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32", flag="--dtype")
@@ -101,6 +108,9 @@ class Settings:
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
     def __post_init__(self) -> None:
+        for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"setting {name!r} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
         if not 0 < self.gil_switch_interval_ms < 1000:
             raise ValueError(

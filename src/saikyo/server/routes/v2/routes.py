@@ -130,7 +130,7 @@ def metadata(served: ServedModel) -> dict[str, Any]:
     backend = str(runner.meta.get("backend", "onnxruntime"))
     parameters = {
         key: runner.meta[key]
-        for key in ("family", "weights", "backend", "device", "input_size")
+        for key in ("family", "weights", "backend", "device", "precision", "input_size")
         if isinstance(runner.meta.get(key), (str, int))
     }
     return {
