@@ -162,6 +162,7 @@ def run(
         device=device or info.device,
         max_batch_size=max_batch_size or info.max_batch_size,
         weights=info.weights,
+        precision=info.precision,
     )
     rec = records.make_record(result, ctx)
     if out is not None:
@@ -205,8 +206,8 @@ def sweep(
     out: Annotated[Path, typer.Option(help="JSONL file: records are appended; finished cells are skipped")],
     models: Annotated[str, typer.Option(help="comma-separated models, or 'all' for the zoo")] = "all",
     images_per_request: Annotated[str, typer.Option(help="comma-separated sizes")] = "1,4,8",
-    precisions: Annotated[str, typer.Option(help="fp32,int8 (int8 serves NAME-int8)")] = "fp32",
-    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,torch/cuda")] = "onnxruntime/cpu",
+    precisions: Annotated[str, typer.Option(help="fp32,bf16,int8 (int8 serves NAME-int8; bf16 on openvino targets)")] = "fp32",
+    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,openvino/cpu,torch/cuda")] = "onnxruntime/cpu",
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
     concurrency: Annotated[str, typer.Option(help="closed-mode levels")] = "1,2,4,8",

@@ -40,6 +40,7 @@ class RunContext:
     device: str | None = None
     max_batch_size: int | None = None
     weights: str | None = None
+    precision: str | None = None  # what the server ran (bf16 is not in the model's name)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. a sweep's `cell`
 
 
@@ -74,7 +75,7 @@ def make_record(result: LoadResult, ctx: RunContext) -> dict[str, Any]:
         "url": spec.url,
         "model": spec.model or "default",
         "family": ctx.family or family_of(spec.model),
-        "precision": precision_of(spec.model),
+        "precision": ctx.precision or precision_of(spec.model),
         "backend": ctx.backend or "unknown",
         "device": ctx.device or "unknown",
         "max_batch_size": ctx.max_batch_size,
@@ -164,6 +165,7 @@ class ServerInfo:
     max_batch_size: int | None = None
     weights: str | None = None
     family: str | None = None
+    precision: str | None = None
 
 
 _PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "torch", "pytorch": "torch"}
@@ -211,4 +213,5 @@ def server_info(url: str, model: str | None, timeout: float = 5.0, api_key: str 
         max_batch_size=mbs,
         weights=str(pick("weights")) if pick("weights") else None,
         family=str(pick("family")) if pick("family") else None,
+        precision=str(pick("precision")) if pick("precision") else None,
     )

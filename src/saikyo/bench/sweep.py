@@ -25,7 +25,9 @@ from saikyo.bench.localserver import ServerStartError, local_server
 from saikyo.models.errors import ModelNotExported
 from saikyo.models.repository import ModelRepository, export_command
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
+# Backends that run a model at another precision than its file's, by the server's --precision (bf16).
+PRECISION_BACKENDS = ("openvino",)
 
 Say = Callable[[str], None]
 
@@ -36,12 +38,15 @@ class ServerSetting:
     backend: str
     device: str
     max_batch_size: int
+    precision: str = "fp32"  # fp32 | bf16 | int8 (int8: the NAME-int8 file)
 
     def args(self) -> list[str]:
-        return ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+        args = ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+        # int8 is the file's; fp32 and bf16 are what the server is told (OpenVINO's own default is bf16).
+        return args if self.precision == "int8" else [*args, "--precision", self.precision]
 
     def describe(self) -> str:
-        return f"{self.model} [{self.backend}/{self.device}, max batch {self.max_batch_size}]"
+        return f"{self.model} [{self.backend}/{self.device}, {self.precision}, max batch {self.max_batch_size}]"
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class SweepConfig:
             backend, _, device = t.partition("/")
             if not backend or not device:
                 raise ValueError(f"target {t!r} is not backend/device, e.g. onnxruntime/cpu or torch/cuda")
+        if "bf16" in self.precisions and not any(runs_at(t.partition("/")[0], "bf16") for t in self.targets):
+            raise ValueError(f"bf16 needs a target on {' or '.join(PRECISION_BACKENDS)}, e.g. openvino/cpu")
         if "open" in self.modes and not self.rates:
             raise ValueError("open mode needs --rates")
         if not self.models:
@@ -105,7 +112,13 @@ class SweepConfig:
 
 
 def served_name(model: str, precision: str) -> str:
-    return model if precision == "fp32" else f"{model}-{precision}"
+    """int8 is a file of its own (NAME-int8); fp32 and bf16 serve NAME."""
+    return zoo.variant_name(model, "int8") if precision == "int8" else model
+
+
+def runs_at(backend: str, precision: str) -> bool:
+    """Whether a backend can serve a precision: bf16 only where the server's --precision reaches the engine."""
+    return precision != "bf16" or backend in PRECISION_BACKENDS
 
 
 def load_levels(cfg: SweepConfig) -> list[LoadLevel]:
@@ -130,8 +143,10 @@ def plan(cfg: SweepConfig) -> list[Cell]:
         for precision in cfg.precisions:
             for target in cfg.targets:
                 backend, _, device = target.partition("/")
+                if not runs_at(backend, precision):
+                    continue
                 for mbs in cfg.max_batch_sizes:
-                    server = ServerSetting(served_name(model, precision), backend, device, mbs)
+                    server = ServerSetting(served_name(model, precision), backend, device, mbs, precision)
                     for n in cfg.images_per_request:
                         for level in levels:
                             cells.append(Cell(server, n, level))
@@ -146,8 +161,12 @@ def cell_identity(cell: Cell, cfg: SweepConfig, hw: Hardware) -> dict[str, Any]:
     else:
         load["seconds"] = cfg.seconds
         load["concurrency" if cell.load.mode == "closed" else "rate"] = cell.load.concurrency or cell.load.rate
+    # The precision is named only where the model's name does not say it (bf16), so the cells of sweeps
+    # from before bf16 keep their identity.
+    precision = {} if cell.server.precision == zoo.precision_of(cell.server.model) else {"precision": cell.server.precision}
     return {
         "model": cell.server.model,
+        **precision,
         "backend": cell.server.backend,
         "device": cell.server.device,
         "max_batch_size": cell.server.max_batch_size,
@@ -194,6 +213,8 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
         groups.setdefault(cell.server, []).append(cell)
     say(f"sweep: {sum(map(len, groups.values()))} cells on {len(groups)} server settings; {hw.description}; "
         f"instance {cfg.pricing.instance_type} at {_price(cfg.pricing)}; server logs in {log_dir}")  # fmt: skip
+    if "bf16" in cfg.precisions and not all(runs_at(t.partition("/")[0], "bf16") for t in cfg.targets):
+        say(f"bf16 is measured on {', '.join(PRECISION_BACKENDS)} targets only")
 
     for setting, cells in groups.items():
         todo = [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done]
@@ -253,6 +274,7 @@ def _run_cell(
         device=cell.server.device,
         max_batch_size=cell.server.max_batch_size,
         weights=meta.get("weights"),
+        precision=cell.server.precision,
         extra={"cell": cell_identity(cell, cfg, hw)},
     )
     rec = records.make_record(result, ctx)
