@@ -22,6 +22,7 @@ from serverproc import running_server
 from tinymodel import add_tiny_int8_model, add_tiny_model
 
 from saikyo.inference import imaging
+from saikyo.models.quantize import held_out_pixels
 from saikyo.models.repository import ModelRepository
 from saikyo.runtime import RunnerError, auto_backend, create_runner, openvino_installed
 from saikyo.settings import Settings
@@ -220,23 +221,11 @@ print(json.dumps({{"module": repr(sys.modules.get("openvino_telemetry")), "ovc":
 NEAR_TIE = 0.02  # fp32's top two closer than this: any rounding may order them either way
 
 
-def held_out_inputs(pp) -> tuple[list[str], np.ndarray]:
-    """tests/data's JPEGs as a client sends them, and the held-out scikit-image photos."""
-    from saikyo.models.quantize import HELD_OUT_PHOTOS, skimage_photos
-
-    jpegs = sorted(DATA.glob("*.jpg"))
-    names = [p.name for p in jpegs] + [f"skimage.{n}" for n in HELD_OUT_PHOTOS]
-    pixels = [imaging.decode(p.read_bytes(), pp) for p in jpegs] + [
-        imaging.resize_crop(im, pp) for im in skimage_photos(HELD_OUT_PHOTOS)
-    ]
-    return names, np.stack(pixels)
-
-
 @needs_bf16
 def test_pretrained_top1_survives_bf16_on_every_held_out_photo(pretrained_repository: ModelRepository) -> None:
     ort = create_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="onnxruntime"))
     bf16 = create_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="openvino", precision="bf16"))
-    names, pixels = held_out_inputs(ort.preprocessing)
+    names, pixels = held_out_pixels(ort.preprocessing, sorted(DATA.glob("*.jpg")))
     assert len(names) >= 8
     want, got = ort.infer_pixels(pixels), bf16.infer_pixels(pixels)
     for name, p32, p16 in zip(names, want, got):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,14 @@ def skimage_photos(names: tuple[str, ...]) -> list[Image.Image]:
     except ImportError as e:
         raise ExportError("int8 quantisation needs scikit-image for its sample photos: pip install scikit-image") from e
     return [_rgb(Image.fromarray(getattr(skimage.data, n)())) for n in names]
+
+
+def held_out_pixels(pre: Preprocessing, jpegs: Sequence[Path] = ()) -> tuple[list[str], np.ndarray]:
+    """Photos to compare precisions on, as uint8 network pixels with their names: `jpegs` decoded as a
+    client's upload is (tests/data's, made from held-out photos), then the held-out scikit-image photos."""
+    pixels = [imaging.decode(Path(p).read_bytes(), pre) for p in jpegs]
+    pixels += [imaging.resize_crop(im, pre) for im in skimage_photos(HELD_OUT_PHOTOS)]
+    return [Path(p).name for p in jpegs] + [f"skimage.data.{n}" for n in HELD_OUT_PHOTOS], np.stack(pixels)
 
 
 def network_inputs(photos: list[Image.Image], pre: Preprocessing) -> np.ndarray:
