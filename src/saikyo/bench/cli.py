@@ -341,13 +341,13 @@ def recommend(
         title=f"p99 <= {rec.p99_ms:g} ms at {rec.qps:g} req/s; each instance planned at {rec.headroom:.0%} "
         f"of measured throughput; {rec.hours_per_month:g} h/month"
     )
-    for col, just in [("#", "right"), ("model", "left"), ("instance", "left"), ("backend/device", "left"),
+    for col, just in [("#", "right"), ("model", "left"), ("instance", "left"), ("backend/device", "left"), ("precision", "left"),
                       ("img/req", "right"), ("measured at", "left"), ("p99 ms", "right"), ("req/s each", "right"),
                       ("instances", "right"), ("$/h each", "right"), ("monthly", "right")]:  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for i, o in enumerate(rec.options, 1):
         table.add_row(
-            str(i), o.model, o.instance_type, f"{o.backend}/{o.device}", str(o.images_per_request), o.load,
+            str(i), o.model, o.instance_type, f"{o.backend}/{o.device}", o.precision, str(o.images_per_request), o.load,
             f"{o.p99_ms:.1f}", f"{o.capacity_rps:.2f}", str(o.instances), f"{o.price_per_hour:g}",
             f"${o.monthly_cost:,.2f}",
         )  # fmt: skip

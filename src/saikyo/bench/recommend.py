@@ -30,6 +30,7 @@ class Option:
     instance_type: str
     backend: str
     device: str
+    precision: str
     max_batch_size: int | None
     load: str  # the measured level that sets the capacity: "seed", "c=4", "20/s"
     p99_ms: float
@@ -69,7 +70,7 @@ def _load_label(r: dict[str, Any]) -> str:
 def _config_key(r: dict[str, Any]) -> tuple:
     return (
         r["model"], int(r["images_per_request"]), r.get("instance_type"), r.get("backend"),
-        r.get("device"), r.get("max_batch_size"), r.get("hardware"),
+        r.get("device"), r.get("precision"), r.get("max_batch_size"), r.get("hardware"),
     )  # fmt: skip
 
 
@@ -125,6 +126,7 @@ def recommend(
                 instance_type=str(top.get("instance_type")),
                 backend=str(top.get("backend")),
                 device=str(top.get("device")),
+                precision=str(top.get("precision") or "fp32"),
                 max_batch_size=top.get("max_batch_size"),
                 load=_load_label(top),
                 p99_ms=float(top["latency_p99_ms"]),

@@ -112,7 +112,7 @@ def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> str:
-    headers = ["model", "backend/device", "max batch", "images/req", "mode", "load", "requests", "errors",
+    headers = ["model", "backend/device", "precision", "max batch", "images/req", "mode", "load", "requests", "errors",
                "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
     rows = []
     def order(r: dict[str, Any]) -> tuple:
@@ -121,7 +121,7 @@ def _records_table(records: Sequence[dict[str, Any]]) -> str:
     for r in sorted(records, key=order):
         load = {"closed": f"c={r.get('concurrency')}", "open": f"{r.get('rate')}/s"}.get(r["mode"], "sequential")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("max_batch_size"), r["images_per_request"],
+            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("precision"), r.get("max_batch_size"), r["images_per_request"],
             r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
             _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
             _fmt(r.get("cost_performance_kimg_per_usd")),
@@ -137,11 +137,11 @@ def _recommendation_html(rec: Recommendation) -> str:
     if not rec.options:
         return intro + "<p>No measured configuration meets the budget.</p>"
     rows = [
-        [o.model, o.instance_type, f"{o.backend}/{o.device}", o.images_per_request, o.load, _fmt(o.p99_ms),
+        [o.model, o.instance_type, f"{o.backend}/{o.device}", o.precision, o.images_per_request, o.load, _fmt(o.p99_ms),
          _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
         for o in rec.options
     ]  # fmt: skip
-    headers = ["model", "instance", "backend/device", "images/req", "measured at", "p99 ms", "req/s each",
+    headers = ["model", "instance", "backend/device", "precision", "images/req", "measured at", "p99 ms", "req/s each",
                "instances", "monthly"]  # fmt: skip
     return intro + _table(headers, rows, left=3)
 
