@@ -21,6 +21,7 @@ from conftest import CAT, DATA, ROOT
 from serverproc import running_server
 from tinymodel import add_tiny_int8_model, add_tiny_model
 
+from saikyo.bench.localserver import local_server
 from saikyo.inference import imaging
 from saikyo.models.quantize import held_out_pixels
 from saikyo.models.repository import ModelRepository
@@ -189,6 +190,16 @@ def test_server_on_openvino_with_two_batches_in_flight(repo: ModelRepository, tm
                 np.testing.assert_allclose(got, probs, rtol=1e-4, atol=1e-7)
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'saikyo_images_total{model="tiny"} 18.0' in metrics
+
+
+@needs_openvino
+def test_a_server_without_a_backend_flag_runs_what_auto_picks(repo: ModelRepository, tmp_path: Path) -> None:
+    expected, _ = auto_backend("tiny", Settings())
+    with local_server(repo.root, "tiny", tmp_path) as server:  # no flags at all: the defaults
+        params = httpx.get(f"{server.url}/v2/models/tiny").json()["parameters"]
+    assert params["backend"] == expected
+    if expected == "openvino":
+        assert params["precision"] == ("bf16" if native_bf16() else "fp32")
 
 
 @needs_openvino

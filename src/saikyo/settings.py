@@ -33,11 +33,11 @@ class Settings:
     # The first model is the default for requests that name none.
     models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default")
     repository: Path = setting(Path("model-repository"), "model repository directory")
-    backend: str = setting("onnxruntime", "onnxruntime | torch | auto")
+    backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
 
-    intra_op_threads: int = setting(0, "inference threads per model (ONNX Runtime intra-op); 0 = one per core")
+    intra_op_threads: int = setting(0, "inference threads per model (ONNX Runtime intra-op, OpenVINO); 0 = one per core")
     decode_threads: int = setting(0, "threads that decode images, shared by all models; 0 = one per core")
     # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The runner
     # thread gives the GIL up around every native call and has to wait this long to get it back while
@@ -51,7 +51,9 @@ class Settings:
     # OpenVINO runner (backend "openvino"). auto follows OpenVINO's own default: bf16 on CPUs that compute
     # it natively (AVX512_BF16, AMX), fp32 elsewhere. NAME-int8 runs its quantised layers in int8 either way.
     precision: str = setting("auto", "openvino: auto (bf16 where the CPU has it natively, else fp32) | fp32 | bf16")
-    openvino_streams: int = setting(0, "openvino: forward passes at once (streams), each on its share of the threads; 0 = 1")
+    # Streams split the threads: N batches run at once, each on threads/N cores. On 2 cores one stream
+    # was as fast with 8-image requests and faster with 1-image requests (README, "The CPU engines").
+    openvino_streams: int = setting(1, "openvino: batches in flight at once (streams), each on its share of the threads")
 
     # PyTorch runner (backend "torch").
     torch_dtype: str = setting("auto", "torch: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32", flag="--dtype")
@@ -108,6 +110,8 @@ class Settings:
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
     def __post_init__(self) -> None:
+        if self.openvino_streams < 1:
+            raise ValueError(f"setting 'openvino_streams' must be at least 1, not {self.openvino_streams!r}")
         for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name!r} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

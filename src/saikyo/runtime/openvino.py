@@ -81,10 +81,9 @@ class OpenVinoRunner:
         self._core = core
         self._tensor_model = model
         self.precision = resolve_precision(settings.precision, core)
-        streams = settings.openvino_streams
         threads = settings.resolved_intra_op_threads()
         # Streams share the threads; more streams than threads would only queue.
-        self.streams = max(1, min(streams, threads)) if streams else 1
+        self.streams = min(settings.openvino_streams, threads)
         self._config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
             "NUM_STREAMS": self.streams,
