@@ -11,6 +11,7 @@ README shows; a changed top-1 is named with fp32's margin over its runner-up.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def rows_for(model: str, repo: ModelRepository) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", default="model-repository")
+    ap.add_argument("--repository", default=os.environ.get("SAIKYO_REPOSITORY", "model-repository"))
     args = ap.parse_args()
     repo = ModelRepository(args.repository)
     models = [m for m in zoo.ZOO if repo.has(m) and repo.get(m).meta.get("weights") == "imagenet-pretrained"]
