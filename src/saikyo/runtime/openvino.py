@@ -155,8 +155,8 @@ class _RequestPool:
     def run(self, batch: np.ndarray) -> np.ndarray:
         request = self._free.get()
         try:
-            # share_inputs: no copy of the batch; the copy out is ours (the request's buffer is reused).
-            result = request.infer({0: batch}, share_inputs=True)
-            return np.array(result[0], dtype=np.float32, copy=True)
+            # The batch goes in without a copy; the output comes out as a copy (share_outputs=False), so
+            # the request can take the next batch while this one is being distributed.
+            return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
         finally:
             self._free.put(request)
