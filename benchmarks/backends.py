@@ -270,7 +270,7 @@ def ratio_line(model: str, e2e: dict[str, dict[str, float]], default: str, bf16:
     ov_fp32 = e2e.get("openvino/fp32", {}).get("img_s", float("nan"))
     peers = {label: row["img_s"] for label, row in e2e.items() if label.startswith("flask+")} or {"none": float("nan")}
     best = max(peers, key=peers.__getitem__)
-    mine = e2e[default]["img_s"]
+    mine = e2e.get(default, {}).get("img_s", float("nan"))  # nan: the default is not a CPU engine here
     return (f"{'ratio' if model == RATIO_MODEL else model + '_ratio'}={ov_default / ort:.3f} model={model} "
             f"openvino_default_img_s={ov_default:.1f} onnxruntime_fp32_img_s={ort:.1f} "
             f"openvino_fp32_vs_onnxruntime_fp32={ov_fp32 / ort:.3f} saikyo_default={default} "

@@ -147,6 +147,7 @@ class TorchRunner:
             backend="torch",
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
+            precision=next(name for name, dtype in DTYPES.items() if dtype == self.dtype),  # what runs, not the file's
             batch_buckets=list(self.buckets) if self.pad else None,
             cuda_graphs=self.cuda_graphs,
             torch_compile=compile,
