@@ -23,5 +23,10 @@ def running_server(
     wait_ready: bool = True,
     timeout: float = 180.0,
 ) -> Iterator[ServerProcess]:
+    """The suite's servers run ONNX Runtime unless a test names a backend: the default, auto, depends on
+    the machine's CPU (OpenVINO where it computes bf16 natively), and the fault models fail the way ONNX
+    Runtime fails. tests/test_openvino.py starts servers on OpenVINO and one with the default."""
+    if "--backend" not in args:
+        args = ("--backend", "onnxruntime", *args)
     with local_server(repository, models, log_dir, args, env=env, timeout=timeout, wait_ready=wait_ready) as server:
         yield server

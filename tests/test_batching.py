@@ -235,3 +235,153 @@ def test_close_fails_queued_work_and_refuses_new() -> None:
         ex.shutdown()
 
     asyncio.run(main())
+
+
+# ---- several batches in flight (a runner that declares max_in_flight > 1, e.g. OpenVINO streams) ----
+class GatedRunner:
+    """Each call blocks until its batch's first marker is released, so batches finish in any order the test
+    chooses; counts how many calls run at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.started: list[float] = []  # first marker of each batch, in start order
+        self.release: dict[float, threading.Event] = {}
+        self.all_open = False
+
+    def gate(self, marker: float) -> threading.Event:
+        with self.lock:
+            event = self.release.setdefault(marker, threading.Event())
+            if self.all_open:
+                event.set()
+            return event
+
+    def open_all(self) -> None:
+        with self.lock:
+            self.all_open = True
+            for event in self.release.values():
+                event.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        first = float(batch[0, 0])
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.started.append(first)
+        try:
+            self.gate(first).wait(10)
+            if (batch[:, 0] == POISON).any():
+                raise RuntimeError("poisoned batch")
+            return batch[:, :1] * 2
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def make_k(runner: GatedRunner, k: int, **kw) -> tuple[DynamicBatcher, ThreadPoolExecutor]:
+    # More threads than slots: the batcher, not the executor, must be what bounds the batches at once.
+    executor = ThreadPoolExecutor(k + 2)
+    kw.setdefault("max_batch_size", 2)
+    kw.setdefault("max_queue_images", 64)
+    batcher = DynamicBatcher(runner, (4,), np.float32, executor, max_in_flight=k, **kw)
+    batcher.start()
+    return batcher, executor
+
+
+async def wait_started(runner: GatedRunner, count: int) -> None:
+    for _ in range(2000):
+        if len(runner.started) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{count} batches did not start: {runner.started}")
+
+
+def test_k_in_flight_runs_at_most_k_batches_at_once_and_keeps_request_order() -> None:
+    async def main() -> None:
+        runner = GatedRunner()
+        batcher, ex = make_k(runner, 3)
+        # One request of 10 images spans five batches of 2; two more requests queue behind it.
+        big = asyncio.ensure_future(batcher.submit(items(*range(10))))
+        await wait_started(runner, 3)
+        await asyncio.sleep(0.05)
+        assert runner.started == [0.0, 2.0, 4.0] and runner.running == 3  # the 4th batch waits for a slot
+        assert batcher.running_images == 6 and batcher.queued_images == 4
+        later = [asyncio.ensure_future(batcher.submit(items(100 + i, 200 + i, 300 + i))) for i in range(3)]
+        # Finish them newest first: each release frees one slot, and the next batch takes it.
+        for marker in (4.0, 2.0, 0.0):
+            runner.gate(marker).set()
+            await asyncio.sleep(0.02)
+        runner.open_all()
+        assert (await big)[:, 0].tolist() == [2.0 * i for i in range(10)]
+        for i, fut in enumerate(later):
+            assert (await fut)[:, 0].tolist() == [2.0 * (100 + i), 2.0 * (200 + i), 2.0 * (300 + i)]
+        assert runner.most == 3
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_k_in_flight_a_failing_batch_fails_only_its_requests() -> None:
+    async def main() -> None:
+        runner = GatedRunner()
+        batcher, ex = make_k(runner, 2, max_batch_size=1)
+        poisoned = asyncio.ensure_future(batcher.submit(items(POISON)))
+        fine = asyncio.ensure_future(batcher.submit(items(7)))
+        await wait_started(runner, 2)  # both in flight at once
+        runner.gate(POISON).set()
+        with pytest.raises(BatchFailed):
+            await poisoned
+        assert not fine.done()  # still running: the failure did not touch it
+        runner.gate(7.0).set()
+        assert (await fine)[0, 0] == 14.0
+        runner.gate(8.0).set()
+        assert (await batcher.submit(items(8)))[0, 0] == 16.0  # and the batcher keeps serving
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_k_in_flight_a_request_fails_once_when_one_of_its_batches_fails() -> None:
+    async def main() -> None:
+        runner = GatedRunner()
+        batcher, ex = make_k(runner, 2, max_batch_size=1)
+        spanning = asyncio.ensure_future(batcher.submit(items(POISON, 9)))  # two batches, in flight together
+        await wait_started(runner, 2)
+        runner.gate(9.0).set()
+        runner.gate(POISON).set()
+        with pytest.raises(BatchFailed):
+            await spanning
+        runner.gate(5.0).set()
+        assert (await batcher.submit(items(5)))[0, 0] == 10.0
+        await batcher.close()
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_k_in_flight_close_drains_every_batch_in_flight() -> None:
+    async def main() -> None:
+        runner = GatedRunner()
+        batcher, ex = make_k(runner, 2, max_batch_size=1)
+        running = [asyncio.ensure_future(batcher.submit(items(m))) for m in (1, 2)]
+        await wait_started(runner, 2)
+        queued = asyncio.ensure_future(batcher.submit(items(3)))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.02)
+        assert not closing.done()  # waits for both batches
+        runner.gate(2.0).set()
+        await asyncio.sleep(0.02)
+        assert not closing.done()
+        runner.gate(1.0).set()
+        await closing
+        assert [(await f)[0, 0] for f in running] == [2.0, 4.0]
+        with pytest.raises(BatcherClosed):
+            await queued
+        assert runner.started == [1.0, 2.0]  # the queued image never ran
+        ex.shutdown()
+
+    asyncio.run(main())

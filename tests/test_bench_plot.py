@@ -137,6 +137,21 @@ def test_throughput_curves_follow_load_order() -> None:
     assert [p.load for p in opened.points] == ["20/s", "40/s"] and opened.images_per_request == 4
 
 
+def test_one_curve_per_precision_of_one_model_and_backend() -> None:
+    """bf16 is not in the model's name: the precision alone tells the two OpenVINO servers apart."""
+    runs = [
+        rec("resnet50", "ResNet", 8, "c7i.large", ms, ips, mode="closed", concurrency=c, backend="openvino",
+            precision=precision, latency_p99_ms=ms * 1.5)
+        for precision, scale in (("fp32", 1), ("bf16", 2))
+        for c, ms, ips in ((1, 400 / scale, 20 * scale), (4, 1000 / scale, 30 * scale))
+    ]  # fmt: skip
+    curves = throughput_curves(runs)
+    assert sorted((c.precision, [p.images_per_s for p in c.points]) for c in curves) == [
+        ("bf16", [40, 60]), ("fp32", [20, 30])
+    ]
+    assert len({c.label for c in curves}) == 2
+
+
 def test_render_writes_png_and_svg(tmp_path) -> None:
     result = render(RECORDS, tmp_path, stem="t-")
     names = sorted(f.name for f in result.files)

@@ -62,6 +62,13 @@ def test_cheapest_feasible_first_with_instances_and_monthly_cost() -> None:
     assert len(rec.rejected) == 1 and rec.rejected[0].startswith("resnet50 bs=1 c7i.large")
 
 
+def test_each_precision_is_an_option_of_its_own() -> None:
+    fp32 = {**level("resnet50", "c7i.large", 10, 150, concurrency=2), "backend": "openvino", "precision": "fp32"}
+    bf16 = {**level("resnet50", "c7i.large", 20, 150, concurrency=2), "backend": "openvino", "precision": "bf16"}
+    rec = recommend([fp32, bf16], p99_ms=200, qps=30, images_per_request=1)
+    assert [(o.precision, o.instances) for o in rec.options] == [("bf16", 3), ("fp32", 5)]
+
+
 def test_model_filter_budget_and_headroom_change_the_answer() -> None:
     only_resnet = recommend(RECORDS, p99_ms=200, qps=100, models=["resnet50"], images_per_request=1)
     assert only_resnet.options[0].instance_type == "g4dn.xlarge"

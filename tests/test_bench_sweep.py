@@ -16,8 +16,10 @@ from tinymodel import add_tiny_model
 
 from saikyo.bench import records
 from saikyo.bench.cost import resolve_pricing
-from saikyo.bench.sweep import SweepConfig, completed_keys, plan, run_sweep
+from saikyo.bench.hardware import describe
+from saikyo.bench.sweep import SweepConfig, cell_identity, completed_keys, plan, run_sweep
 from saikyo.models.repository import ModelRepository
+from saikyo.runtime import openvino_installed
 
 
 @pytest.fixture
@@ -167,3 +169,35 @@ def test_torch_targets_plan_no_int8_cells(repo: ModelRepository, tmp_path: Path)
     got = {(c.server.model, c.server.backend) for c in plan(cfg)}
     assert got == {("tiny", "onnxruntime"), ("tiny-int8", "onnxruntime"), ("tiny", "torch"),
                    ("tiny2", "onnxruntime"), ("tiny2-int8", "onnxruntime"), ("tiny2", "torch")}  # fmt: skip
+
+
+def test_targets_and_precisions_plan_bf16_on_openvino_only(repo: ModelRepository, tmp_path: Path) -> None:
+    cfg = config(repo, tmp_path / "sweep.jsonl", models=["tiny"], images_per_request=[1],
+                 precisions=["fp32", "bf16", "int8"], targets=["openvino/cpu", "onnxruntime/cpu"])  # fmt: skip
+    cells = plan(cfg)
+    assert [(c.server.model, c.server.backend, c.server.precision) for c in cells] == [
+        ("tiny", "openvino", "fp32"), ("tiny", "onnxruntime", "fp32"), ("tiny", "openvino", "bf16"),
+        ("tiny-int8", "openvino", "int8"), ("tiny-int8", "onnxruntime", "int8"),
+    ]  # fmt: skip
+    # The server is told fp32 or bf16 (OpenVINO's own default may be bf16); int8 is the file's.
+    assert [c.server.args()[-2:] for c in cells[:3]] == [["--precision", "fp32"]] * 2 + [["--precision", "bf16"]]
+    assert "--precision" not in cells[3].server.args()
+    # Identities name the precision only where the model's name does not: older sweeps' cells stay done.
+    hw = describe()
+    assert [cell_identity(c, cfg, hw).get("precision") for c in cells] == [None, None, "bf16", None, None]
+    assert cell_identity(cells[2], cfg, hw) != cell_identity(cells[0], cfg, hw)
+    with pytest.raises(ValueError, match="bf16 needs a target on openvino"):
+        config(repo, tmp_path / "x.jsonl", precisions=["bf16"], targets=["onnxruntime/cpu"])
+
+
+@pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed")
+def test_sweep_on_openvino_records_backend_and_precision(repo: ModelRepository, tmp_path: Path) -> None:
+    from saikyo.runtime.openvino import cpu_has_native_bf16
+
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    out = tmp_path / "sweep.jsonl"
+    cfg = config(repo, out, models=["tiny"], images_per_request=[2], precisions=[precision], targets=["openvino/cpu"])
+    summary = run_sweep(cfg, say=lambda m: None)
+    assert (summary.ran, summary.failed) == (1, 0), summary.messages
+    (rec,) = records.read(out)
+    assert (rec["backend"], rec["precision"], rec["errors"]) == ("openvino", precision, 0)

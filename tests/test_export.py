@@ -18,6 +18,7 @@ from saikyo.models import export, provenance, zoo
 from saikyo.models.catalog import list_models
 from saikyo.models.errors import ExportError, WeightsUnavailable
 from saikyo.models.export import export_model
+from saikyo.models.quantize import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS
 from saikyo.models.repository import ModelRepository
 
 torch = pytest.importorskip("torch")
@@ -161,7 +162,11 @@ def test_efficientnet_int8_keeps_the_cat(pretrained_repository: ModelRepository,
     assert entry.name == "efficientnet_lite0-int8" and repo.names() == ["efficientnet_lite0", "efficientnet_lite0-int8"]
     q = entry.meta["quantization"]
     assert q["format"] == "QDQ" and q["weight_type"] == "QInt8" and q["per_channel"] is True
-    assert q["calibration_samples"] >= 20 and q["top1_agreement_with_fp32"] >= 0.7
+    # Calibrated on one set of photos, compared with fp32 on another the calibration never saw.
+    assert q["calibration_photos"] == [f"skimage.data.{n}" for n in CALIBRATION_PHOTOS]
+    assert q["agreement_photos"] == [f"skimage.data.{n}" for n in HELD_OUT_PHOTOS]
+    assert not set(CALIBRATION_PHOTOS) & set(HELD_OUT_PHOTOS)
+    assert q["calibration_samples"] == 2 * len(CALIBRATION_PHOTOS) and q["top1_agreement_with_fp32"] >= 0.7
     assert entry.meta["base_model"] == "efficientnet_lite0" and entry.meta["weights"] == "imagenet-pretrained"
     assert entry.size_bytes < repo.get("efficientnet_lite0").size_bytes / 1.5
     p = cat_probabilities(entry.path, "efficientnet_lite0")

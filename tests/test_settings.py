@@ -21,7 +21,10 @@ def test_env_overrides_defaults_and_flags_override_env() -> None:
                                             ({"SAIKYO_MODELS": " , "}, "at least one"),
                                             ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "0"}, "gil_switch_interval_ms"),
                                             ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "nan"}, "positive"),
-                                            ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "inf"}, "below 1000")])
+                                            ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "inf"}, "below 1000"),
+                                            ({"SAIKYO_BACKEND": "tensorflow"}, "'backend' must be one of auto"),
+                                            ({"SAIKYO_PRECISION": "fp16"}, "'precision' must be one of auto, fp32, bf16"),
+                                            ({"SAIKYO_OPENVINO_STREAMS": "0"}, "'openvino_streams' must be at least 1")])
 def test_bad_values_say_which_setting(env: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Settings.from_env(env)

@@ -27,7 +27,7 @@ from saikyo.models import zoo
 from saikyo.inference.batching import DynamicBatcher
 from saikyo.models.export import export_model
 from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
-from saikyo.runtime import RunnerError, create_runner
+from saikyo.runtime import RunnerError, auto_backend, create_runner
 from saikyo.runtime.onnxruntime import OnnxRunner
 from saikyo.runtime.torch import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
 from saikyo.settings import Settings
@@ -124,9 +124,12 @@ def test_backend_selection(squeezenet_repository: ModelRepository) -> None:
     runner = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="torch", device="auto"))
     assert isinstance(runner, TorchRunner)
     assert runner.meta["backend"] == "torch" and runner.meta["device"] == ("cuda" if CUDA else "cpu")
+    assert runner.meta["precision"] == ("fp16" if CUDA else "fp32")  # what runs (the file is fp32)
     assert runner.capabilities.device_decode is CUDA
-    auto = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="auto"))
-    assert auto.meta["backend"] == ("torch" if CUDA else "onnxruntime")
+    settings = settings_for(squeezenet_repository, backend="auto")
+    auto = create_runner("squeezenet1_1", settings)
+    # Without CUDA, auto picks a CPU engine by the rule tests/test_openvino.py checks.
+    assert auto.meta["backend"] == ("torch" if CUDA else auto_backend("squeezenet1_1", settings)[0])
 
 
 # ---- agreement with ONNX Runtime, padding, chunking ----
@@ -340,7 +343,8 @@ def test_server_with_the_torch_backend(pretrained_repository: ModelRepository, t
 def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_repository: ModelRepository) -> None:
     gpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cuda", max_batch_size=8))
     cpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu"))
-    assert gpu.meta["dtype"] == "float16" and gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
+    assert gpu.meta["dtype"] == "float16" and gpu.meta["precision"] == "fp16"
+    assert gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
     assert {size for kind, size in gpu._graphs if kind == "pixels"} == {1, 2, 4, 8}
     assert gpu.capabilities.device_decode and not cpu.capabilities.device_decode
 

@@ -46,6 +46,7 @@ def add_model(
     model: onnx.ModelProto | bytes,
     input_size: int = 32,
     family: str = "Test",
+    precision: str = "fp32",
 ) -> Entry:
     """Write a generated model (or raw bytes, for a deliberately broken file) into the repository."""
     repository.root.mkdir(parents=True, exist_ok=True)
@@ -65,9 +66,31 @@ def add_model(
         "opset": 17,
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "num_classes": 1000,
+        "precision": precision,
     }
     return repository.write(name, path, meta)
 
 
 def add_tiny_model(repository: ModelRepository, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Entry:
     return add_model(repository, name, tiny_classifier(input_size, seed=seed), input_size, family="Tiny")
+
+
+def add_tiny_int8_model(repository: ModelRepository, name: str = "tiny-int8", input_size: int = 32, seed: int = 0) -> Entry:
+    """The tiny classifier statically quantised the way models/quantize.py does it (QDQ, int8 weights per
+    channel, uint8 activations), calibrated on random normalised inputs: a real NAME-int8 file in seconds."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(seed)
+            self.batches = iter([{"input": rng.standard_normal((4, 3, input_size, input_size), np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(tiny_classifier(input_size, seed=seed), str(fp32))
+        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        return add_model(repository, name, onnx.load(str(int8)), input_size, family="Tiny", precision="int8")

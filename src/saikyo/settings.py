@@ -9,6 +9,9 @@ from typing import Any
 
 from saikyo.models import zoo
 
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; NAME-int8 is chosen by name
+
 
 def available_cores() -> int:
     try:
@@ -30,11 +33,11 @@ class Settings:
     # The first model is the default for requests that name none.
     models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default")
     repository: Path = setting(Path("model-repository"), "model repository directory")
-    backend: str = setting("onnxruntime", "onnxruntime | torch | auto")
+    backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
 
-    intra_op_threads: int = setting(0, "inference threads per model (ONNX Runtime intra-op); 0 = one per core")
+    intra_op_threads: int = setting(0, "inference threads per model (ONNX Runtime intra-op, OpenVINO); 0 = one per core")
     decode_threads: int = setting(0, "threads that decode images, shared by all models; 0 = one per core")
     # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The runner
     # thread gives the GIL up around every native call and has to wait this long to get it back while
@@ -45,6 +48,12 @@ class Settings:
     # decode threads need between batches, so it is off unless measured to help.
     ort_spinning: bool = setting(False, "ONNX Runtime threads spin while waiting for work")
     ort_cache_optimized: bool = setting(False, "write ONNX Runtime's optimised graph beside the model and reuse it")
+    # OpenVINO runner (backend "openvino"). auto follows OpenVINO's own default: bf16 on CPUs that compute
+    # it natively (AVX512_BF16, AMX), fp32 elsewhere. NAME-int8 runs its quantised layers in int8 either way.
+    precision: str = setting("auto", "openvino: auto (bf16 where the CPU has it natively, else fp32) | fp32 | bf16")
+    # Streams split the threads: N batches run at once, each on threads/N cores. On 2 cores one stream
+    # was as fast with 8-image requests and faster with 1-image requests (README, "The CPU engines").
+    openvino_streams: int = setting(1, "openvino: batches in flight at once (streams), each on its share of the threads")
 
     # PyTorch runner (backend "torch").
     torch_dtype: str = setting("auto", "torch: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32", flag="--dtype")
@@ -127,6 +136,11 @@ class Settings:
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
     def __post_init__(self) -> None:
+        if self.openvino_streams < 1:
+            raise ValueError(f"setting 'openvino_streams' must be at least 1, not {self.openvino_streams!r}")
+        for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"setting {name!r} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
         if not 0 < self.gil_switch_interval_ms < 1000:
             raise ValueError(

@@ -245,8 +245,8 @@ def sweep(
     out: Annotated[Path, typer.Option(help="JSONL file: records are appended; finished cells are skipped")],
     models: Annotated[str, typer.Option(help="comma-separated models, or 'all' for the zoo")] = "all",
     images_per_request: Annotated[str, typer.Option(help="comma-separated sizes")] = "1,4,8",
-    precisions: Annotated[str, typer.Option(help="fp32,int8 (int8 serves NAME-int8)")] = "fp32",
-    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,torch/cuda")] = "onnxruntime/cpu",
+    precisions: Annotated[str, typer.Option(help="fp32,bf16,int8 (int8 serves NAME-int8; bf16 on openvino targets)")] = "fp32",
+    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,openvino/cpu,torch/cuda")] = "onnxruntime/cpu",
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
     workers: Annotated[str, typer.Option(help="comma-separated server --workers counts (processes)")] = "1",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
@@ -533,15 +533,15 @@ def recommend(
         f"of measured throughput; {rec.hours_per_month:g} h/month"
     )
     for col, just in [("#", "right"), ("model", "left"), ("top-1 %", "right"), ("instance", "left"),
-                      ("backend/device", "left"), ("img/req", "right"), ("capacity from", "left"),
-                      ("p99 ms", "right"), ("req/s each", "right"), ("instances", "right"), ("$/h each", "right"),
-                      ("monthly", "right")]:  # fmt: skip
+                      ("backend/device", "left"), ("precision", "left"), ("img/req", "right"),
+                      ("capacity from", "left"), ("p99 ms", "right"), ("req/s each", "right"), ("instances", "right"),
+                      ("$/h each", "right"), ("monthly", "right")]:  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for i, o in enumerate(rec.options, 1):
         table.add_row(
             str(i), o.model, _top1_text(o.published_top1, o.top1_agreement_with_fp32), o.instance_type,
-            f"{o.backend}/{o.device}", str(o.images_per_request), o.load, f"{o.p99_ms:.1f}", f"{o.capacity_rps:.2f}",
-            str(o.instances), f"{o.price_per_hour:g}", f"${o.monthly_cost:,.2f}",
+            f"{o.backend}/{o.device}", o.precision, str(o.images_per_request), o.load, f"{o.p99_ms:.1f}",
+            f"{o.capacity_rps:.2f}", str(o.instances), f"{o.price_per_hour:g}", f"${o.monthly_cost:,.2f}",
         )  # fmt: skip
     console.print(table)
     if rec.options:

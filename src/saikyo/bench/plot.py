@@ -207,19 +207,19 @@ def accuracy_front(points: Sequence[AccuracyPoint]) -> list[AccuracyPoint]:
 
 
 def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
-    """Per configuration (model, images per request, backend, device, max batch, workers, instance): throughput
+    """Per configuration (model, images per request, backend, device, precision, max batch, workers, instance): throughput
     against p99 over the closed- and open-loop load levels, in order of offered load."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("mode") not in ("closed", "open") or not _usable(r) or r.get("latency_p99_ms") is None:
             continue
         key = (
-            r["model"], int(r["images_per_request"]), r.get("backend"), r.get("device"),
+            r["model"], int(r["images_per_request"]), r.get("backend"), r.get("device"), r.get("precision") or "fp32",
             r.get("max_batch_size"), r.get("workers") or 1, r.get("instance_type"), r["mode"],
         )  # fmt: skip
         groups.setdefault(key, []).append(r)
     curves = []
-    for (model, n, backend, device, mbs, workers, hw, mode), rs in groups.items():
+    for (model, n, backend, device, precision, mbs, workers, hw, mode), rs in groups.items():
         load_key = "concurrency" if mode == "closed" else "rate"
         latest: dict[float, dict[str, Any]] = {}
         for r in rs:  # a rerun of the same level replaces the earlier one
@@ -233,10 +233,8 @@ def throughput_curves(records: Iterable[dict[str, Any]]) -> list[Curve]:
             for _, r in sorted(latest.items())
         )
         any_r = rs[0]
-        label = f"{model} {backend}/{device} max batch {mbs}{f' {workers} workers' if workers != 1 else ''} {hw}"
-        curves.append(
-            Curve(label, model, any_r.get("family") or model, n, any_r.get("precision") or "fp32", pts)
-        )
+        label = f"{model} {backend}/{device} {precision} max batch {mbs}{f' {workers} workers' if workers != 1 else ''} {hw}"
+        curves.append(Curve(label, model, any_r.get("family") or model, n, precision, pts))
     return sorted(curves, key=lambda c: (c.images_per_request, c.family, c.model, c.label))
 
 
@@ -492,8 +490,8 @@ def _place_labels(fig: Any, ax: Any, labels: Sequence[Label]) -> None:
 
 def _short_labels(curves: Sequence[Curve]) -> dict[str, str]:
     """Legend text: the model, plus only those settings that differ between curves."""
-    parts = {c.label: c.label.split(" ") for c in curves}  # model, backend/device, "max", "batch", N, hardware
-    varying = [i for i in range(1, 6) if len({tuple(p[i : i + 1]) for p in parts.values()}) > 1]
+    parts = {c.label: c.label.split(" ") for c in curves}  # model, backend/device, precision, "max", "batch", N, hardware
+    varying = [i for i in range(1, 7) if len({tuple(p[i : i + 1]) for p in parts.values()}) > 1]
     return {label: " ".join([p[0], *(p[i] for i in varying)]) for label, p in parts.items()}
 
 

@@ -37,6 +37,7 @@ class Option:
     instance_type: str
     backend: str
     device: str
+    precision: str
     max_batch_size: int | None
     workers: int  # server processes
     load: str  # what sets the capacity: a level ("seed", "c=4", "20/s") or "searched p99<=100ms"
@@ -81,7 +82,7 @@ def _load_label(r: dict[str, Any]) -> str:
 def _config_key(r: dict[str, Any]) -> tuple:
     return (
         r["model"], int(r["images_per_request"]), r.get("instance_type"), r.get("backend"),
-        r.get("device"), r.get("max_batch_size"), r.get("workers") or 1, r.get("hardware"),
+        r.get("device"), r.get("precision"), r.get("max_batch_size"), r.get("workers") or 1, r.get("hardware"),
     )  # fmt: skip
 
 
@@ -166,6 +167,7 @@ def _option(
         instance_type=str(top.get("instance_type")),
         backend=str(top.get("backend")),
         device=str(top.get("device")),
+        precision=str(top.get("precision") or "fp32"),
         max_batch_size=top.get("max_batch_size"),
         workers=int(top.get("workers") or 1),
         load=load,

@@ -55,7 +55,7 @@ class RunContext:
     max_batch_size: int | None = None
     workers: int | None = None  # server processes (`saikyo serve --workers`)
     weights: str | None = None
-    precision: str | None = None  # what the server ran, where it says (torch on CUDA: fp16); else the name's
+    precision: str | None = None  # what the server ran, where it says (torch on CUDA: fp16, OpenVINO: bf16)
     quantization: dict[str, Any] | None = None  # the entry's meta.json "quantization", when known
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. a sweep's `cell`
 

@@ -170,8 +170,9 @@ def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> str:
-    headers = ["model", "backend/device", "top-1 % (published)", "max batch", "workers", "images/req", "mode", "load",
-               "requests", "errors", "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s", "k images/$"]  # fmt: skip
+    headers = ["model", "backend/device", "precision", "top-1 % (published)", "max batch", "workers", "images/req",
+               "mode", "load", "requests", "errors", "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s",
+               "k images/$"]  # fmt: skip
     rows = []
     def order(r: dict[str, Any]) -> tuple:
         return (r["model"], r["images_per_request"], r["mode"], r.get("concurrency") or 0, r.get("rate") or 0)
@@ -182,8 +183,8 @@ def _records_table(records: Sequence[dict[str, Any]]) -> str:
             load += f" (capacity at p99 <= {r['p99_target_ms']:g} ms)"
         top1 = _fmt(r.get("published_top1"), 1) + (" (speed only)" if r.get("speed_only") else "")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", top1, r.get("max_batch_size"), r.get("workers") or 1,
-            r["images_per_request"],
+            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("precision"), top1, r.get("max_batch_size"),
+            r.get("workers") or 1, r["images_per_request"],
             r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
             _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
             _fmt(r.get("cost_performance_kimg_per_usd")),
@@ -200,12 +201,12 @@ def _recommendation_html(rec: Recommendation) -> str:
     if not rec.options:
         return intro + "<p>No measured configuration meets the budget.</p>"
     rows = [
-        [o.model, o.instance_type, f"{o.backend}/{o.device}", _fmt(o.published_top1, 1), o.images_per_request,
-         o.load, _fmt(o.p99_ms), _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
+        [o.model, o.instance_type, f"{o.backend}/{o.device}", o.precision, _fmt(o.published_top1, 1),
+         o.images_per_request, o.load, _fmt(o.p99_ms), _fmt(o.capacity_rps, 2), o.instances, f"${o.monthly_cost:,.2f}"]
         for o in rec.options
     ]  # fmt: skip
-    headers = ["model", "instance", "backend/device", "top-1 % (published)", "images/req", "capacity from", "p99 ms",
-               "req/s each", "instances", "monthly"]  # fmt: skip
+    headers = ["model", "instance", "backend/device", "precision", "top-1 % (published)", "images/req",
+               "capacity from", "p99 ms", "req/s each", "instances", "monthly"]  # fmt: skip
     return intro + _table(headers, rows, left=3)
 
 

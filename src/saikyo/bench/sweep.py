@@ -25,9 +25,11 @@ from saikyo.bench.localserver import ServerStartError, local_server
 from saikyo.models.errors import ModelNotExported
 from saikyo.models.repository import ModelRepository, export_command
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
 # NAME-int8 is a quantised ONNX file: the torch runner builds fp32 networks only, so it has no int8 cells.
 ONNX_ONLY_BACKENDS = ("torch",)
+# Backends that run a model at another precision than its file's, by the server's --precision (bf16).
+PRECISION_BACKENDS = ("openvino",)
 
 Say = Callable[[str], None]
 
@@ -39,14 +41,17 @@ class ServerSetting:
     device: str
     max_batch_size: int
     workers: int = 1  # `saikyo serve --workers`
+    precision: str = "fp32"  # fp32 | bf16 | int8 (int8: the NAME-int8 file)
 
     def args(self) -> list[str]:
-        return ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size),
+        args = ["--backend", self.backend, "--device", self.device, "--max-batch-size", str(self.max_batch_size),
                 "--workers", str(self.workers)]  # fmt: skip
+        # int8 is the file's; fp32 and bf16 are what the server is told (OpenVINO's own default is bf16).
+        return args if self.precision == "int8" else [*args, "--precision", self.precision]
 
     def describe(self) -> str:
         workers = f", {self.workers} workers" if self.workers != 1 else ""
-        return f"{self.model} [{self.backend}/{self.device}, max batch {self.max_batch_size}{workers}]"
+        return f"{self.model} [{self.backend}/{self.device}, {self.precision}, max batch {self.max_batch_size}{workers}]"
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class SweepConfig:
             raise ValueError("--workers needs counts of at least 1")
         if "--workers" in self.server_args:
             raise ValueError("give worker counts with --workers, not in --server-args: records carry them")
+        if "bf16" in self.precisions and not any(runs_at(t.partition("/")[0], "bf16") for t in self.targets):
+            raise ValueError(f"bf16 needs a target on {' or '.join(PRECISION_BACKENDS)}, e.g. openvino/cpu")
         if "open" in self.modes and not self.rates:
             raise ValueError("open mode needs --rates")
         if not self.models:
@@ -115,11 +122,15 @@ class SweepConfig:
 
 
 def served_name(model: str, precision: str) -> str:
-    return model if precision == "fp32" else f"{model}-{precision}"
+    """int8 is a file of its own (NAME-int8); fp32 and bf16 serve NAME."""
+    return zoo.variant_name(model, "int8") if precision == "int8" else model
 
 
 def runs_at(backend: str, precision: str) -> bool:
-    """Whether a backend can serve a precision: int8 (an ONNX file of its own) not on torch."""
+    """Whether a backend can serve a precision: bf16 only where the server's --precision reaches the
+    engine; int8 (an ONNX file of its own) not on torch."""
+    if precision == "bf16":
+        return backend in PRECISION_BACKENDS
     return precision != "int8" or backend not in ONNX_ONLY_BACKENDS
 
 
@@ -149,7 +160,7 @@ def plan(cfg: SweepConfig) -> list[Cell]:
                     continue
                 for mbs in cfg.max_batch_sizes:
                     for workers in cfg.workers:
-                        server = ServerSetting(served_name(model, precision), backend, device, mbs, workers)
+                        server = ServerSetting(served_name(model, precision), backend, device, mbs, workers, precision)
                         for n in cfg.images_per_request:
                             for level in levels:
                                 cells.append(Cell(server, n, level))
@@ -164,8 +175,12 @@ def cell_identity(cell: Cell, cfg: SweepConfig, hw: Hardware) -> dict[str, Any]:
     else:
         load["seconds"] = cfg.seconds
         load["concurrency" if cell.load.mode == "closed" else "rate"] = cell.load.concurrency or cell.load.rate
+    # The precision is named only where the model's name does not say it (bf16), so the cells of sweeps
+    # from before bf16 keep their identity.
+    precision = {} if cell.server.precision == zoo.precision_of(cell.server.model) else {"precision": cell.server.precision}
     return {
         "model": cell.server.model,
+        **precision,
         "backend": cell.server.backend,
         "device": cell.server.device,
         "max_batch_size": cell.server.max_batch_size,
@@ -214,9 +229,11 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
         groups.setdefault(cell.server, []).append(cell)
     say(f"sweep: {sum(map(len, groups.values()))} cells on {len(groups)} server settings; {hw.description}; "
         f"instance {cfg.pricing.instance_type} at {_price(cfg.pricing)}; server logs in {log_dir}")  # fmt: skip
-    skipped = [t for t in cfg.targets for p in cfg.precisions if not runs_at(t.partition("/")[0], p)]
+    skipped = [t for t in cfg.targets for p in cfg.precisions if p == "int8" and not runs_at(t.partition("/")[0], p)]
     if skipped:
-        say(f"int8 is not measured on {', '.join(sorted(set(skipped)))}: NAME-int8 is an ONNX Runtime model")
+        say(f"int8 is not measured on {', '.join(sorted(set(skipped)))}: NAME-int8 is an ONNX model the torch runner does not build")
+    if "bf16" in cfg.precisions and not all(runs_at(t.partition("/")[0], "bf16") for t in cfg.targets):
+        say(f"bf16 is measured on {', '.join(PRECISION_BACKENDS)} targets only")
 
     for setting, cells in groups.items():
         todo = [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done]
@@ -287,7 +304,7 @@ def _run_cell(
         max_batch_size=cell.server.max_batch_size,
         workers=cell.server.workers,
         weights=meta.get("weights"),
-        precision=precision,
+        precision=precision or cell.server.precision,
         quantization=meta.get("quantization"),
         extra={"cell": cell_identity(cell, cfg, hw)},
     )

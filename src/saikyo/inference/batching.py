@@ -4,11 +4,14 @@ One batcher per model and input kind, all in the event loop. The design goal is 
 - idle: the first image runs at once (max_delay_ms = 0 by default), so no latency is added;
 - loaded: while one batch runs in the model's executor thread, arriving images queue up, and the next
   batch takes up to max_batch_size of them the moment the runner is free -- batches fill by themselves.
+A runner that runs several forward passes at once (OpenVINO streams) declares how many: the batcher then
+keeps up to max_in_flight batches running, each from its own buffer, on as many executor threads.
 A request's N images may span several batches; its result rows come back in request order.
 A full queue refuses at once (QueueFull -> 503 + Retry-After) instead of growing without bound.
 
-Items are numpy arrays of one shape, copied into a preallocated batch buffer; or, with item_shape=None,
-opaque objects (e.g. images already decoded into GPU memory) that `infer` receives as a list.
+Items are numpy arrays of one shape, copied into a preallocated batch buffer (one per batch in flight); or,
+with item_shape=None, opaque objects (e.g. images already decoded into GPU memory) that `infer` receives
+as a list.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class _Pending:
         return len(self.items) - self.taken
 
 
+_Part = tuple[_Pending, int, int, int]  # (request, its first item in the batch, count, offset in the batch)
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -76,6 +82,7 @@ class DynamicBatcher:
         max_batch_size: int = 16,
         max_delay_ms: float = 0.0,
         max_queue_images: int = 256,
+        max_in_flight: int = 1,
         name: str = "",
         on_batch: BatchObserver | None = None,
     ) -> None:
@@ -83,25 +90,31 @@ class DynamicBatcher:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue_images < max_batch_size:
             raise ValueError("max_queue_images must be >= max_batch_size")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
         self._infer = infer
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
+        self.max_in_flight = max_in_flight
         self.name = name
         self._on_batch = on_batch
-        # One buffer suffices: a batch is assembled only after the previous one returned.
-        # item_shape=None: no buffer, the batch is a list of the items themselves.
-        self._buffer = None if item_shape is None else np.empty((max_batch_size, *item_shape), dtype=item_dtype)
+        # One buffer per batch in flight, back in the free list once the runner returned from it.
+        # item_shape=None: no buffers, each batch is a list of the items themselves.
+        self._free: list[np.ndarray | None] = [
+            None if item_shape is None else np.empty((max_batch_size, *item_shape), dtype=item_dtype)
+            for _ in range(max_in_flight)
+        ]
         self._item_shape = None if item_shape is None else tuple(item_shape)
-        self._items: list[Any] = []
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pending_images = 0
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # set by submit, by a finished batch and by close
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # in flight
         self._closed = False
-        self._running = 0  # images in the batch now in the runner
-        # Smoothed images/s of the runner, for Retry-After.
+        self._running = 0  # images in the batches now in the runner
+        # Smoothed images/s of one forward pass at a time, for Retry-After.
         self._rate = 0.0
 
     # ---- state, for metrics and health ----
@@ -118,7 +131,7 @@ class DynamicBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def close(self) -> None:
-        """Stop taking work; fail what is still queued. Awaits the batch in flight."""
+        """Stop taking work; fail what is still queued. Awaits the batches in flight."""
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
@@ -152,13 +165,13 @@ class DynamicBatcher:
     def _retry_after(self, n: int) -> int:
         if self._rate <= 0:
             return 1
-        return max(1, min(60, math.ceil((self._pending_images + n) / self._rate)))
+        # A full queue means every slot is busy: the runner drains max_in_flight batches at once.
+        return max(1, min(60, math.ceil((self._pending_images + n) / (self._rate * self.max_in_flight))))
 
     # ---- the loop ----
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._closed:
-            if not self._pending_images:
+            if not self._pending_images or not self._free:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -166,29 +179,39 @@ class DynamicBatcher:
                 await self._wait_for_more()
                 if self._closed:
                     break
-            parts, n = self._assemble()
+            buffer = self._free.pop()
+            parts, n, batch = self._assemble(buffer)
             if n == 0:
+                self._free.append(buffer)
                 continue
-            self._running = n
-            started = time.perf_counter()
-            batch = self._buffer[:n] if self._buffer is not None else self._items
-            try:
-                result = await loop.run_in_executor(self._executor, self._infer, batch)
-            except Exception as exc:  # the runner's failure is this batch's failure only
-                log.warning("batcher %s: batch of %d failed: %s", self.name, n, exc)
-                for p, *_ in parts:
-                    if not p.future.done():
-                        p.future.set_exception(BatchFailed(str(exc)))
-                continue
-            finally:
-                self._running = 0
-                self._items = []  # drop references: list items may hold device memory
-            seconds = time.perf_counter() - started
-            self._rate = n / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * n / seconds
-            log.debug("batcher %s: ran batch of %d in %.1f ms", self.name, n, seconds * 1000)
-            if self._on_batch is not None:
-                self._on_batch(n, seconds)
-            self._distribute(parts, result)
+            task = asyncio.get_running_loop().create_task(self._execute(parts, n, batch, buffer))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        if self._batches:
+            await asyncio.wait(list(self._batches))
+
+    async def _execute(self, parts: list[_Part], n: int, batch: Any, buffer: np.ndarray | None) -> None:
+        """Run one assembled batch in the executor and hand each request its rows."""
+        self._running += n
+        started = time.perf_counter()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, batch)
+        except Exception as exc:  # the runner's failure is this batch's failure only
+            log.warning("batcher %s: batch of %d failed: %s", self.name, n, exc)
+            for p, *_ in parts:
+                if not p.future.done():
+                    p.future.set_exception(BatchFailed(str(exc)))
+            return
+        finally:
+            self._running -= n
+            self._free.append(buffer)  # the runner is done reading it
+            self._wakeup.set()
+        seconds = time.perf_counter() - started
+        self._rate = n / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * n / seconds
+        log.debug("batcher %s: ran batch of %d in %.1f ms", self.name, n, seconds * 1000)
+        if self._on_batch is not None:
+            self._on_batch(n, seconds)
+        self._distribute(parts, result)
 
     async def _wait_for_more(self) -> None:
         deadline = self._queue[0].enqueued + self.max_delay if self._queue else time.monotonic()
@@ -202,12 +225,12 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    def _assemble(self) -> tuple[list[tuple[_Pending, int, int, int]], int]:
-        """Copy up to max_batch_size queued items into the buffer. Returns (parts, count)."""
-        parts: list[tuple[_Pending, int, int, int]] = []  # (request, first item, count, batch offset)
+    def _assemble(self, buffer: np.ndarray | None) -> tuple[list[_Part], int, Any]:
+        """Take up to max_batch_size queued items into `buffer` (or a list). Returns (parts, count, batch)."""
+        parts: list[_Part] = []
         n = 0
         now = time.monotonic()
-        self._items = []
+        items: list[Any] = []
         while self._queue and n < self.max_batch_size:
             p = self._queue[0]
             if p.future.done():  # cancelled (client went away) or already failed
@@ -220,21 +243,21 @@ class DynamicBatcher:
                 p.future.set_exception(DeadlineExceeded("deadline passed before inference started"))
                 continue
             take = min(p.untaken, self.max_batch_size - n)
-            if self._buffer is None:
-                self._items.extend(p.items[p.taken : p.taken + take])
+            if buffer is None:
+                items.extend(p.items[p.taken : p.taken + take])
             else:
                 for i in range(take):
-                    np.copyto(self._buffer[n + i], p.items[p.taken + i])
+                    np.copyto(buffer[n + i], p.items[p.taken + i])
             parts.append((p, p.taken, take, n))
             p.taken += take
             n += take
             self._pending_images -= take
             if p.untaken == 0:
                 self._queue.popleft()
-        return parts, n
+        return parts, n, (items if buffer is None else buffer[:n])
 
     @staticmethod
-    def _distribute(parts: list[tuple[_Pending, int, int, int]], result: np.ndarray) -> None:
+    def _distribute(parts: list[_Part], result: np.ndarray) -> None:
         for p, first, count, offset in parts:
             if p.future.done():
                 continue

@@ -2,26 +2,71 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import platform
+
+from saikyo.models import zoo
 from saikyo.runtime.base import Runner, RunnerError
-from saikyo.settings import Settings
+from saikyo.settings import BACKENDS, Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_runner(name: str, settings: Settings) -> Runner:
     """Pick the runner for `settings.backend` / `settings.device` and load `name` from the repository."""
     backend = settings.backend
     if backend == "auto":
-        backend = "torch" if _cuda_available() else "onnxruntime"
+        backend, why = auto_backend(name, settings)
+        log.info("model %s: backend auto -> %s (%s)", name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner
 
         return OnnxRunner.load(name, settings)
+    if backend == "openvino":
+        if not openvino_installed():
+            raise RunnerError("the openvino backend is not available: pip install 'saikyo[openvino]'")
+        from saikyo.runtime.openvino import OpenVinoRunner
+
+        return OpenVinoRunner.load(name, settings)
     if backend == "torch":
         try:
             from saikyo.runtime.torch import TorchRunner  # type: ignore[import-not-found]
         except ImportError as exc:
             raise RunnerError(f"the torch backend is not available: {exc}") from None
         return TorchRunner.load(name, settings)
-    raise RunnerError(f"unknown backend {backend!r}; choose onnxruntime, torch or auto")
+    raise RunnerError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+
+
+def auto_backend(name: str, settings: Settings) -> tuple[str, str]:
+    """The fastest installed backend for this model on this machine, and why (the rule README states,
+    from benchmarks/backends.py): torch on CUDA; on an x86 CPU, OpenVINO wherever it runs a lower precision
+    than fp32 (bf16 on CPUs that compute it natively, or an int8 file); ONNX Runtime otherwise, since
+    OpenVINO's fp32 is no faster than ONNX Runtime's."""
+    if settings.device in ("cuda", "auto") and _cuda_available():
+        return "torch", "CUDA is present"
+    if settings.device == "cuda":
+        return "onnxruntime", "CUDA asked for, torch sees none: ONNX Runtime's CUDA provider, if installed"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "onnxruntime", f"OpenVINO is not used on {platform.machine()} CPUs"
+    if not openvino_installed():
+        return "onnxruntime", "OpenVINO is not installed"
+    if zoo.precision_of(name) == "int8":
+        return "openvino", "an int8 file on an x86 CPU"
+    if settings.precision == "fp32":
+        return "onnxruntime", "fp32 asked for: OpenVINO's fp32 is no faster"
+    from saikyo.runtime.openvino import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        return "openvino", "the CPU computes bf16 natively"
+    if settings.precision == "bf16":
+        return "openvino", "bf16 asked for (the CPU lacks it: OpenVINO will say so)"
+    return "onnxruntime", "the CPU has no native bf16, and OpenVINO's fp32 is no faster"
+
+
+def openvino_installed() -> bool:
+    # Looked up, not imported: importing openvino has side effects that runtime/openvino.py guards.
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _cuda_available() -> bool:
@@ -32,4 +77,4 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-__all__ = ["Runner", "RunnerError", "create_runner"]
+__all__ = ["BACKENDS", "Runner", "RunnerError", "auto_backend", "create_runner"]

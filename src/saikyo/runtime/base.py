@@ -25,6 +25,9 @@ class Capabilities:
     # The runner decodes encoded images on its own device (`DeviceDecoder`): the server hands it the
     # request's bytes instead of decoding them in its CPU pool, and batches the decoded images it returns.
     device_decode: bool = False
+    # Forward passes the runner runs at once (e.g. OpenVINO streams, one infer request each): the batcher
+    # keeps up to this many batches in flight, calling infer from as many threads.
+    max_in_flight: int = 1
 
 
 class Runner(Protocol):

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from saikyo.inference.predictions import softmax
+from saikyo.models import zoo
 from saikyo.models.repository import ModelRepository
 from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.settings import Settings
@@ -96,6 +97,8 @@ class OnnxRunner:
         settings: Settings,
         model_file: Path | None = None,
     ) -> None:
+        if settings.precision == "bf16":
+            raise RunnerError("ONNX Runtime runs fp32 here (and int8 files): bf16 needs --backend openvino")
         self.name = name
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.meta = dict(meta)
@@ -128,6 +131,7 @@ class OnnxRunner:
             device="cuda" if self._session.get_providers()[0] != "CPUExecutionProvider" else "cpu",
             providers=self._session.get_providers(),
             intra_op_threads=settings.resolved_intra_op_threads(),
+            precision=meta.get("precision") or zoo.precision_of(name),
         )
 
     @classmethod

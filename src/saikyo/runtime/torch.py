@@ -166,8 +166,8 @@ class TorchRunner:
         base = str(meta.get("base_model") or zoo.base_name(name))
         if zoo.precision_of(name) != "fp32" or meta.get("precision", "fp32") != "fp32":
             raise RunnerError(
-                f"model {name!r} is a quantised ONNX variant, which only ONNX Runtime runs: "
-                f"serve it with --backend onnxruntime, or serve {base!r} with --backend torch"
+                f"model {name!r} is a quantised ONNX variant, which ONNX Runtime and OpenVINO run: "
+                f"serve it with --backend onnxruntime or openvino, or serve {base!r} with --backend torch"
             )
         try:
             spec = zoo.get(base)

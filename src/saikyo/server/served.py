@@ -98,6 +98,11 @@ class ServedModels:
             return
         pp = runner.preprocessing
         s = self.settings
+        in_flight = runner.capabilities.max_in_flight
+        if in_flight > 1:
+            # The runner runs that many forward passes at once: one executor thread for each.
+            executor.shutdown(wait=False)
+            executor = ThreadPoolExecutor(in_flight, thread_name_prefix=f"infer-{model.name}")
 
         def observer(size: int, seconds: float, name: str = model.name) -> None:
             if self._on_batch is not None:
@@ -107,6 +112,7 @@ class ServedModels:
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,
             max_queue_images=s.max_queue_images,
+            max_in_flight=in_flight,
             on_batch=observer,
         )
         decoder = device_decoder(runner)
