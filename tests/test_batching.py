@@ -10,7 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from saikyo.inference.batching import BatchFailed, BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
+from saikyo.inference.batching import (
+    BatcherClosed,
+    BatcherFailed,
+    BatchFailed,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+)
 
 POISON = 666.0
 
@@ -383,5 +390,70 @@ def test_k_in_flight_close_drains_every_batch_in_flight() -> None:
             await queued
         assert runner.started == [1.0, 2.0]  # the queued image never ran
         ex.shutdown()
+
+    asyncio.run(main())
+
+
+# ---- liveness: a runner that hangs, a loop that dies ----
+def test_a_hung_runner_fails_its_batch_and_the_queue_then_refuses_new_work() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()  # the forward pass never returns (until the test lets it go)
+        failures: list[str] = []
+        batcher, ex = make(runner, batch_timeout_s=0.3, on_failure=failures.append)
+        first = asyncio.ensure_future(batcher.submit(items(1, 2)))
+        await wait_entered(runner)
+        queued = asyncio.ensure_future(batcher.submit(items(3)))
+        started = time.monotonic()
+        for waiting in (first, queued):
+            with pytest.raises(BatcherFailed, match="ran over batch_timeout_s = 0.3 s"):
+                await waiting
+        assert time.monotonic() - started < 5
+        assert len(failures) == 1 and "runner looks hung" in failures[0] and batcher.failure == failures[0]
+        with pytest.raises(BatcherFailed, match="hung"):
+            await batcher.submit(items(4))
+        runner.gate.set()
+        await batcher.close()
+        ex.shutdown(wait=True)
+
+    asyncio.run(main())
+
+
+def test_a_batching_loop_that_dies_fails_what_waits_and_says_so() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        failures: list[str] = []
+        batcher, ex = make(runner, batch_timeout_s=30, on_failure=failures.append)
+        running = asyncio.ensure_future(batcher.submit(items(1)))
+        await wait_entered(runner)
+
+        def broken(_buffer: object) -> None:
+            raise RuntimeError("assembler bug")
+
+        batcher._assemble = broken  # type: ignore[method-assign]  # the next batch's assembly raises
+        runner.gate.set()
+        assert (await running).tolist() == [[2.0]]  # the batch in flight still answers
+        with pytest.raises(BatcherFailed, match="batching loop died: RuntimeError: assembler bug"):
+            await asyncio.wait_for(batcher.submit(items(2)), 5)
+        assert failures and "assembler bug" in failures[0]
+        with pytest.raises(BatcherFailed):
+            await batcher.submit(items(3))
+        await batcher.close()
+        ex.shutdown(wait=True)
+
+    asyncio.run(main())
+
+
+def test_every_wait_is_bounded_even_if_nothing_fails() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        batcher, ex = make(runner, batch_timeout_s=0.05)
+        # A batch that runs but whose rows are never handed out would leave the request waiting for ever.
+        batcher._distribute = lambda parts, result: None  # type: ignore[method-assign]
+        with pytest.raises(BatcherFailed, match="no answer within"):
+            await asyncio.wait_for(batcher.submit(items(1)), 5)
+        await batcher.close()
+        ex.shutdown(wait=True)
 
     asyncio.run(main())

@@ -246,3 +246,24 @@ def test_a_second_signal_stops_waiting(fault_repository, tmp_path_factory) -> No
         for conn in conns:
             conn.close()
         assert "second SIGTERM" in server.log()
+
+
+def test_a_model_whose_forward_pass_runs_over_the_bound_is_reported_and_refused(fault_repository, tmp_path) -> None:
+    """batch_timeout_s below the slow model's forward pass: to the server that is a hung runner. Its
+    requests get a 503 naming the reason at once instead of waiting, and readiness says which model."""
+    with running_server(
+        fault_repository.root, "slow", tmp_path, "--max-batch-size", "4", "--batch-timeout-s", "0.0005",
+    ) as server:  # fmt: skip
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # warm-up is not a batch
+        r = classify(server.url, NORMAL, NORMAL, model="slow")
+        assert r.status_code == 503, r.text
+        assert "batch_timeout_s" in r.json()["error"]
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 400 and ready.json()["detail"]["slow"] == "failed", ready.text
+        model_ready = httpx.get(f"{server.url}/v2/models/slow/ready")
+        assert model_ready.status_code == 400 and "runner looks hung" in model_ready.text
+        again = classify(server.url, NORMAL, model="slow")
+        assert again.status_code == 503 and "hung" in again.json()["error"]
+        # SIGTERM still drains and exits, though a runner thread may be stuck.
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()

@@ -69,6 +69,9 @@ class Settings:
     max_batch_size: int = setting(16, "largest batch one forward pass runs")
     max_delay_ms: float = setting(0.0, "how long an idle runner waits for more images")
     max_queue_images: int = setting(256, "images queued per model before 503")
+    # A forward pass taking longer means its runner hangs: the model is marked failed (readiness false,
+    # its requests 503 with the reason) instead of leaving requests waiting for ever.
+    batch_timeout_s: float = setting(120.0, "longest a forward pass may take before its model counts as hung")
 
     # Request limits.
     max_body_bytes: int = setting(64 * 1024 * 1024, "largest request body; 413")

@@ -53,6 +53,10 @@ class BatcherClosed(Exception):
     pass
 
 
+class BatcherFailed(Exception):
+    """The batcher cannot serve any more: its loop died, or its runner hung. The message says which."""
+
+
 @dataclass(eq=False)
 class _Pending:
     items: Sequence[Any]
@@ -83,8 +87,10 @@ class DynamicBatcher:
         max_delay_ms: float = 0.0,
         max_queue_images: int = 256,
         max_in_flight: int = 1,
+        batch_timeout_s: float | None = None,
         name: str = "",
         on_batch: BatchObserver | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -100,6 +106,11 @@ class DynamicBatcher:
         self.max_in_flight = max_in_flight
         self.name = name
         self._on_batch = on_batch
+        # A forward pass running longer than this means the runner hangs (a thread cannot be stopped, so
+        # the batcher gives up on it): its requests and every queued one fail, and on_failure is told.
+        self.batch_timeout_s = batch_timeout_s
+        self._on_failure = on_failure
+        self.failure: str | None = None
         # One buffer per batch in flight, back in the free list once the runner returned from it.
         # item_shape=None: no buffers, each batch is a list of the items themselves.
         self._free: list[np.ndarray | None] = [
@@ -129,13 +140,36 @@ class DynamicBatcher:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+            self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(f"its batching loop died: {type(task.exception()).__name__}: {task.exception()}")
+
+    def _fail(self, reason: str) -> None:
+        """From now on every request gets BatcherFailed: queued ones at once, new ones on submit."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("batcher %s: %s; failing its %d queued images", self.name, reason, self._pending_images)
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(BatcherFailed(reason))
+        self._pending_images = 0
+        self._wakeup.set()
+        if self._on_failure is not None:
+            self._on_failure(reason)
 
     async def close(self) -> None:
         """Stop taking work; fail what is still queued. Awaits the batches in flight."""
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:  # a loop that died was reported by _loop_ended
+                pass
             self._task = None
         while self._queue:
             p = self._queue.popleft()
@@ -147,6 +181,8 @@ class DynamicBatcher:
         """Queue `items` (each of item_shape) and wait for their result rows, in order."""
         if self._closed:
             raise BatcherClosed("server is shutting down")
+        if self.failure is not None:
+            raise BatcherFailed(self.failure)
         n = len(items)
         if n == 0:
             raise ValueError("no items")
@@ -157,10 +193,18 @@ class DynamicBatcher:
         if self._pending_images + n > self.max_queue_images:
             raise QueueFull(self._pending_images, self.max_queue_images, self._retry_after(n))
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        ahead = self._pending_images + self._running
         self._queue.append(_Pending(items=items, future=future, deadline=deadline))
         self._pending_images += n
         self._wakeup.set()
-        return await future
+        if self.batch_timeout_s is None:
+            return await future
+        # Every wait has an end: the batches ahead of this request and its own, each within the timeout.
+        bound = self.batch_timeout_s * (2 + math.ceil((ahead + n) / (self.max_batch_size * self.max_in_flight)))
+        try:
+            return await asyncio.wait_for(future, bound)
+        except TimeoutError:
+            raise BatcherFailed(f"no answer within {bound:.0f} s") from None
 
     def _retry_after(self, n: int) -> int:
         if self._rate <= 0:
@@ -170,7 +214,7 @@ class DynamicBatcher:
 
     # ---- the loop ----
     async def _run(self) -> None:
-        while not self._closed:
+        while not self._closed and self.failure is None:
             if not self._pending_images or not self._free:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -194,8 +238,19 @@ class DynamicBatcher:
         """Run one assembled batch in the executor and hand each request its rows."""
         self._running += n
         started = time.perf_counter()
+        hung = False
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, batch)
+            running = asyncio.get_running_loop().run_in_executor(self._executor, self._infer, batch)
+            # shield: on a timeout the thread runs on regardless; only the wait for it ends.
+            result = await asyncio.wait_for(asyncio.shield(running), self.batch_timeout_s)
+        except TimeoutError:
+            hung = True  # its buffer stays the hung runner's: never handed out again
+            reason = f"a forward pass of {n} images ran over batch_timeout_s = {self.batch_timeout_s:g} s"
+            for p, *_ in parts:
+                if not p.future.done():
+                    p.future.set_exception(BatcherFailed(reason))
+            self._fail(reason + ": the runner looks hung")
+            return
         except Exception as exc:  # the runner's failure is this batch's failure only
             log.warning("batcher %s: batch of %d failed: %s", self.name, n, exc)
             for p, *_ in parts:
@@ -204,7 +259,8 @@ class DynamicBatcher:
             return
         finally:
             self._running -= n
-            self._free.append(buffer)  # the runner is done reading it
+            if not hung:
+                self._free.append(buffer)  # the runner is done reading it
             self._wakeup.set()
         seconds = time.perf_counter() - started
         self._rate = n / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * n / seconds

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import Request
 
 from saikyo.inference import imaging
-from saikyo.inference.batching import BatcherClosed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
+from saikyo.inference.batching import BatcherClosed, BatcherFailed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
 from saikyo.server.middlewares import deadline as deadlines
 from saikyo.server.errors import ApiError, ClientGone
 from saikyo.runtime.base import device_decoder
@@ -38,7 +38,7 @@ def served_model(served: ServedModels, name: str | None) -> ServedModel:
     if model.state is ModelState.LOADING:
         raise ApiError(503, f"model {name!r} is still loading", headers={"Retry-After": "2"})
     if model.state is ModelState.FAILED:
-        raise ApiError(503, f"model {name!r} is not available: it failed to load", {"reason": model.error})
+        raise ApiError(503, f"model {name!r} is not available: {model.error}", {"reason": model.error})
     return model
 
 
@@ -69,6 +69,8 @@ async def run_batch(
         raise ApiError(500, "inference failed for the batch holding this request") from None
     except BatcherClosed:
         raise ApiError(503, "server is shutting down", headers={"Retry-After": "1"}) from None
+    except BatcherFailed as exc:
+        raise ApiError(503, f"model not available: {exc}", {"reason": str(exc)}) from None
 
 
 async def decode(

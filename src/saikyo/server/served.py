@@ -108,12 +108,19 @@ class ServedModels:
             if self._on_batch is not None:
                 self._on_batch(name, size, seconds)
 
+        def failed(reason: str, model: ServedModel = model) -> None:
+            # Readiness and this model's ready route say so; its requests get 503 with the reason.
+            model.state = ModelState.FAILED
+            model.error = f"stopped serving: {reason}"
+
         common = dict(
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,
             max_queue_images=s.max_queue_images,
             max_in_flight=in_flight,
+            batch_timeout_s=s.batch_timeout_s,
             on_batch=observer,
+            on_failure=failed,
         )
         decoder = device_decoder(runner)
         if decoder is not None:
@@ -167,8 +174,9 @@ class ServedModels:
             for batcher in (model.image_batcher, model.tensor_batcher):
                 if batcher is not None:
                     await batcher.close()
+            hung = any(b is not None and b.failure for b in (model.image_batcher, model.tensor_batcher))
             if model.executor is not None:
-                model.executor.shutdown(wait=True)
-            if model.runner is not None:
+                model.executor.shutdown(wait=not hung)  # a hung runner's thread would never be joined
+            if model.runner is not None and not hung:
                 model.runner.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
