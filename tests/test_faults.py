@@ -235,12 +235,16 @@ def test_sigterm_turns_readiness_false_at_once_and_serves_through_the_delay(faul
 def test_a_second_signal_stops_waiting(fault_repository, tmp_path_factory) -> None:
     with running_server(
         fault_repository.root, "slow", tmp_path_factory.mktemp("logs"), "--max-batch-size", "1",
-        "--max-queue-images", "512",
+        "--max-queue-images", "2048",
     ) as server:  # fmt: skip
-        conns = [_send(server.url, images=64) for _ in range(6)]
-        time.sleep(0.5)
+        conns = [_send(server.url, images=64) for _ in range(24)]
+        _wait_all_admitted(server.url, "slow", 24 * 64)
+        # The second signal must find work still queued (seconds of it, even on a fast machine).
+        queued = float(re.search(r'^saikyo_queue_images\{model="slow"\} (\S+)$',
+                                 httpx.get(f"{server.url}/metrics").text, re.M).group(1))  # type: ignore[union-attr]
+        assert queued >= 256, queued
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.1)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 1  # forced: not a clean drain, and the status says so
         for conn in conns:

@@ -200,7 +200,8 @@ class DynamicBatcher:
         if self.batch_timeout_s is None:
             return await future
         # Every wait has an end: the batches ahead of this request and its own, each within the timeout.
-        bound = self.batch_timeout_s * (2 + math.ceil((ahead + n) / (self.max_batch_size * self.max_in_flight)))
+        # (Plus a second, so that a hung batch is reported as such before a wait behind it runs out.)
+        bound = 1 + self.batch_timeout_s * (2 + math.ceil((ahead + n) / (self.max_batch_size * self.max_in_flight)))
         try:
             return await asyncio.wait_for(future, bound)
         except TimeoutError:
