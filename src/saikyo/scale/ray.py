@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saikyo.scale.ray_metrics import ReplicaMetrics
+from saikyo.server.middlewares.limits import send_json
 from saikyo.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ APP_NAME = "saikyo"
 DEPLOYMENT_NAME = "saikyo"
 # Every response from a replica names it: "<replica id> pid=<process id>".
 REPLICA_HEADER = "x-saikyo-replica"
+CONTROL_PATH = "/v2/repository/models/"
+CONTROL_REFUSED = (
+    "under --engine ray a load or unload would reach one replica: publish a new version "
+    "(saikyo models push) and --model-control poll loads it on every replica"
+)
 PROXY_CALLBACK = "saikyo.scale.ray:proxy_middlewares"
 # Set in the environment of a private Ray started by `start_local_ray`; its processes inherit it.
 LOOPBACK_FLAG = "SAIKYO_RAY_LOOPBACK"
@@ -78,6 +84,12 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         raise ValueError("gpus_per_replica > 0 needs device cuda (or auto): the replicas would not use the GPU")
     if s.max_ongoing_requests < 1 or s.max_queued_requests < 1:
         raise ValueError("max_ongoing_requests and max_queued_requests must be >= 1")
+    if s.model_control == "explicit":
+        # A load request reaches one replica, and a replica added later starts from `models` alone.
+        raise ValueError(
+            "model_control explicit changes one process; each Ray replica is its own: use poll (every replica "
+            "follows the repository's latest versions) or none"
+        )
     actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:
         actor["num_gpus"] = s.gpus_per_replica
@@ -150,7 +162,8 @@ class ReplicaMiddleware:
     - Lifespan: reports startup complete only once every model has loaded and warmed up, so Serve
       routes nothing to a replica (a new one from autoscaling included) that would answer 503; from
       then until shutdown it publishes its metrics for the deployment-wide /metrics.
-    - HTTP: stamps each response with the replica's identity, so load spreading is observable.
+    - HTTP: stamps each response with the replica's identity, so load spreading is observable, and
+      refuses model load/unload, which would change this replica alone (poll changes them all).
     """
 
     def __init__(self, app: ASGIApp, identity: str, metrics: ReplicaMetrics) -> None:
@@ -175,6 +188,11 @@ class ReplicaMiddleware:
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+
+        if scope["path"].startswith(CONTROL_PATH):
+            # A load or unload would reach this one replica: the others would go on serving what they had.
+            await send_json(scope, receive, send, 400, CONTROL_REFUSED, headers={REPLICA_HEADER: self.identity.decode()})
             return
 
         async def send_stamped(message: Message) -> None:
