@@ -16,7 +16,7 @@ from serverproc import free_port, running_server
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.errors import CorruptDownload
-from saikyo.models.repository import ModelRepository
+from saikyo.models.repository import Entry, ModelRepository
 from saikyo.models.s3 import DOWNLOAD_ATTEMPTS, S3Repository
 
 
@@ -33,8 +33,12 @@ def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setenv(key, value)
 
 
-def s3_repository(s3: S3Server, prefix: str, cache: Path) -> S3Repository:
-    return S3Repository(f"s3://{BUCKET}/{prefix}", s3.url, ModelCache(cache, 1 << 30))
+def with_tiny(s3: S3Server, prefix: str, cache: Path, tiny_repository: ModelRepository) -> tuple[S3Repository, Entry]:
+    """A repository at s3://models/<prefix> where the tiny model is version 1."""
+    repo = S3Repository(f"s3://{BUCKET}/{prefix}", s3.url, ModelCache(cache, 1 << 30))
+    entry = tiny_repository.get("tiny")
+    assert repo.publish("tiny", [entry.path], entry.meta) == 1
+    return repo, entry
 
 
 def test_push_then_serve_from_s3_classifies_the_cat_and_a_restart_hits_the_cache(
@@ -69,9 +73,7 @@ def test_push_then_serve_from_s3_classifies_the_cat_and_a_restart_hits_the_cache
 def test_a_corrupted_object_is_refused_and_a_corrupted_transfer_retried(
     tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
-    repo = s3_repository(s3_server, "corrupt", tmp_path / "cache")
-    entry = tiny_repository.get("tiny")
-    assert repo.publish("tiny", [entry.path], entry.meta) == 1
+    repo, entry = with_tiny(s3_server, "corrupt", tmp_path / "cache", tiny_repository)
     # Same files, another meta.json: another digest (identical versions would share one cache entry).
     assert repo.publish("tiny", [entry.path], {**entry.meta, "note": "the second"}) == 2
     proxy = s3_server.proxy
@@ -95,9 +97,7 @@ def test_a_corrupted_object_is_refused_and_a_corrupted_transfer_retried(
 def test_a_served_model_whose_object_is_corrupt_is_never_served(
     tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
-    repo = s3_repository(s3_server, "corrupt-serve", tmp_path / "cache")
-    entry = tiny_repository.get("tiny")
-    repo.publish("tiny", [entry.path], entry.meta)
+    with_tiny(s3_server, "corrupt-serve", tmp_path / "cache", tiny_repository)
     s3_server.client().put_object(Bucket=BUCKET, Key="corrupt-serve/tiny/1/model.onnx", Body=b"\x08\x01 garbage")
     args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache2"))
     uri = f"s3://{BUCKET}/corrupt-serve"
@@ -156,9 +156,7 @@ def test_a_sweep_reads_its_models_from_s3(
     from saikyo.bench.cost import resolve_pricing
     from saikyo.bench.sweep import SweepConfig, run_sweep
 
-    repo = s3_repository(s3_server, "sweep", tmp_path / "pusher-cache")
-    entry = tiny_repository.get("tiny")
-    repo.publish("tiny", [entry.path], entry.meta)
+    repo, _ = with_tiny(s3_server, "sweep", tmp_path / "pusher-cache", tiny_repository)
     out = tmp_path / "sweep.jsonl"
     cfg = SweepConfig(
         models=["tiny"], repository=repo.location, out=out, pricing=resolve_pricing("c7i.large"),

@@ -104,19 +104,12 @@ MODEL_READY: dict[int | str, dict[str, Any]] = {
     404: NOT_FOUND,
 }
 
-REPOSITORY_INDEX_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": False,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"ready": {"type": "boolean", "description": "list only ready models"}},
-                }
-            }
-        },
-    }
-}
+def _optional_json_body(properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+REPOSITORY_INDEX_BODY = _optional_json_body({"ready": {"type": "boolean", "description": "list only ready models"}})
 
 REPOSITORY_INDEX: dict[int | str, dict[str, Any]] = {
     200: {
@@ -153,19 +146,7 @@ REPOSITORY_INDEX: dict[int | str, dict[str, Any]] = {
 
 
 def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": False,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"parameters": {"type": "object", "properties": parameters, "additionalProperties": False}},
-                    }
-                }
-            },
-        }
-    }
+    return _optional_json_body({"parameters": {"type": "object", "properties": parameters, "additionalProperties": False}})
 
 
 LOAD_BODY = _control_body({"version": {"type": ["string", "integer"], "description": "the version to load; default the latest"}})
