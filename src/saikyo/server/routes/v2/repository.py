@@ -29,6 +29,8 @@ router = APIRouter(prefix="/v2/repository", tags=["Model repository (Triton exte
 
 # Control bodies are a few bytes of JSON; anything larger is not one.
 MAX_CONTROL_BODY_BYTES = 64 * 1024
+# An unreachable repository must not hold the index up for botocore's whole retry schedule.
+INDEX_LISTING_TIMEOUT_S = 5.0
 _STATES = {ModelState.READY: "READY", ModelState.LOADING: "LOADING", ModelState.UNLOADING: "UNLOADING"}
 
 ModelName = Annotated[str, Path(description="model name, as in the repository")]
@@ -87,11 +89,12 @@ def _row(model: ServedModel) -> dict[str, str]:
 
 
 async def _not_held(models: ServedModels, held: set[tuple[str, str]]) -> list[dict[str, str]]:
-    """The repository's versions the server does not hold (listed afresh: an index is never stale)."""
+    """The repository's versions the server does not hold (listed afresh: an index is never stale).
+    When the repository cannot be listed the index still answers, with what the server holds."""
     try:
-        listing = await asyncio.to_thread(models.repository.listing)
-    except RepositoryError as exc:
-        log.warning("repository index: %s", exc)
+        listing = await asyncio.wait_for(asyncio.to_thread(models.repository.listing), INDEX_LISTING_TIMEOUT_S)
+    except (RepositoryError, asyncio.TimeoutError) as exc:
+        log.warning("repository index: listing %s: %s", models.repository.location, exc or "timed out")
         return []
     return [{"name": v.name, "version": str(v.number)} for v in listing if (v.name, str(v.number)) not in held]
 
