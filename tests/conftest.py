@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from s3server import S3Server, running_s3, unavailable  # noqa: E402
 from serverproc import ServerProcess, running_server  # noqa: E402
 from tinymodel import add_tiny_model  # noqa: E402
 
@@ -58,4 +59,14 @@ def pretrained_server(
     with running_server(
         pretrained_repository.root, "efficientnet_lite0", tmp_path_factory.mktemp("logs")
     ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS on loopback (tests/s3server.py), bucket `models`; skipped, with the reason, where it cannot run."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with running_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server

@@ -227,6 +227,30 @@ def test_overlay_wires_health_drain_scaling_and_disruption(overlay: str) -> None
         assert container["image"].endswith(":cpu")
 
 
+@needs_kustomize
+@needs_validate
+def test_the_s3_overlay_reads_one_repository_with_a_read_only_identity_and_a_cache() -> None:
+    import kubernetes_validate
+
+    docs = render("cpu-s3")
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    objs = by_kind(docs)
+    account, pod = objs["ServiceAccount"], objs["Deployment"]["spec"]["template"]["spec"]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["namespace"] == objs["Deployment"]["metadata"]["namespace"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SAIKYO_REPOSITORY"].startswith("s3://") and env["SAIKYO_MODEL_CONTROL"] == "poll"
+    assert not any(name.startswith("AWS_") for name in env)  # credentials come from IRSA, never the manifest
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[env["SAIKYO_MODEL_CACHE_DIR"]]]  # writable under a read-only root
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
@@ -446,6 +470,11 @@ def test_ecs_template_wires_gpu_roles_health_and_scaling() -> None:
     )
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert float(env["SAIKYO_DRAIN_TIMEOUT_S"]) < container["StopTimeout"]
+    # Models: an s3:// repository when ModelBucket is set, with read-only access to its prefix alone.
+    assert env["SAIKYO_REPOSITORY"]["Fn::If"] == ["HasModelBucket", {"Fn::Sub": "s3://${ModelBucket}/${ModelPrefix}"}, "/models"]
+    models_read = next(p["Fn::If"][1] for p in res["TaskRole"]["Properties"]["Policies"] if "Fn::If" in p)
+    actions = {st["Action"] for st in models_read["PolicyDocument"]["Statement"]}
+    assert actions == {"s3:ListBucket", "s3:GetObject"}
     tg = res["TargetGroup"]["Properties"]
     assert tg["HealthCheckPath"] == "/v2/health/ready" and tg["Matcher"] == {"HttpCode": "200"}
     scaling = res["RequestsPerTargetPolicy"]["Properties"]["TargetTrackingScalingPolicyConfiguration"]
@@ -473,7 +502,7 @@ def test_ecs_serves_https_when_given_a_certificate_and_redirects_http_to_it(cert
     params = template["Parameters"]
     assert params["CertificateArn"]["Default"] == ""
     assert template["Conditions"]["HasCertificate"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "CertificateArn"}, ""]}]}
-    conditions = {"HasCertificate": certificate, "UseGpu": True, "HasApiKeysKmsKey": False}
+    conditions = {"HasCertificate": certificate, "UseGpu": True, "HasApiKeysKmsKey": False, "HasModelBucket": False}
     res = {
         name: resolve_conditions(r, conditions)
         for name, r in template["Resources"].items()

@@ -13,7 +13,15 @@ def test_env_overrides_defaults_and_flags_override_env() -> None:
     assert s.max_batch_size == 32 and s.models == ("resnet50", "squeezenet1_1") and s.ort_spinning is True
     assert s.default_model == "resnet50"
     s = Settings.from_env(env, max_batch_size=4, repository="/tmp/x", port=None)
-    assert s.max_batch_size == 4 and s.repository == Path("/tmp/x") and s.port == 8080
+    assert s.max_batch_size == 4 and s.repository == "/tmp/x" and s.port == 8080
+
+
+def test_the_repository_is_a_directory_or_an_s3_uri_kept_as_written() -> None:
+    assert Settings.from_env({"SAIKYO_REPOSITORY": "s3://models/prod/"}).repository == "s3://models/prod/"
+    assert Settings(repository=Path("/srv/models")).repository == "/srv/models"  # a Path given in code
+    s = Settings.from_env({"SAIKYO_S3_ENDPOINT_URL": "http://127.0.0.1:8333", "SAIKYO_MODEL_CACHE_DIR": "/tmp/c"})
+    assert s.s3_endpoint_url == "http://127.0.0.1:8333" and s.model_cache_dir == Path("/tmp/c")
+    assert Settings.from_env({"SAIKYO_S3_ENDPOINT_URL": ""}).s3_endpoint_url is None
 
 
 @pytest.mark.parametrize(("env", "match"), [({"SAIKYO_PORT": "eighty"}, "invalid literal"),
@@ -24,7 +32,9 @@ def test_env_overrides_defaults_and_flags_override_env() -> None:
                                             ({"SAIKYO_GIL_SWITCH_INTERVAL_MS": "inf"}, "below 1000"),
                                             ({"SAIKYO_BACKEND": "tensorflow"}, "'backend' must be one of auto"),
                                             ({"SAIKYO_PRECISION": "fp16"}, "'precision' must be one of auto, fp32, bf16"),
-                                            ({"SAIKYO_OPENVINO_STREAMS": "0"}, "'openvino_streams' must be at least 1")])
+                                            ({"SAIKYO_OPENVINO_STREAMS": "0"}, "'openvino_streams' must be at least 1"),
+                                            ({"SAIKYO_MODEL_CONTROL": "auto"}, "none, explicit, poll"),
+                                            ({"SAIKYO_REPOSITORY_POLL_S": "0"}, "repository_poll_s")])
 def test_bad_values_say_which_setting(env: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Settings.from_env(env)

@@ -94,3 +94,29 @@ def add_tiny_int8_model(repository: ModelRepository, name: str = "tiny-int8", in
         quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
         return add_model(repository, name, onnx.load(str(int8)), input_size, family="Tiny", precision="int8")
+
+
+def heavy_classifier(megabytes: int, input_size: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """tiny_classifier with a hidden layer whose weights take about `megabytes`: what an unload must free."""
+    rng = np.random.default_rng(seed)
+    hidden = megabytes * 1_000_000 // 4 // 1000
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    fc1 = (rng.standard_normal((8, hidden)) / 8).astype(np.float32)
+    fc2 = (rng.standard_normal((hidden, 1000)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc1"], ["h"]),
+        helper.make_node("MatMul", ["h", "fc2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, input_size, input_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -9,7 +9,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 from saikyo.models import zoo
 from saikyo.models.errors import ExportError, UnknownModel
 from saikyo.settings import Settings, cli_fields, flag_of
+
+if TYPE_CHECKING:
+    from saikyo.models.repository import Repository
 
 app = typer.Typer(help="saikyo: image classification inference, fast and measured.", no_args_is_help=True)
 models_app = typer.Typer(help="The model zoo and the model repository.", no_args_is_help=True)
@@ -31,7 +34,12 @@ console = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)
 
 RepositoryOpt = Annotated[
-    Optional[Path], typer.Option("--repository", help="model repository directory [env SAIKYO_REPOSITORY]")
+    Optional[str],
+    typer.Option("--repository", help="model repository: a directory or s3://bucket/prefix [env SAIKYO_REPOSITORY]"),
+]
+EndpointOpt = Annotated[
+    Optional[str],
+    typer.Option("--s3-endpoint-url", help="S3-compatible endpoint for s3:// locations [env SAIKYO_S3_ENDPOINT_URL]"),
 ]
 
 
@@ -41,6 +49,23 @@ def _settings(**overrides: object) -> Settings:
     except ValueError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+
+
+def _repository(settings: Settings, location: str | None = None, check: bool = False) -> Repository:
+    """The repository at `location` (default: the settings'), or a clear error and exit 2. With `check`,
+    one listing proves it can be read: a missing bucket, refused credentials and an unreachable endpoint
+    stop here, naming the location."""
+    from saikyo.models.errors import RepositoryError
+    from saikyo.models.location import open_repository
+
+    try:
+        repo = open_repository(settings, location)
+        if check:
+            repo.check()
+    except RepositoryError as exc:
+        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    return repo
 
 
 def _serve_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -77,12 +102,10 @@ def serve(**flags: Any) -> None:
     from saikyo.server import create_app
 
     settings = _settings(**flags)
-    from saikyo.models.repository import ModelRepository
-
-    repo = ModelRepository(settings.repository)
+    repo = _repository(settings, check=True)
     for name in settings.models:
         # Repository entries describe themselves, so models outside the zoo serve too.
-        if zoo.base_name(name) not in zoo.ZOO and not repo.has(name):
+        if zoo.base_name(name) not in zoo.ZOO and not _has(repo, name):
             err.print(f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository})")
             raise typer.Exit(2)
     logging.basicConfig(
@@ -122,6 +145,16 @@ def serve(**flags: Any) -> None:
     serve_draining(server_app, settings)
 
 
+def _has(repo: Repository, name: str) -> bool:
+    from saikyo.models.errors import RepositoryError
+
+    try:
+        return repo.has(name)
+    except RepositoryError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _serve_on_ray(settings: Settings) -> None:
     import importlib.util
 
@@ -149,31 +182,78 @@ def _serve_on_ray(settings: Settings) -> None:
 @models_app.command("list")
 def models_list(
     repository: RepositoryOpt = None,
+    s3_endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Every zoo model and variant: exported or not, weights, size."""
+    """Every zoo model and variant, and every other model in the repository: versions, weights, size."""
     from saikyo.models.catalog import list_models
-    from saikyo.models.repository import ModelRepository
+    from saikyo.models.errors import RepositoryError
 
-    settings = _settings(repository=repository)
-    rows = list_models(ModelRepository(settings.repository))
+    settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    try:
+        rows = list_models(_repository(settings, check=True))
+    except RepositoryError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"model zoo (repository: {settings.repository})")
-    for col in ("name", "family", "input", "exported", "weights", "size MB", "description"):
+    for col in ("name", "family", "input", "versions", "weights", "size MB", "description"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             r["name"],
-            r["family"],
-            str(r["input_size"]),
-            "yes" if r["exported"] else "no",
+            r["family"] or "-",
+            str(r["input_size"] or "-"),
+            ",".join(map(str, r["versions"])) or "-",
             r.get("weights") or "-",
             f"{r['size_mb']:.1f}" if r.get("size_mb") else "-",
             r.get("description", ""),
         )
     console.print(table)
+
+
+@models_app.command("push")
+def models_push(
+    name: Annotated[str, typer.Argument(help="model name in the local repository (its latest version)")],
+    to: Annotated[str, typer.Option("--to", help="where to publish: s3://bucket/prefix or a directory")],
+    version: Annotated[Optional[int], typer.Option(min=1, help="version number [default: the next one there]")] = None,
+    repository: RepositoryOpt = None,
+    s3_endpoint_url: EndpointOpt = None,
+) -> None:
+    """Publish an exported model as a new version: its files first, meta.json (with every file's sha256) last.
+
+    A version that exists is never replaced. Servers with --model-control poll pick it up by themselves;
+    with explicit, POST /v2/repository/models/NAME/load.
+    """
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.models.repository import META_FILE
+
+    settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    source = _repository(settings)
+    target = _repository(settings, to, check=True)
+    try:
+        entry = source.get(name)
+    except (ModelNotExported, RepositoryError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    files = sorted((p for p in entry.path.parent.iterdir() if p.is_file() and p.name in _PUBLISHED), key=lambda p: _PUBLISHED.index(p.name))
+    # Where it came from; the digests of what is published are added by publish().
+    meta = {**{k: v for k, v in entry.meta.items() if k != "files"}, "published_from": f"{source.location} version {entry.version}"}
+    try:
+        number = target.publish(name, files, meta, version)
+    except RepositoryError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        entry.release()
+    size = sum(f.stat().st_size for f in files)
+    console.print(f"published {name} version {number} to {target.location} ({size / 1e6:.1f} MB: {', '.join(f.name for f in files)}, {META_FILE} last)")
+
+
+# What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.
+_PUBLISHED = ["model.onnx", "weights.pt"]
 
 
 @models_app.command("export")
@@ -192,9 +272,13 @@ def models_export(
     repository: RepositoryOpt = None,
 ) -> None:
     """Export a zoo model to ONNX into the repository (needs the export extra: torch)."""
+    from saikyo.models.location import is_remote
     from saikyo.models.repository import ModelRepository
 
     settings = _settings(repository=repository)
+    if is_remote(settings.repository):
+        err.print(f"[red]error:[/] export writes a local directory; export there, then: saikyo models push {name} --to {settings.repository}")
+        raise typer.Exit(2)
     repo = ModelRepository(settings.repository)
     try:
         zoo.get(name)
@@ -230,20 +314,26 @@ def models_export(
 
 
 @models_app.command("info")
-def models_info(name: str, repository: RepositoryOpt = None) -> None:
-    """The zoo entry and, if exported, the repository's meta.json."""
-    from saikyo.models.repository import ModelRepository
+def models_info(name: str, repository: RepositoryOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """The zoo entry and, if the repository has it, its versions and the latest one's meta.json."""
+    from saikyo.models.errors import RepositoryError
 
-    settings = _settings(repository=repository)
+    settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    repo = _repository(settings, check=True)
     try:
-        spec = zoo.get(name)
+        versions = repo.versions(name)
+        if zoo.base_name(name) not in zoo.ZOO and not versions:
+            zoo.get(name)  # raises UnknownModel
+        info: dict[str, Any] = {"zoo": zoo.get(name).to_dict() if zoo.base_name(name) in zoo.ZOO else None}
+        info.update(exported=bool(versions), versions=versions)
+        if versions:
+            info["meta"] = repo.resolve(name).meta
     except UnknownModel as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    repo = ModelRepository(settings.repository)
-    info = {"zoo": spec.to_dict(), "exported": repo.has(name)}
-    if repo.has(name):
-        info["meta"] = repo.get(name).meta
+    except RepositoryError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     print(json.dumps(info, indent=2))
 
 

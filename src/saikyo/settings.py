@@ -13,6 +13,9 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; NAME-int8 is chosen by name
 
 
+MODEL_CONTROL = ("none", "explicit", "poll")
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -32,7 +35,16 @@ class Settings:
     port: int = setting(8080, "port to listen on")
     # The first model is the default for requests that name none.
     models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default")
-    repository: Path = setting(Path("model-repository"), "model repository directory")
+    # A directory, or s3://bucket/prefix (credentials from the standard AWS chain, never a setting).
+    repository: str = setting("model-repository", "model repository: a directory or s3://bucket/prefix")
+    s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint for s3:// repositories (SeaweedFS, MinIO, R2, Ceph); default AWS")
+    # Versions downloaded from an s3:// repository, keyed by digest and shared by every server on the host.
+    model_cache_dir: Path | None = setting(None, "where s3:// downloads are cached; default ~/.cache/saikyo/models")
+    model_cache_bytes: int = setting(10 * 1024**3, "cache size; least recently used versions no server holds are evicted")
+    # none: the models given at start, fixed. explicit: POST /v2/repository/models/{m}/load|unload.
+    # poll: explicit, plus every repository_poll_s the served models move to their repository's latest version.
+    model_control: str = setting("none", "none | explicit (load/unload endpoints) | poll (explicit + follow new versions)")
+    repository_poll_s: float = setting(30.0, "poll: seconds between looks at the repository")
     backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
@@ -144,6 +156,12 @@ class Settings:
         for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name!r} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        # A path given as a Path (Settings built in code) is kept as text, like one from a flag.
+        object.__setattr__(self, "repository", os.fspath(self.repository))
+        if self.model_control not in MODEL_CONTROL:
+            raise ValueError(f"setting 'model_control' must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
+        if not self.repository_poll_s > 0:
+            raise ValueError(f"setting 'repository_poll_s' must be a positive number of seconds, not {self.repository_poll_s!r}")
         # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
         if not 0 < self.gil_switch_interval_ms < 1000:
             raise ValueError(
@@ -225,6 +243,10 @@ def _coerce(name: str, value: Any) -> Any:
         return Path(value)
     if kind == "Path | None":
         return Path(value) if value not in (None, "") else None
+    if kind == "str | None":
+        return str(value) if value not in (None, "") else None
+    if kind == "str" and isinstance(value, os.PathLike):
+        return os.fspath(value)
     if kind == "bool":
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):

@@ -256,7 +256,12 @@ def sweep(
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     seconds: Annotated[float, typer.Option(help="closed/open mode: seconds per cell")] = 10.0,
     timeout: TimeoutOpt = 120.0,
-    repository: Annotated[Optional[Path], typer.Option(help="model repository [env SAIKYO_REPOSITORY]")] = None,
+    repository: Annotated[
+        Optional[str], typer.Option(help="model repository: a directory or s3://bucket/prefix [env SAIKYO_REPOSITORY]")
+    ] = None,
+    s3_endpoint_url: Annotated[
+        Optional[str], typer.Option(help="S3-compatible endpoint for s3:// [env SAIKYO_S3_ENDPOINT_URL]")
+    ] = None,
     export_missing: Annotated[bool, typer.Option("--export-missing", help="export missing models first")] = False,
     export_weights: Annotated[str, typer.Option(help="weights for --export-missing: random | imagenet | PATH")] = "random",
     server_args: Annotated[str, typer.Option(help="extra `saikyo serve` flags, e.g. '--max-delay-ms 2'")] = "",
@@ -277,7 +282,7 @@ def sweep(
     _need_bench_extra()
     hw = describe()
     pricing = _local_pricing(_names(targets), instance_type, price_per_hour, prices, hw)
-    settings = Settings.from_env(**({"repository": repository} if repository else {}))
+    settings = Settings.from_env(repository=repository, s3_endpoint_url=s3_endpoint_url)
     model_list = list(zoo.ZOO) if models.strip() == "all" else _names(models)
     try:
         cfg = SweepConfig(
@@ -287,7 +292,8 @@ def sweep(
             modes=_names(modes), concurrency=_ints(concurrency), rates=_floats(rates), requests=requests,
             warmup=warmup, seconds=seconds, timeout=timeout, images=read_images(images),
             export_missing=export_missing, export_weights=export_weights, server_args=shlex.split(server_args),
-            log_dir=log_dir, hardware=hw,
+            log_dir=log_dir, hardware=hw, s3_endpoint_url=settings.s3_endpoint_url,
+            model_cache_dir=settings.model_cache_dir,
         )  # fmt: skip
         cells = plan(cfg)
     except (ValueError, LoadError) as exc:
@@ -298,6 +304,13 @@ def sweep(
             state = "done" if identity_key(cell_identity(c, cfg, hw)) in done else "todo"
             console.print(f"{state}  {c.server.describe()}  x{c.images_per_request}  {c.load.describe()}", markup=False)
         return
+    from saikyo.models.errors import RepositoryError
+    from saikyo.models.location import open_repository
+
+    try:
+        open_repository(settings).check()  # a bad location stops here, not in every server's log
+    except RepositoryError as exc:
+        raise _fail(str(exc)) from None
     try:
         summary = run_sweep(cfg, say=lambda m: err.print(m, markup=False, highlight=False))
     except KeyboardInterrupt:

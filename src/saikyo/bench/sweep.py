@@ -22,8 +22,10 @@ from saikyo.bench.cost import Pricing
 from saikyo.bench.hardware import Hardware, describe
 from saikyo.bench.load import LoadError, LoadSpec, run_load
 from saikyo.bench.localserver import ServerStartError, local_server
-from saikyo.models.errors import ModelNotExported
-from saikyo.models.repository import ModelRepository, export_command
+from saikyo.models.errors import ModelNotExported, RepositoryError
+from saikyo.models.location import open_repository
+from saikyo.models.repository import ModelRepository, Repository
+from saikyo.settings import Settings
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # NAME-int8 is a quantised ONNX file: the torch runner builds fp32 networks only, so it has no int8 cells.
@@ -78,7 +80,7 @@ class Cell:
 @dataclass
 class SweepConfig:
     models: Sequence[str]
-    repository: Path
+    repository: str | Path  # a directory or s3://bucket/prefix: the servers read it themselves
     out: Path
     pricing: Pricing
     images_per_request: Sequence[int] = (1, 4, 8)
@@ -100,6 +102,8 @@ class SweepConfig:
     server_timeout: float = 600.0
     log_dir: Path | None = None
     hardware: Hardware | None = None
+    s3_endpoint_url: str | None = None
+    model_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -219,7 +223,8 @@ class SweepSummary:
 
 def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
     hw = cfg.hardware or describe()
-    repo = ModelRepository(cfg.repository)
+    settings = Settings(repository=cfg.repository, s3_endpoint_url=cfg.s3_endpoint_url, model_cache_dir=cfg.model_cache_dir)
+    repo = open_repository(settings)
     done = completed_keys(cfg.out)
     log_dir = cfg.log_dir or Path(tempfile.mkdtemp(prefix="saikyo-sweep-"))
     summary = SweepSummary()
@@ -242,15 +247,19 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
             say(f"{setting.describe()}: all {len(cells)} cells already in {cfg.out}")
             continue
         problem = _ensure_exported(setting.model, repo, cfg, say)
+        try:
+            meta = {} if problem else repo.resolve(setting.model).meta  # meta.json only: servers download
+        except RepositoryError as exc:
+            problem = str(exc)
         if problem:
             summary.missing_model += len(todo)
             summary.messages.append(problem)
             say(f"skip {setting.describe()} ({len(todo)} cells): {problem}")
             continue
-        meta = repo.get(setting.model).meta
         try:
             with local_server(
-                repo.root, setting.model, log_dir, [*setting.args(), *cfg.server_args], timeout=cfg.server_timeout
+                settings.repository, setting.model, log_dir, [*setting.args(), *_repository_args(cfg), *cfg.server_args],
+                timeout=cfg.server_timeout,
             ) as server:
                 # The precision the server runs (torch on CUDA: fp16), as it says; else the model name's.
                 precision = records.server_info(server.url, setting.model).precision
@@ -318,14 +327,25 @@ def _run_cell(
     )
 
 
-def _ensure_exported(model: str, repo: ModelRepository, cfg: SweepConfig, say: Say) -> str | None:
+def _repository_args(cfg: SweepConfig) -> list[str]:
+    """The server flags that reach the same repository (the sweep passes no SAIKYO_* variable on)."""
+    args = ["--s3-endpoint-url", cfg.s3_endpoint_url] if cfg.s3_endpoint_url else []
+    return args + (["--model-cache-dir", str(cfg.model_cache_dir)] if cfg.model_cache_dir else [])
+
+
+def _ensure_exported(model: str, repo: Repository, cfg: SweepConfig, say: Say) -> str | None:
     """None when `model` is in the repository (exporting it first if asked to); else why not."""
-    if repo.has(model):
-        return None
-    missing = str(ModelNotExported(model, repo.root, export_command(model)))
+    try:
+        if repo.has(model):
+            return None
+    except RepositoryError as exc:
+        return str(exc)
+    missing = str(ModelNotExported(model, repo.location, repo.fix(model)))
     base, quantize = zoo.split_variant(model)
     if not cfg.export_missing:
         return f"{missing} (or pass --export-missing)"
+    if not isinstance(repo, ModelRepository):
+        return f"{missing}; --export-missing writes a local directory only"
     if base not in zoo.ZOO:
         return f"{missing}; it is not a zoo model, so it cannot be exported here"
     try:

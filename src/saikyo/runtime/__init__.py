@@ -7,34 +7,37 @@ import logging
 import platform
 
 from saikyo.models import zoo
+from saikyo.models.repository import Entry
 from saikyo.runtime.base import Runner, RunnerError
 from saikyo.settings import BACKENDS, Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_runner(name: str, settings: Settings) -> Runner:
-    """Pick the runner for `settings.backend` / `settings.device` and load `name` from the repository."""
+def create_runner(model: str | Entry, settings: Settings) -> Runner:
+    """Pick the runner for `settings.backend` / `settings.device` and load `model`: a version already
+    resolved from the repository, or a name (its latest version)."""
     backend = settings.backend
+    name = model.name if isinstance(model, Entry) else model
     if backend == "auto":
         backend, why = auto_backend(name, settings)
         log.info("model %s: backend auto -> %s (%s)", name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner
 
-        return OnnxRunner.load(name, settings)
+        return OnnxRunner.load(model, settings)
     if backend == "openvino":
         if not openvino_installed():
             raise RunnerError("the openvino backend is not available: pip install 'saikyo[openvino]'")
         from saikyo.runtime.openvino import OpenVinoRunner
 
-        return OpenVinoRunner.load(name, settings)
+        return OpenVinoRunner.load(model, settings)
     if backend == "torch":
         try:
             from saikyo.runtime.torch import TorchRunner  # type: ignore[import-not-found]
         except ImportError as exc:
             raise RunnerError(f"the torch backend is not available: {exc}") from None
-        return TorchRunner.load(name, settings)
+        return TorchRunner.load(model, settings)
     raise RunnerError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
 
 

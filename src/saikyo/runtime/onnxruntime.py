@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from saikyo.inference.predictions import softmax
 from saikyo.models import zoo
-from saikyo.models.repository import ModelRepository
+from saikyo.models.location import entry_for
+from saikyo.models.repository import Entry
 from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.settings import Settings
 from saikyo.inference.preprocessing import Preprocessing
@@ -135,13 +136,13 @@ class OnnxRunner:
         )
 
     @classmethod
-    def load(cls, name: str, settings: Settings) -> "OnnxRunner":
-        entry = ModelRepository(settings.repository).get(name)
+    def load(cls, model: str | Entry, settings: Settings) -> "OnnxRunner":
+        entry = entry_for(model, settings)
         try:
-            model = onnx.load(str(entry.path))
+            graph = onnx.load(str(entry.path))
         except Exception as exc:
-            raise RunnerError(f"model file for {name!r} is unreadable: {exc}") from exc
-        return cls(name, model, entry.meta, settings, model_file=entry.path)
+            raise RunnerError(f"model file for {entry.name!r} is unreadable: {exc}") from exc
+        return cls(entry.name, graph, entry.meta, settings, model_file=entry.path)
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run([self._output], {PIXELS_INPUT: pixels})
@@ -160,5 +161,7 @@ class OnnxRunner:
         return softmax(logits)
 
     def close(self) -> None:
+        # Everything that holds the weights: an unloaded model gives its memory back.
         self._session = None  # type: ignore[assignment]
         self._tensor_session = None
+        self._tensor_model = None  # type: ignore[assignment]

@@ -21,7 +21,8 @@ import numpy as np
 from saikyo.inference.predictions import softmax
 from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import zoo
-from saikyo.models.repository import ModelRepository
+from saikyo.models.location import entry_for
+from saikyo.models.repository import Entry
 from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.settings import Settings
 
@@ -118,14 +119,14 @@ class OpenVinoRunner:
                  name, served, ran_at, self.streams, threads)  # fmt: skip
 
     @classmethod
-    def load(cls, name: str, settings: Settings) -> "OpenVinoRunner":
-        entry = ModelRepository(settings.repository).get(name)
+    def load(cls, model: str | Entry, settings: Settings) -> "OpenVinoRunner":
+        entry = entry_for(model, settings)
         core = ov.Core()
         try:
-            model = core.read_model(str(entry.path))
+            graph = core.read_model(str(entry.path))
         except Exception as exc:
-            raise RunnerError(f"model file for {name!r} is unreadable: {exc}") from exc
-        return cls(name, model, entry.meta, settings, core)
+            raise RunnerError(f"model file for {entry.name!r} is unreadable: {exc}") from exc
+        return cls(entry.name, graph, entry.meta, settings, core)
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         return softmax(self._requests.run(pixels))

@@ -29,7 +29,8 @@ from saikyo.inference import imaging
 from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import zoo
 from saikyo.models.errors import UnknownModel, WeightsUnavailable
-from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
+from saikyo.models.location import entry_for
+from saikyo.models.repository import WEIGHTS_FILE, Entry
 from saikyo.runtime import torch_imaging
 from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.runtime.torch_imaging import host_tensor, to_device
@@ -160,9 +161,9 @@ class TorchRunner:
 
     # ---- construction ----
     @classmethod
-    def load(cls, name: str, settings: Settings) -> "TorchRunner":
-        entry = ModelRepository(settings.repository).get(name)
-        meta = entry.meta
+    def load(cls, model: str | Entry, settings: Settings) -> "TorchRunner":
+        entry = entry_for(model, settings)
+        name, meta = entry.name, entry.meta
         base = str(meta.get("base_model") or zoo.base_name(name))
         if zoo.precision_of(name) != "fp32" or meta.get("precision", "fp32") != "fp32":
             raise RunnerError(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from saikyo.scale import processes
 from saikyo.scale.ray_metrics import ReplicaMetrics
 from saikyo.server.middlewares.response_header import ResponseHeader
+from saikyo.server.middlewares.limits import send_json
 from saikyo.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ APP_NAME = "saikyo"
 DEPLOYMENT_NAME = "saikyo"
 # Every response from a replica names it: "<replica id> pid=<process id>".
 REPLICA_HEADER = "x-saikyo-replica"
+CONTROL_PATH = "/v2/repository/models/"
+CONTROL_REFUSED = (
+    "under --engine ray a load or unload would reach one replica: publish a new version "
+    "(saikyo models push) and --model-control poll loads it on every replica"
+)
 PROXY_CALLBACK = "saikyo.scale.ray:proxy_middlewares"
 # Set in the environment of a private Ray started by `start_local_ray`; its processes inherit it.
 LOOPBACK_FLAG = "SAIKYO_RAY_LOOPBACK"
@@ -80,6 +86,12 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         raise ValueError("gpus_per_replica > 0 needs device cuda (or auto): the replicas would not use the GPU")
     if s.max_ongoing_requests < 1 or s.max_queued_requests < 1:
         raise ValueError("max_ongoing_requests and max_queued_requests must be >= 1")
+    if s.model_control == "explicit":
+        # A load request reaches one replica, and a replica added later starts from `models` alone.
+        raise ValueError(
+            "model_control explicit changes one process; each Ray replica is its own: use poll (every replica "
+            "follows the repository's latest versions) or none"
+        )
     actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:
         actor["num_gpus"] = s.gpus_per_replica
@@ -145,7 +157,7 @@ class ReplicaMiddleware:
     """Wraps the app inside a replica's lifespan: reports startup complete only once every model has
     loaded and warmed up, so Serve routes nothing to a replica (a new one from autoscaling included)
     that would answer 503; from then until shutdown it publishes its metrics for the deployment-wide
-    /metrics."""
+    /metrics. It refuses model load/unload, which would change this replica alone (poll changes them all)."""
 
     def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
         self.app = app
@@ -165,6 +177,10 @@ class ReplicaMiddleware:
                 await self.app(scope, receive, send_when_loaded)
             finally:
                 await self.metrics.stop()
+            return
+        if scope["type"] == "http" and scope["path"].startswith(CONTROL_PATH):
+            # A load or unload would reach this one replica: the others would go on serving what they had.
+            await send_json(scope, receive, send, 400, CONTROL_REFUSED)
             return
         await self.app(scope, receive, send)
 

@@ -14,6 +14,7 @@ from saikyo.server import metrics
 from saikyo.server.routes import classify
 from saikyo.server.routes import demo
 from saikyo.server.routes import docs
+from saikyo.server.routes.v2 import repository as v2_repository
 from saikyo.server.routes.v2 import routes as v2
 from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_keys
 from saikyo.server.errors import install_handlers
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     install_handlers(app)
     app.include_router(classify.router)
     app.include_router(v2.router)
+    app.include_router(v2_repository.router)
     app.include_router(metrics.router)
     # load_keys raises AuthConfigError on unusable settings.
     keys = load_keys(settings)

@@ -95,7 +95,7 @@ class _ModelCollector(Collector):
         queue = GaugeMetricFamily("saikyo_queue_images", "Images waiting for a batch", labels=["model"])
         running = GaugeMetricFamily("saikyo_running_images", "Images in the forward pass now running", labels=["model"])
         state = GaugeMetricFamily(
-            "saikyo_model_state", "1 for the state each model is in (loading, ready, failed)", labels=["model", "state"]
+            "saikyo_model_state", f"1 for the state each model is in ({', '.join(s.value for s in ModelState)})", labels=["model", "state"]
         )
         served = self._metrics.served
         for name, model in (served.models if served is not None else {}).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,17 +29,39 @@ def models_of(request: Request) -> ServedModels:
     return request.app.state.models
 
 
-def served_model(served: ServedModels, name: str | None) -> ServedModel:
+def known_model(served: ServedModels, name: str, version: str | None = None) -> ServedModel:
+    """The model (and version: a loaded one, as "2"; None = the one serving) a request names, in whatever
+    state it is; else 404."""
+    model: ServedModel | None = None
+    if version is None:
+        model = served.find(name)
+    elif version.isdigit():
+        model = served.find(name, int(version))
+    if model is None or model.state in (ModelState.UNLOADING, ModelState.UNLOADED):
+        if version is not None and (name in served.models or name in served.versions):
+            loaded = [str(v) for v in served.loaded_versions(name)]
+            raise ApiError(404, f"model {name!r} has no loaded version {version!r}; loaded: {loaded}")
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(served.models)})
+    return model
+
+
+def served_model(served: ServedModels, name: str | None, version: str | None = None) -> ServedModel:
     """The model a request names (or the default), ready to serve; else 404 or 503."""
     name = name or served.settings.default_model
-    model = served.models.get(name)
-    if model is None:
-        raise ApiError(404, f"unknown model {name!r}", {"models": list(served.models)})
+    model = known_model(served, name, version)
     if model.state is ModelState.LOADING:
         raise ApiError(503, f"model {name!r} is still loading", headers={"Retry-After": "2"})
     if model.state is ModelState.FAILED:
         raise ApiError(503, f"model {name!r} is not available: {model.error}", {"reason": model.error})
     return model
+
+
+@contextlib.contextmanager
+def serving(served: ServedModels, name: str | None, version: str | None = None) -> Iterator[ServedModel]:
+    """served_model(), held for the request's inference: a version being replaced or unloaded closes
+    only after the requests holding it have their results (served.py)."""
+    with served_model(served, name, version).hold() as model:
+        yield model
 
 
 async def run_batch(

@@ -1,24 +1,39 @@
-"""The models a server holds: each one's runner, batchers and state, from loading to closing.
+"""The models a server holds: each version's runner, batchers and state, from loading to closing.
 
 Models load in the background so that liveness answers at once; readiness waits for every model
 to load and pass a warm-up inference. What a request does with a model is in server/pipeline.py.
+
+Versions (Triton's model repository extension, `model_control`): `load` brings a version in beside the
+one that serves. Only once it has loaded and passed warm-up does it take the traffic; the old version is
+then retired: no new request finds it, the requests holding it finish, its batchers close, its runner
+closes and its memory goes back to the system. A version that fails to load leaves the serving one in
+place and keeps its reason for the index. In `poll` mode the server does this by itself whenever the
+repository's latest version of a served model changes, and tries a failed version again only once its
+meta.json changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import enum
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from saikyo.inference.batching import DynamicBatcher
-from saikyo.models.errors import ModelNotExported, UnknownModel
+from saikyo.models.cache import default_cache_dir
+from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
+from saikyo.models.location import is_remote, open_repository
+from saikyo.models.repository import Entry, Repository, VersionMeta
 from saikyo.runtime import Runner, RunnerError, create_runner
 from saikyo.runtime.base import device_decoder
 from saikyo.server.redact import redact_paths
@@ -31,6 +46,8 @@ class ModelState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADING = "unloading"  # replaced or unloaded: finishing the requests that hold it
+    UNLOADED = "unloaded"
 
 
 @dataclass(eq=False)
@@ -43,32 +60,82 @@ class ServedModel:
     tensor_batcher: DynamicBatcher | None = None  # preprocessed FP32 tensors sent by clients
     executor: ThreadPoolExecutor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # None until the repository has said which
+    digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
+    entry: Entry | None = None  # its files, held against cache eviction while it is loaded
+    users: int = 0  # requests using it now (pipeline.serving)
+    _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[ServedModel]:
+        """A request uses this version from the moment it picks it until it has its answer: a version
+        being replaced closes only once no request holds it."""
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if self.users == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        if self.users == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+RunnerFactory = Callable[[Entry, Settings], Runner]
 
 
 class ServedModels:
     def __init__(
         self,
         settings: Settings,
-        runner_factory: Callable[[str, Settings], Runner] = create_runner,
+        runner_factory: RunnerFactory = create_runner,
         on_batch: Callable[[str, int, float], None] | None = None,
+        repository: Repository | None = None,
     ) -> None:
         self.settings = settings
         self._runner_factory = runner_factory
         self._on_batch = on_batch
+        self.repository = repository or open_repository(settings)
+        # The version each name serves: what a request that names no version gets.
         self.models: dict[str, ServedModel] = {name: ServedModel(name) for name in settings.models}
+        # Every version held per name beside it: one loading, one that failed to load.
+        self.versions: dict[str, dict[int, ServedModel]] = {}
+        self.retiring: set[ServedModel] = set()
+        self.unloaded: dict[str, ServedModel] = {}  # the index still lists what was unloaded
         self.decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
         self._load_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Loading is CPU-bound and the cores are few: one at a time, whoever asks.
+        self._loading = asyncio.Lock()
+        self._attempted: dict[str, tuple[int, str]] = {}  # name -> (version, digest) last tried (poll)
+        self._poll_errors: dict[str, str] = {}
         self.started = time.time()
         # Set on SIGTERM (server/shutdown.py): readiness goes false while in-flight requests drain.
         self.draining = False
+        # Paths that error messages for clients must not show (the log keeps them).
+        location = settings.repository
+        local = Path(settings.model_cache_dir or default_cache_dir()) if is_remote(location) else Path(location)
+        self._private_roots = (str(local.resolve()), str(local) if local.is_absolute() else "")
 
     # ---- lifecycle ----
     def start_loading(self) -> None:
-        self._load_task = asyncio.get_running_loop().create_task(self._load_all(), name="load-models")
+        loop = asyncio.get_running_loop()
+        self._load_task = loop.create_task(self._load_all(), name="load-models")
+        if self.settings.model_control == "poll":
+            self._poll_task = loop.create_task(self._poll(), name="poll-repository")
 
     async def wait_loaded(self) -> None:
         if self._load_task is not None:
@@ -79,22 +146,140 @@ class ServedModels:
         return not self.draining and all(m.ready for m in self.models.values())
 
     async def _load_all(self) -> None:
-        # One at a time: loading is CPU-bound and the cores are few.
-        for model in self.models.values():
-            await self._load(model)
+        for name in list(self.models):
+            if name not in self.models:
+                continue  # unloaded before its turn
+            try:
+                await self.load(name)
+            except (ModelNotExported, RepositoryError, UnknownModel) as exc:
+                placeholder = self.models.get(name)
+                if placeholder is not None and placeholder.state is ModelState.LOADING:
+                    self._fail(placeholder, str(exc))
 
-    async def _load(self, model: ServedModel) -> None:
+    # ---- model control ----
+    def find(self, name: str, version: int | None = None) -> ServedModel | None:
+        """The version a request asks for, in whatever state it is. No version: the one serving or, when
+        none does, the one that last tried to load (so that its reason can be told)."""
+        current = self.models.get(name)
+        held = self.versions.get(name, {})
+        if version is None:
+            return current or (held[max(held)] if held else None)
+        if current is not None and current.version in (version, None):
+            return current
+        return held.get(version)
+
+    def loaded_versions(self, name: str) -> list[int]:
+        held = [self.models.get(name), *self.versions.get(name, {}).values()]
+        return sorted({m.version for m in held if m is not None and m.ready and m.version is not None})
+
+    def held(self) -> list[ServedModel]:
+        """Every version the server holds, is retiring, or last unloaded: the repository index's rows."""
+        every = _distinct(*self.models.values(), *(v for d in self.versions.values() for v in d.values()),
+                          *self.retiring, *self.unloaded.values())  # fmt: skip
+        return sorted(every, key=lambda m: (m.name, m.version or 0))
+
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
+        """Load `version` (default: the repository's latest) of `name`; it takes the traffic once warm.
+
+        Raises ModelNotExported (VersionNotFound) or RepositoryError when there is nothing to load, and
+        then nothing changes. Otherwise returns the version READY, or FAILED with its reason while the
+        version that served before goes on serving.
+        """
+        ref = await asyncio.to_thread(self.repository.resolve, name, version)
+        return await self._switch(name, ref)
+
+    async def _switch(self, name: str, ref: VersionMeta) -> ServedModel:
+        async with self._lock(name):
+            current = self.models.get(name)
+            if current is not None and current.ready and (current.version, current.digest) == (ref.version, ref.digest):
+                return current  # serving exactly this already
+            starting = current is not None and current.state is ModelState.LOADING and current.version is None
+            model = current if starting and current is not None else ServedModel(name)
+            model.version, model.digest = ref.version, ref.digest
+            before = [m for m in _distinct(current, *self.versions.get(name, {}).values()) if m is not model]
+            self.versions.setdefault(name, {})[ref.version] = model
+            self.unloaded.pop(name, None)
+            self._attempted[name] = (ref.version, ref.digest)
+            async with self._loading:
+                await self._load(model, ref)
+            if not model.ready:
+                if current is not None and not current.ready and current is not model:
+                    self.models[name] = model  # nothing served: the latest failure is the name's state
+                    if current.version != model.version:
+                        self.versions[name].pop(current.version, None)  # type: ignore[arg-type]
+                return model
+            self.models[name] = model  # new requests go to the new version from here on
+            self.versions[name] = {ref.version: model}
+            for old in before:
+                await self._retire(old)
+            return model
+
+    async def unload(self, name: str) -> ServedModel:
+        """Take every version of `name` out of service; returns the one that served. UnknownModel when
+        the server holds none."""
+        async with self._lock(name):
+            current = self.models.pop(name, None)
+            held = _distinct(current, *self.versions.pop(name, {}).values())
+            if not held:
+                raise UnknownModel(name, list(self.models))
+            self._attempted.pop(name, None)
+            shown = current or max(held, key=lambda m: m.version or 0)
+            self.unloaded[name] = shown
+            for m in held:
+                await self._retire(m)
+            return shown
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # ---- poll ----
+    async def _poll(self) -> None:
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            for name in list(self.models):
+                try:
+                    await self._poll_one(name)
+                except Exception:  # one bad look must not end polling
+                    log.exception("poll: %s", name)
+
+    async def _poll_one(self, name: str) -> None:
+        try:
+            ref = await asyncio.to_thread(self.repository.resolve, name)
+        except (ModelNotExported, RepositoryError) as exc:
+            if self._poll_errors.get(name) != str(exc):  # say it once, not every poll
+                log.warning("poll: %s: %s; still serving what is loaded", name, exc)
+                self._poll_errors[name] = str(exc)
+            return
+        self._poll_errors.pop(name, None)
+        current = self.models.get(name)
+        if current is not None and (current.version, current.digest) == (ref.version, ref.digest):
+            return
+        if self._attempted.get(name) == (ref.version, ref.digest):
+            return  # tried and failed: wait for a new version or a changed meta.json
+        log.info("poll: %s version %d in %s is new; loading it", name, ref.version, self.repository.location)
+        model = await self._switch(name, ref)
+        if not model.ready:
+            log.warning("poll: %s version %d failed to load; version %s keeps serving", name, ref.version,
+                        current.version if current is not None and current.ready else "none")  # fmt: skip
+
+    # ---- one version ----
+    async def _load(self, model: ServedModel, ref: VersionMeta) -> None:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
+        entry: Entry | None = None
+        runner: Runner | None = None
         try:
-            runner = await loop.run_in_executor(executor, self._runner_factory, model.name, self.settings)
+            entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
+            runner = await loop.run_in_executor(executor, self._runner_factory, entry, self.settings)
             await loop.run_in_executor(executor, self._warm_up, runner)
-        except (ModelNotExported, RunnerError, UnknownModel) as exc:
-            self._fail(model, executor, str(exc))
+        except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
+            self._fail(model, str(exc), executor, entry, runner)
             return
         except Exception as exc:  # a broken model must not take the server down
             log.exception("model %s failed to load", model.name)
-            self._fail(model, executor, f"{type(exc).__name__}: {exc}")
+            self._fail(model, f"{type(exc).__name__}: {exc}", executor, entry, runner)
             return
         pp = runner.preprocessing
         s = self.settings
@@ -142,11 +327,17 @@ class ServedModels:
         model.tensor_batcher.start()
         model.runner = runner
         model.executor = executor
+        model.entry = entry
         model.meta = runner.meta
         model.state = ModelState.READY
         if runner.meta.get("weights") == "random":
             log.warning("model %s has RANDOM weights: for benchmarking only, its predictions mean nothing", model.name)
-        log.info("model %s ready (%s)", model.name, runner.meta.get("backend"))
+        log.info("model %s version %d ready (%s)", model.name, ref.version, runner.meta.get("backend"))
+
+    def redact(self, error: str) -> str:
+        """An error as clients may read it (503 detail, model metadata, the index): the log keeps the
+        paths, this does not."""
+        return redact_paths(error, *self._private_roots)
 
     def _warm_up(self, runner: Runner) -> None:
         size = runner.preprocessing.input_size
@@ -155,28 +346,79 @@ class ServedModels:
             if probs.shape[0] != n or not np.isfinite(probs).all():
                 raise RunnerError(f"warm-up produced bad output of shape {probs.shape}")
 
-    def _fail(self, model: ServedModel, executor: ThreadPoolExecutor, error: str) -> None:
-        log.error("model %s failed to load: %s", model.name, error)
+    def _fail(
+        self,
+        model: ServedModel,
+        error: str,
+        executor: ThreadPoolExecutor | None = None,
+        entry: Entry | None = None,
+        runner: Runner | None = None,
+    ) -> None:
+        version = f" version {model.version}" if model.version is not None else ""
+        log.error("model %s%s failed to load: %s", model.name, version, error)
         model.state = ModelState.FAILED
-        # Clients read this (503 detail, model metadata): the log above keeps the paths, it does not.
-        repo = self.settings.repository
-        model.error = redact_paths(error, str(repo.resolve()), str(repo) if repo.is_absolute() else "")
-        executor.shutdown(wait=False)
+        model.error = self.redact(error)
+        if runner is not None:
+            runner.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
+        if entry is not None:
+            entry.release()
+
+    async def _retire(self, model: ServedModel) -> None:
+        """Close a version that no new request can find (the caller took it out of `models` and
+        `versions`) once the requests holding it have their answers."""
+        if model.runner is None:  # it never loaded: nothing to close
+            model.state = ModelState.UNLOADED
+            return
+        model.state = ModelState.UNLOADING
+        self.retiring.add(model)
+        try:
+            if not await model.wait_idle(self.settings.drain_timeout_s):
+                log.warning("model %s version %s: %d request(s) still hold it after %.0f s; closing it anyway",
+                            model.name, model.version, model.users, self.settings.drain_timeout_s)  # fmt: skip
+            await self._close_model(model)
+        finally:
+            self.retiring.discard(model)
+        model.state = ModelState.UNLOADED
+        await asyncio.to_thread(_give_memory_back)
+        log.info("model %s version %s unloaded", model.name, model.version)
+
+    async def _close_model(self, model: ServedModel) -> None:
+        for batcher in (model.image_batcher, model.tensor_batcher):
+            if batcher is not None:
+                await batcher.close()
+        hung = any(b is not None and b.failure for b in (model.image_batcher, model.tensor_batcher))
+        if model.executor is not None:
+            # A hung runner's thread would never be joined, and its runner is still in use.
+            await asyncio.to_thread(model.executor.shutdown, not hung)
+        if model.runner is not None and not hung:
+            await asyncio.to_thread(model.runner.close)
+        if model.entry is not None:
+            model.entry.release()
 
     async def close(self) -> None:
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
-            try:
-                await self._load_task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for model in self.models.values():
-            for batcher in (model.image_batcher, model.tensor_batcher):
-                if batcher is not None:
-                    await batcher.close()
-            hung = any(b is not None and b.failure for b in (model.image_batcher, model.tensor_batcher))
-            if model.executor is not None:
-                model.executor.shutdown(wait=not hung)  # a hung runner's thread would never be joined
-            if model.runner is not None and not hung:
-                model.runner.close()
+        for task in (self._poll_task, self._load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        for model in self.held():
+            if model.state is not ModelState.UNLOADED:
+                await self._close_model(model)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _distinct(*models: ServedModel | None) -> list[ServedModel]:
+    """Each model once (the serving one is also among its name's versions), in order, without None."""
+    return list({id(m): m for m in models if m is not None}.values())
+
+
+def _give_memory_back() -> None:
+    """Collect the unloaded runner, then ask glibc to return freed heap pages to the system (without
+    this, memory a model's weights held shows as resident until malloc happens to reuse it)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

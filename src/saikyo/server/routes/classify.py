@@ -13,7 +13,8 @@ from saikyo.inference import labels as imagenet_labels
 from saikyo.inference.predictions import top_k
 from saikyo.server.routes import multipart
 from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, served_model
+from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, serving
+from saikyo.server.served import ServedModel, ServedModels
 
 router = APIRouter()
 
@@ -100,8 +101,12 @@ async def classify(
     labels: Annotated[bool, Query(description="keys become `\"<index>:<label>\"`")] = False,
 ) -> JSONResponse:
     models = models_of(request)
+    with serving(models, model) as served:
+        return await _classify(request, models, served, topk, labels)
+
+
+async def _classify(request: Request, models: ServedModels, served: ServedModel, topk: int, labels: bool) -> JSONResponse:
     settings = models.settings
-    served = served_model(models, model)
     timer = Timer()
 
     content_type = request.headers.get("content-type", "")

@@ -17,7 +17,7 @@ def _error(description: str) -> dict[str, Any]:
 
 
 NO_BODY: dict[str, Any] = {"description": "true", "content": {}}
-NOT_FOUND = _error('unknown model, or a version other than "1"')
+NOT_FOUND = _error("unknown model, or a version that is not loaded")
 LOADING = _error("the model is still loading, or failed to load; see Retry-After")
 
 LIVE: dict[int | str, dict[str, Any]] = {200: {"description": "the server is live", "content": {}}}
@@ -104,42 +104,73 @@ MODEL_READY: dict[int | str, dict[str, Any]] = {
     404: NOT_FOUND,
 }
 
-REPOSITORY_INDEX_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": False,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"ready": {"type": "boolean", "description": "list only ready models"}},
-                }
-            }
-        },
-    }
-}
+def _optional_json_body(properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+REPOSITORY_INDEX_BODY = _optional_json_body({"ready": {"type": "boolean", "description": "list only ready models"}})
 
 REPOSITORY_INDEX: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "one entry per model",
+        "description": (
+            "one entry per version: those the server holds with their state (and why a load failed), then "
+            "the repository's other versions without one"
+        ),
         "content": {
             "application/json": {
                 "schema": {
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "required": ["name", "version", "state", "reason"],
+                        "required": ["name", "version"],
                         "properties": {
                             "name": {"type": "string"},
                             "version": {"type": "string"},
-                            "state": {"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                            "state": {"type": "string", "enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
                             "reason": {"type": "string"},
                         },
                     },
-                }
+                },
+                "example": [
+                    {"name": "resnet50", "version": "2", "state": "READY", "reason": ""},
+                    {"name": "resnet50", "version": "3", "state": "UNAVAILABLE", "reason": "model.onnx ... did not match the sha256 in its meta.json"},
+                    {"name": "squeezenet1_1", "version": "1"},
+                ],
             }
         },
     },
     400: _error("the body is not a JSON object with an optional boolean 'ready'"),
+    413: _error("the body is over 64 KiB"),
+}
+
+
+def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
+    return _optional_json_body({"parameters": {"type": "object", "properties": parameters, "additionalProperties": False}})
+
+
+LOAD_BODY = _control_body({"version": {"type": ["string", "integer"], "description": "the version to load; default the latest"}})
+UNLOAD_BODY = _control_body({"unload_dependents": {"type": "boolean", "description": "accepted; saikyo has no ensembles"}})
+_CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("model control is off (model_control none), a malformed body, or (load) the version failed to load: detail.reason says why"),
+    413: _error("the body is over 64 KiB"),
+}
+LOAD: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the version serves",
+        "content": {"application/json": {"example": {"name": "resnet50", "version": "2", "state": "READY"}}},
+    },
+    **_CONTROL_ERRORS,
+    404: _error("the model, or that version, is not in the repository"),
+    503: _error("the repository cannot be read (unreachable, credentials refused); see Retry-After"),
+}
+UNLOAD: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the model is unloaded and its memory freed",
+        "content": {"application/json": {"example": {"name": "resnet50", "version": "2", "state": "UNAVAILABLE", "reason": "unloaded"}}},
+    },
+    **_CONTROL_ERRORS,
+    404: _error("the model is not loaded"),
 }
 
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 (KServe / Triton HTTP) routes.
 
-Each model has one version, "1": `/versions/1` is accepted wherever the protocol allows a version
-segment, any other version is a 404. A model takes exactly one of two inputs:
+`/versions/{v}` reaches any loaded version of a model wherever the protocol allows the segment; without
+it a request gets the version that serves (the latest loaded). Triton's model repository extension
+(index, load, unload) is in routes/v2/repository.py. A model takes exactly one of two inputs:
 - `images`  BYTES [-1]         encoded images (JPEG, PNG, WebP, BMP, GIF), decoded and preprocessed here,
                                as binary data or, in JSON, as base64 strings;
 - `input`   FP32  [-1,3,H,W]   an already preprocessed, normalised tensor;
@@ -15,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import gzip
-import json
 import time
 import zlib
 from dataclasses import dataclass
@@ -30,14 +30,15 @@ from saikyo.inference import labels as imagenet_labels
 from saikyo.server.routes.v2 import openapi as doc
 from saikyo.server.routes.v2 import protocol as wire
 from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, served_model
-from saikyo.server.served import ServedModels, ModelState, ServedModel
+from saikyo.server.pipeline import Timer, decode_or_400, known_model, models_of, run_batch, served_model, serving
+from saikyo.server.served import ServedModels, ServedModel
 from saikyo.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
-VERSION = "1"
 EXTENSIONS = ["classification", "binary_tensor_data"]
+# Advertised when load and unload work, i.e. with model_control explicit or poll.
+MODEL_REPOSITORY = "model_repository"
 IMAGES = "images"
 TENSOR = "input"
 OUTPUT = "probabilities"
@@ -46,7 +47,7 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
 COMPRESS_MIN_BYTES = 1024
 
 ModelName = Annotated[str, Path(description="model name, as in GET /v2/repository/index")]
-ModelVersion = Annotated[str, Path(description=f"model version; every model has exactly one: {VERSION!r}")]
+ModelVersion = Annotated[str, Path(description="a loaded version of the model, e.g. \"2\"")]
 
 
 # ---- health and metadata ----
@@ -79,47 +80,15 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("", summary="Server metadata: name, version, protocol extensions", responses=doc.SERVER_METADATA)
-async def server_metadata() -> JSONResponse:
-    return JSONResponse({"name": "saikyo", "version": __version__, "extensions": EXTENSIONS})
-
-
-@router.post(
-    "/repository/index",
-    summary="Every model the server holds, with its state (Triton's repository index)",
-    description=(
-        'Optional JSON body `{"ready": true}` lists only the models ready for inference. Models are fixed '
-        "when the server starts, so the rest of Triton's model repository extension (load, unload) is not offered."
-    ),
-    openapi_extra=doc.REPOSITORY_INDEX_BODY,
-    responses=doc.REPOSITORY_INDEX,
-)
-async def repository_index(request: Request) -> JSONResponse:
-    body = await request.body()
-    only_ready = False
-    if body.strip():
-        try:
-            query = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ApiError(400, "repository index request body must be a JSON object") from None
-        if not isinstance(query, dict):
-            raise ApiError(400, "repository index request body must be a JSON object")
-        only_ready = query.get("ready", False)
-        if not isinstance(only_ready, bool):
-            raise ApiError(400, "'ready' must be true or false")
-    models = models_of(request)
-    index = [_index_entry(m) for m in models.models.values() if m.ready or not only_ready]
-    return JSONResponse(index)
-
-
-def _index_entry(model: ServedModel) -> dict[str, str]:
-    state = {ModelState.READY: "READY", ModelState.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
-    return {"name": model.name, "version": VERSION, "state": state, "reason": model.error or ""}
+async def server_metadata(request: Request) -> JSONResponse:
+    control = request.app.state.settings.model_control != "none"
+    return JSONResponse({"name": "saikyo", "version": __version__, "extensions": EXTENSIONS + [MODEL_REPOSITORY] * control})
 
 
 @router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
 async def model_metadata(request: Request, model_name: ModelName) -> JSONResponse:
     models = models_of(request)
-    return JSONResponse(metadata(_model(models, model_name, None), models.settings))
+    return JSONResponse(metadata(served_model(models, model_name), models))
 
 
 @router.get(
@@ -129,10 +98,14 @@ async def model_metadata(request: Request, model_name: ModelName) -> JSONRespons
 )
 async def model_version_metadata(request: Request, model_name: ModelName, model_version: ModelVersion) -> JSONResponse:
     models = models_of(request)
-    return JSONResponse(metadata(_model(models, model_name, model_version), models.settings))
+    return JSONResponse(metadata(served_model(models, model_name, model_version), models))
 
 
-def metadata(served: ServedModel, settings: Settings) -> dict[str, Any]:
+def version_of(served: ServedModel) -> str:
+    return str(served.version or 1)
+
+
+def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
     runner = served.runner
     assert runner is not None
     size = runner.preprocessing.input_size
@@ -143,11 +116,12 @@ def metadata(served: ServedModel, settings: Settings) -> dict[str, Any]:
         if isinstance(runner.meta.get(key), (str, int))
     }
     # What one serving process runs with (under --workers: the worker that answers; they are alike).
+    settings = models.settings
     workers = int(settings.workers) if settings.workers.isdigit() else settings.workers
     parameters.update(decode_threads=settings.resolved_decode_threads(), workers=workers)
     return {
         "name": served.name,
-        "versions": [VERSION],
+        "versions": [str(v) for v in models.loaded_versions(served.name)] or [version_of(served)],
         "platform": PLATFORMS.get(backend, backend),
         "inputs": [
             {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
@@ -179,25 +153,11 @@ async def model_version_ready(request: Request, model_name: ModelName, model_ver
 
 
 def _readiness(models: ServedModels, model_name: str, model_version: str | None) -> Response:
-    model = _known(models, model_name, model_version)
+    model = known_model(models, model_name, model_version)
     if model.ready:
         return Response(status_code=200)
     reason = f": {model.error}" if model.error else ""
     return JSONResponse({"error": f"model {model_name!r} is not ready ({model.state.value}){reason}"}, status_code=400)
-
-
-def _known(models: ServedModels, name: str, version: str | None) -> ServedModel:
-    model = models.models.get(name)
-    if model is None:
-        raise ApiError(404, f"unknown model {name!r}", {"models": list(models.models)})
-    if version is not None and version != VERSION:
-        raise ApiError(404, f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
-    return model
-
-
-def _model(models: ServedModels, name: str, version: str | None) -> ServedModel:
-    _known(models, name, version)
-    return served_model(models, name)
 
 
 # ---- inference ----
@@ -225,7 +185,11 @@ async def infer_version(request: Request, model_name: ModelName, model_version: 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
     models = models_of(request)
-    served = _model(models, model_name, model_version)
+    with serving(models, model_name, model_version) as served:
+        return await _infer_with(request, models, served)
+
+
+async def _infer_with(request: Request, models: ServedModels, served: ServedModel) -> Response:
     settings = models.settings
     timer = Timer()
 
@@ -253,7 +217,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
     outputs = [_output(spec, probs) for spec in parsed.outputs]
     accept = request.headers.get("accept-encoding", "")
-    return await asyncio.to_thread(_respond, served.name, parsed.id, outputs, timer, accept)
+    return await asyncio.to_thread(_respond, served.name, version_of(served), parsed.id, outputs, timer, accept)
 
 
 @dataclass
@@ -294,8 +258,10 @@ def _read(
     return parsed
 
 
-def _respond(model: str, request_id: str | None, outputs: list[wire.OutputTensor], timer: Timer, accept: str) -> Response:
-    payload, headers = wire.encode_response(model, VERSION, request_id, outputs)
+def _respond(
+    model: str, version: str, request_id: str | None, outputs: list[wire.OutputTensor], timer: Timer, accept: str
+) -> Response:
+    payload, headers = wire.encode_response(model, version, request_id, outputs)
     headers.update(timer.header())
     return _maybe_compressed(payload, headers, accept)
 
