@@ -79,7 +79,8 @@ def test_auto_picks_from_the_cores_and_the_backend() -> None:
     assert auto_workers(96, 8, on_gpu=True) == 16
     assert auto_workers(2, 1, on_gpu=True) == 1  # two cores per worker at least
     assert not serves_on_gpu(Settings(device="cpu", backend="torch"), gpus=1)
-    assert not serves_on_gpu(Settings(), gpus=1)  # ONNX Runtime's default build has no CUDA provider
+    assert not serves_on_gpu(Settings(backend="onnxruntime"), gpus=1)  # its default build has no CUDA provider
+    assert serves_on_gpu(Settings(), gpus=1)  # backend auto picks torch where CUDA is
     assert not serves_on_gpu(Settings(backend="openvino"), gpus=1)  # a CPU backend
     assert serves_on_gpu(Settings(backend="torch"), gpus=1) and serves_on_gpu(Settings(device="cuda"), gpus=2)
     assert not serves_on_gpu(Settings(backend="torch"), gpus=0)
