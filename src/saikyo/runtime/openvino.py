@@ -24,7 +24,7 @@ from saikyo.models import zoo
 from saikyo.models.location import entry_for
 from saikyo.models.repository import Entry
 from saikyo.runtime.base import Capabilities, RunnerError
-from saikyo.settings import Settings
+from saikyo.settings import Settings, available_cores
 
 # `import openvino` runs openvino.tools.ovc's __init__, which reports the import to Google Analytics through
 # openvino-telemetry unless the user opted out beforehand (opt-out, not opt-in: no consent file counts as
@@ -89,6 +89,9 @@ class OpenVinoRunner:
             "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
             "NUM_STREAMS": self.streams,
             "INFERENCE_NUM_THREADS": threads,
+            # Pinning helps a process that owns every core; several processes on a share each (--workers)
+            # would all pin to the same first cores, so there the scheduler places the threads.
+            "ENABLE_CPU_PINNING": threads >= available_cores(),
         }
         try:
             pixels = with_pixel_front(model.clone(), self.preprocessing)
