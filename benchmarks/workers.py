@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--device", default="cpu", help="cpu (the default: ONNX Runtime on the cores) | auto | cuda")
+    ap.add_argument("--device", default="cpu", help="cpu (the default: the cores) | auto | cuda")
+    ap.add_argument("--backend", default="auto", help="auto (the server's default) | onnxruntime | openvino | torch")
     ap.add_argument("--raw", action="store_true", help="also measure the raw multi-process ceiling")
     ap.add_argument("--quick", action="store_true", help="one short round: checks the script, measures nothing")
     a = ap.parse_args()
@@ -117,7 +118,7 @@ def main() -> None:
     cores = available_cores()
     raw: dict[int, float] = {}
     if a.raw:
-        settings = Settings(repository=a.repository, models=(a.model,), device=a.device)
+        settings = Settings(repository=a.repository, models=(a.model,), device=a.device, backend=a.backend)
         for n in [1, *counts]:
             raw[n] = raw_ceiling(settings, a.model, n, a.seconds)
             print(f"raw {n} process(es): {raw[n]:8.1f} img/s", flush=True)
@@ -127,7 +128,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         urls = {
             n: stack.enter_context(
-                local_server(a.repository, a.model, logs, ["--workers", str(n), "--device", a.device, "--log-level", "warning"],
+                local_server(a.repository, a.model, logs, ["--workers", str(n), "--device", a.device, "--backend", a.backend, "--log-level", "warning"],
                              timeout=600)  # fmt: skip
             ).url
             for n in results
@@ -153,7 +154,7 @@ def main() -> None:
         line = (
             f"ratio={m.median / one.median:.3f} workers={n} workers_img_s={m.median:.1f} one_img_s={one.median:.1f} "
             f"p99_ms={statistics.median(m.p99_ms):.1f} one_p99_ms={statistics.median(one.p99_ms):.1f} "
-            f"errors={m.errors + one.errors} model={a.model} images_per_request={a.images_per_request} "
+            f"errors={m.errors + one.errors} model={a.model} backend={a.backend} images_per_request={a.images_per_request} "
             f"concurrency={a.concurrency} cores={cores} rounds={a.rounds}"
         )
         if raw:
