@@ -143,8 +143,9 @@ class DynamicBatcher:
             self._task.add_done_callback(self._loop_ended)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._fail(f"its batching loop died: {type(task.exception()).__name__}: {task.exception()}")
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._fail(f"its batching loop died: {type(exc).__name__}: {exc}")
 
     def _fail(self, reason: str) -> None:
         """From now on every request gets BatcherFailed: queued ones at once, new ones on submit."""

@@ -49,18 +49,23 @@ def device_decodable(data: bytes, max_pixels: int | None = None) -> bool:
     image under the GIL. Anything else -- including every malformed file -- goes to the CPU path,
     whose errors are the ones users see.
     """
+    return _device_pixels(data, max_pixels) is not None
+
+
+def _device_pixels(data: bytes, max_pixels: int | None) -> int | None:
+    """width x height of a JPEG that device_decodable accepts; None for anything else."""
     # A truncated JPEG must be refused (Pillow raises); nvJPEG may decode it into grey. Complete
     # files end with the EOI marker; the rare file with trailing bytes just takes the CPU path.
     if len(data) < 4 or data[-2:] != JPEG_END:
-        return False
+        return None
     frame = jpeg_frame(data)
     if frame is None:
-        return False
+        return None
     width, height, components, adobe_rgb = frame
     # Three components, YCbCr: greyscale, CMYK/YCCK and Adobe's untransformed RGB stay on the CPU.
     if components != 3 or adobe_rgb or width < 1 or height < 1:
-        return False
-    return max_pixels is None or width * height <= max_pixels
+        return None
+    return width * height if max_pixels is None or width * height <= max_pixels else None
 
 
 # Start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman coded).
@@ -116,8 +121,9 @@ def decode(
     """
     device = torch.device(device)
     out: list[torch.Tensor | imaging.ImageError | None] = [None] * len(blobs)
-    on_device = [i for i, b in enumerate(blobs) if device_decodable(b, max_pixels)]
-    sizes = [_pixels(blobs[i]) for i in on_device]
+    # Each header is read once: which images go to nvJPEG, and how many pixels each takes from the budget.
+    found = [(i, n) for i, b in enumerate(blobs) if (n := _device_pixels(b, max_pixels)) is not None]
+    on_device, sizes = [i for i, _ in found], [n for _, n in found]
     decoded: list[torch.Tensor | None] = []
     for lo, hi in _chunks(sizes, DECODE_CHUNK_PIXELS):
         if budget is not None:
@@ -141,12 +147,6 @@ def decode(
         if item is None:  # not for nvJPEG, or nvJPEG refused it (its pixels are already counted)
             out[i] = _cpu_decode(blobs[i], pp, device, max_pixels, None if i in counted else budget)
     return out  # type: ignore[return-value]
-
-
-def _pixels(data: bytes) -> int:
-    frame = jpeg_frame(data)
-    assert frame is not None  # device_decodable read it
-    return frame[0] * frame[1]
 
 
 def _chunks(sizes: Sequence[int], limit: int) -> list[tuple[int, int]]:
