@@ -32,6 +32,8 @@ from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
 
+OVER_BUDGET = "server busy: request bodies in memory are at the memory budget, retry later"
+
 
 class _BodyRefused(Exception):
     """Raised into the route from `receive`; the middleware answers instead of the route."""
@@ -99,17 +101,17 @@ class LimitsMiddleware:
                 self.in_flight -= 1
 
     async def _with_body_limits(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
-        length = headers.get("content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+        length = headers.get("content-length", "").strip()
+        known = int(length) if length.isascii() and length.isdigit() else 0  # 0: no length said (chunked)
+        if known > self.max_body:
             await send_json(
                 scope, receive, send, 413,
-                f"request body of {int(length)} bytes exceeds the limit of {self.max_body} bytes",
-                {"limit_bytes": self.max_body, "content_length": int(length)},
+                f"request body of {known} bytes exceeds the limit of {self.max_body} bytes",
+                {"limit_bytes": self.max_body, "content_length": known},
                 headers={"Connection": "close"},
             )  # fmt: skip
             return
         compressed = headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
-        known = int(length) if length is not None and length.strip().isdigit() else 0
         reserved = 0
 
         def reserve(cost: int) -> bool:
@@ -125,14 +127,15 @@ class LimitsMiddleware:
             if not reserve(memory.request_cost(known, compressed, self.settings) if known else 0):
                 await send_json(
                     scope, receive, send, 503,
-                    "server busy: request bodies in memory are at the memory budget, retry later",
-                    {"budget_bytes": self.memory_budget, "setting": "memory_budget_bytes"},
-                    headers={"Retry-After": "1", "Connection": "close"},
+                    OVER_BUDGET, self._budget_detail(), headers={"Retry-After": "1", "Connection": "close"},
                 )  # fmt: skip
                 return
             await self._receive_within_limits(scope, receive, send, known, compressed, reserve)
         finally:
             self.bytes_reserved -= reserved
+
+    def _budget_detail(self) -> dict[str, Any]:
+        return {"budget_bytes": self.memory_budget, "setting": "memory_budget_bytes"}
 
     async def _receive_within_limits(
         self, scope: Scope, receive: Receive, send: Send, known: int, compressed: bool, reserve: Any
@@ -178,11 +181,7 @@ class LimitsMiddleware:
                     )
                     charged = received
                     if not reserve(extra):
-                        refused = _BodyRefused(
-                            503,
-                            "server busy: request bodies in memory are at the memory budget, retry later",
-                            {"budget_bytes": self.memory_budget, "setting": "memory_budget_bytes"},
-                        )
+                        refused = _BodyRefused(503, OVER_BUDGET, self._budget_detail())
                         raise refused
                 if not message.get("more_body", False):
                     body_done = True
