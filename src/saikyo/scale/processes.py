@@ -3,15 +3,18 @@ trust Ray's own clean-up falls back on.
 
 A signal to the whole process group (systemd's KillMode=control-group, `timeout`, many supervisors)
 reaches Ray's GCS and raylet along with the server; once they are gone Ray's own shutdown calls never
-return, and their children are re-parented away from us. So the server notes its descendants while it
-serves, and at the end kills whichever of them are still alive -- each checked by its start time, so a
-reused PID is never hit.
+return, and their children would be re-parented away from us. So the server makes itself their
+subreaper (orphans below it are re-parented to it, not to init), notes its descendants while it serves,
+and at the end kills whichever of them are still alive -- each checked by its start time, so a reused PID
+is never hit -- scanning again until none is left, for a process may start a child while we kill.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import time
 from pathlib import Path
 
 Tracked = dict[int, int]  # pid -> start time in clock ticks since boot (/proc/<pid>/stat field 22)
@@ -60,3 +63,29 @@ def kill(tracked: Tracked) -> list[int]:
         except ProcessLookupError:
             pass
     return killed
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Orphans below this process are re-parented to it (Linux >= 3.4), so descendants() keeps
+    finding the processes of a Ray whose raylet died first. False where the kernel has no such thing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def kill_all(root: int, tracked: Tracked, seconds: float = 5.0) -> list[int]:
+    """Kill every tracked process and every descendant of `root`, scanning again until a scan finds
+    none alive (or `seconds` pass); returns the PIDs killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        round_killed = kill({**tracked, **descendants(root)})
+        killed += round_killed
+        if not round_killed or time.monotonic() > deadline:
+            return killed
+        time.sleep(0.1)  # let a process that was forking finish, so that its child shows up

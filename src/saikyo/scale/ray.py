@@ -399,6 +399,8 @@ def serve_on_ray(settings: Settings) -> None:
         log.info("signal %s: draining replicas", signal.Signals(signum).name)
         stop.set()
 
+    # Before Ray starts: its processes, orphaned when a group-wide signal ends their raylet, stay ours.
+    processes.become_subreaper()
     local = start_local_ray()
     # After ray.init, which installs a handler of its own that would end the process without a drain.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -426,7 +428,7 @@ def serve_on_ray(settings: Settings) -> None:
     finally:
         # Every step bounded: the whole shutdown takes at most drain_timeout_s + a margin, whatever Ray does.
         clean = _Step(local.stop, "stopping Ray").wait(RAY_STOP_S) and clean
-        leftovers = processes.kill({**tracked, **processes.descendants(os.getpid())})
+        leftovers = processes.kill_all(os.getpid(), tracked)
         if leftovers:
             log.warning("killed %d Ray process(es) that outlived the shutdown: %s", len(leftovers), leftovers)
         for sig, handler in previous.items():
