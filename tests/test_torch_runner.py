@@ -171,7 +171,62 @@ def test_padding_to_a_bucket_leaves_each_row_unchanged(squeezenet_repository: Mo
     np.testing.assert_allclose(
         padded.infer_tensor(imaging.normalize(many, padded.preprocessing)), padded.infer_pixels(many), rtol=1e-3, atol=1e-6
     )
-    np.testing.assert_allclose(padded.forward_resident(3).numpy(), padded.infer_pixels(many[8:11]), rtol=1e-4, atol=1e-7)
+    resident = padded._slots[0].pixels_dev[:3].numpy().copy()  # what the first slot's input holds now
+    np.testing.assert_allclose(padded.forward_resident(3).numpy(), padded.infer_pixels(resident), rtol=1e-4, atol=1e-7)
+
+
+def padded_runner(repo: ModelRepository, **kw: object) -> TorchRunner:
+    from saikyo.runtime.torch import build_model
+
+    spec = zoo.get("squeezenet1_1")
+    meta = repo.get("squeezenet1_1").meta
+    model = build_model(spec, meta, repo.model_dir("squeezenet1_1") / WEIGHTS_FILE)
+    return TorchRunner("sq", model, spec.preprocessing, meta, device="cpu", max_batch_size=4, pad=True, **kw)  # type: ignore[arg-type]
+
+
+def test_batches_in_flight_from_several_threads_each_get_their_own_rows(
+    squeezenet_repository: ModelRepository,
+) -> None:
+    # The pipelined path CUDA takes (slots, launch and completion threads), on the CPU: as the batcher
+    # calls it, from max_in_flight executor threads at once.
+    runner = padded_runner(squeezenet_repository, in_flight=3)
+    try:
+        assert runner.in_flight == 3 and runner.capabilities.max_in_flight == 3 and len(runner._slots) == 3
+        batches = [random_pixels(1 + i % 4, seed=100 + i) for i in range(12)]
+        alone = [runner.infer_pixels(b) for b in batches]
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(runner.infer_pixels, batches))
+            tensors = list(pool.map(runner.infer_tensor, [imaging.normalize(b, runner.preprocessing) for b in batches]))
+        for want, got, tensor in zip(alone, together, tensors):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(tensor, want, rtol=1e-3, atol=1e-6)
+        stats = runner.stats
+        assert stats is not None
+        assert (stats.batches, stats.images, stats.failed, stats.in_flight) == (36, 3 * sum(map(len, batches)), 0, 0)
+        assert stats.host_seconds > 0 and stats.device_seconds == 0  # no device clock on the CPU
+        # A batch that cannot run (wrong pixel shape) fails alone; its slot serves the next one.
+        with pytest.raises(RuntimeError):
+            runner.infer_pixels(random_pixels(2, size=100))
+        np.testing.assert_allclose(runner.infer_pixels(batches[0]), alone[0], rtol=1e-5, atol=1e-8)
+        assert runner.stats.failed == 1  # type: ignore[union-attr]
+    finally:
+        runner.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.infer_pixels(batches[0])
+
+
+def test_eager_cpu_runs_directly_one_batch_at_a_time(squeezenet_pair: tuple[TorchRunner, OnnxRunner]) -> None:
+    runner, _ = squeezenet_pair
+    assert not runner.pad and runner.in_flight == 1 and runner.stats is None
+    assert runner.capabilities.max_in_flight == 1
+
+
+def test_in_flight_setting(squeezenet_repository: ModelRepository) -> None:
+    assert Settings.from_env({"SAIKYO_TORCH_IN_FLIGHT": "3"}).torch_in_flight == 3
+    with pytest.raises(ValueError, match="torch_in_flight"):
+        Settings(torch_in_flight=0)
+    with pytest.raises(RunnerError, match="in_flight"):
+        padded_runner(squeezenet_repository, in_flight=0)
 
 
 def test_runner_reads_weights_pt_not_the_seed(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
@@ -345,7 +400,9 @@ def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_reposit
     cpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu"))
     assert gpu.meta["dtype"] == "float16" and gpu.meta["precision"] == "fp16"
     assert gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
-    assert {size for kind, size in gpu._graphs if kind == "pixels"} == {1, 2, 4, 8}
+    assert gpu.in_flight == 2 and gpu.capabilities.max_in_flight == 2 and gpu.meta["in_flight"] == 2
+    for slot in gpu._slots:  # every slot has a graph of each bucket, reading its own input
+        assert {size for kind, size in slot.graphs if kind == "pixels"} == {1, 2, 4, 8}
     assert gpu.capabilities.device_decode and not cpu.capabilities.device_decode
 
     def close(got: np.ndarray, want: np.ndarray) -> None:  # fp16 against fp32
@@ -364,6 +421,9 @@ def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_reposit
     assert all(isinstance(t, torch.Tensor) and t.is_cuda for t in items)
     on_cpu = np.stack([imaging.decode(b, gpu.preprocessing) for b in photos])
     close(gpu.infer_images(items), cpu.infer_pixels(on_cpu))
+    stats = gpu.stats
+    assert stats is not None and stats.batches >= 8 and stats.in_flight == 0
+    assert 0 < stats.device_seconds and 0 < stats.host_seconds  # CUDA events and host clocks both counted
 
 
 @pytest.mark.gpu

@@ -71,9 +71,17 @@ class Settings:
     torch_dtype: str = setting("auto", "torch: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32", flag="--dtype")
     # Batch sizes a forward pass runs at on CUDA: a batch pads up to the next one (sizes above
     # max_batch_size dropped, max_batch_size added), so each is captured once as a CUDA graph.
-    batch_buckets: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32, 64, 128, 256), "torch: comma-separated batch sizes a forward pass pads up to (CUDA graphs)")
+    # Above 64, every 32: a batch of 96 or 160 images (requests of 32) runs as it is instead of padding
+    # to 128 or 256, i.e. at most 32 padded rows where powers of two waste up to half the forward pass.
+    batch_buckets: tuple[int, ...] = setting(
+        (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256),
+        "torch: comma-separated batch sizes a forward pass pads up to (CUDA graphs)",
+    )
     cuda_graphs: bool = setting(True, "torch: one CUDA graph per batch bucket")
     torch_compile: bool = setting(False, "torch: torch.compile before capture (minutes at start)")
+    # Batches launched before the first is back (runtime/pipelining.py): while the GPU runs one, the host
+    # stages the next and copies the last one out. Each slot has its own buffers and CUDA graphs.
+    torch_in_flight: int = setting(2, "torch: batches in flight on the device at once (CUDA, or padded batches)")
     # Decode JPEGs on the runner's device (nvJPEG) instead of the CPU pool: auto = when it is CUDA.
     device_decode: str = setting("auto", "torch: decode JPEGs on the GPU (nvJPEG): auto | on | off")
 
@@ -151,6 +159,8 @@ class Settings:
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
     def __post_init__(self) -> None:
+        if self.torch_in_flight < 1:
+            raise ValueError(f"setting 'torch_in_flight' must be at least 1, not {self.torch_in_flight!r}")
         if self.openvino_streams < 1:
             raise ValueError(f"setting 'openvino_streams' must be at least 1, not {self.openvino_streams!r}")
         for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):

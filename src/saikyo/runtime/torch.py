@@ -9,15 +9,20 @@ that went into model.onnx -- so the ONNX file stays the CPU artefact. On CUDA:
 - uint8 NHWC pixels cross the bus (a quarter of float32's bytes) from pinned host memory with
   non-blocking copies; the cast and normalisation run inside the graph. uint8 NHWC viewed as NCHW is
   exactly the channels_last layout, so no transpose is ever materialised;
-- optionally, JPEGs decoded on the GPU (`saikyo.runtime.torch_imaging`): the batch then arrives as device tensors.
+- optionally, JPEGs decoded on the GPU (`saikyo.runtime.torch_imaging`): the batch then arrives as device tensors;
+- several batches in flight (`saikyo.runtime.pipelining`): each slot has its own input, graphs, stream and
+  pinned output, so the host stages the next batch and copies the last one out while the GPU runs.
 On the CPU: fp32, eager, no padding (padding only buys fixed shapes, which eager mode does not need).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from saikyo.models.location import entry_for
 from saikyo.models.repository import WEIGHTS_FILE, Entry
 from saikyo.runtime import torch_imaging
 from saikyo.runtime.base import Capabilities, RunnerError
+from saikyo.runtime.pipelining import SlotPipeline
 from saikyo.runtime.torch_imaging import host_tensor, to_device
 from saikyo.settings import Settings
 
@@ -80,6 +86,27 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
     raise ValueError(f"{n} images exceed the largest bucket {sizes[-1]}")
 
 
+@dataclass(eq=False)
+class _Slot:
+    """The buffers of one batch in flight: graphs read from and write to fixed addresses, so each slot
+    has its own static input, its own graphs (sharing one memory pool: a slot runs one batch at a time),
+    its own stream and its own pinned output."""
+
+    pixels_dev: torch.Tensor  # uint8 [top, S, S, 3]: the graphs' input
+    pixels_host: torch.Tensor | None  # pinned staging for it (CUDA)
+    out_host: torch.Tensor  # float32 [top, classes], pinned on CUDA
+    stream: torch.cuda.Stream | None = None
+    start: torch.cuda.Event | None = None  # recorded before the staging copy ...
+    end: torch.cuda.Event | None = None  # ... and after the copy back: the batch's device time
+    pool: Any = None  # CUDA graph memory pool
+    graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    tensor_dev: torch.Tensor | None = None  # built on first use: v2 FP32 clients are rare
+    tensor_host: torch.Tensor | None = None
+
+
+Job = tuple[str, Any, int]  # ("pixels" | "images" | "tensor", the batch, its size)
+
+
 class TorchRunner:
     def __init__(
         self,
@@ -91,11 +118,12 @@ class TorchRunner:
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 16,
-        buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+        buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256),
         cuda_graphs: bool = True,
         compile: bool = False,
         device_decode: str = "auto",
         pad: bool | None = None,
+        in_flight: int = 2,
     ) -> None:
         self.name = name
         self.preprocessing = preprocessing
@@ -111,11 +139,18 @@ class TorchRunner:
         self.cuda_graphs = on_cuda and cuda_graphs and self.pad
         if device_decode not in ("auto", "on", "off"):
             raise RunnerError(f"unknown device_decode {device_decode!r}; choose auto, on or off")
-        # Read by the server: encoded JPEGs come to decode_images instead of the CPU pool.
-        self.capabilities = Capabilities(device_decode=device_decode == "on" or (device_decode == "auto" and on_cuda))
+        if in_flight < 1:
+            raise RunnerError(f"in_flight must be at least 1, not {in_flight}")
+        # Static batches go through a pipeline of `in_flight` slots; the direct CPU path runs one at a time.
+        self.in_flight = in_flight if self._static else 1
+        # Read by the server: encoded JPEGs come to decode_images instead of the CPU pool, and the batcher
+        # keeps as many batches coming as the pipeline has slots.
+        self.capabilities = Capabilities(
+            device_decode=device_decode == "on" or (device_decode == "auto" and on_cuda),
+            max_in_flight=self.in_flight,
+        )
         self._decode_streams = threading.local()  # one CUDA stream per decode thread
-        self._lock = threading.Lock()
-        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._lock = threading.Lock()  # the direct path, and forward_resident
         self._loaded = False  # set after warm-up: no graph captures after that
 
         if on_cuda:
@@ -127,21 +162,17 @@ class TorchRunner:
         if compile:
             self._model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
 
-        size = preprocessing.input_size
         std = torch.tensor(preprocessing.std, dtype=torch.float32)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32)
         # x_norm = (x / 255 - mean) / std = x * scale + shift, in float32 before the cast.
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
-        top = self.max_batch_size
-        pin = on_cuda
-        # Static inputs: graphs read from fixed addresses, so batches are written into these.
-        self._pixels_dev = torch.zeros((top, size, size, 3), dtype=torch.uint8, device=self.device)
-        self._pixels_host = torch.zeros((top, size, size, 3), dtype=torch.uint8, pin_memory=pin) if pin else None
-        self._out_host = torch.zeros((top, self.num_classes), dtype=torch.float32, pin_memory=pin)
-        self._tensor_dev: torch.Tensor | None = None  # built on first infer_tensor: v2 FP32 clients are rare
-        self._tensor_host: torch.Tensor | None = None
-        self._copied = torch.cuda.Event() if on_cuda else None
+        self._slots = [self._new_slot() for _ in range(self.in_flight)]
+        self._pipeline: SlotPipeline[int] | None = (
+            SlotPipeline(_SlotDevice(self), self.in_flight, name=name) if self._static else None
+        )
+        # Running totals for /metrics (device ms vs host ms per batch, batches in flight): static path only.
+        self.stats = self._pipeline.stats if self._pipeline is not None else None
 
         self.meta = dict(meta)
         self.meta.update(
@@ -153,11 +184,32 @@ class TorchRunner:
             cuda_graphs=self.cuda_graphs,
             torch_compile=compile,
             device_decode=self.capabilities.device_decode,
+            in_flight=self.in_flight,
             torch_version=torch.__version__,
         )
         if on_cuda:
             self.meta["gpu"] = torch.cuda.get_device_name(self.device)
-        self._warm_up()
+            self.meta["cuda_mps"] = cuda_mps_running()
+        try:
+            self._warm_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_slot(self) -> _Slot:
+        size, top = self.preprocessing.input_size, self.max_batch_size
+        pin = self._on_cuda
+        slot = _Slot(
+            pixels_dev=torch.zeros((top, size, size, 3), dtype=torch.uint8, device=self.device),
+            pixels_host=torch.zeros((top, size, size, 3), dtype=torch.uint8, pin_memory=True) if pin else None,
+            out_host=torch.zeros((top, self.num_classes), dtype=torch.float32, pin_memory=pin),
+        )
+        if pin:
+            slot.stream = torch.cuda.Stream(self.device)
+            slot.start = torch.cuda.Event(enable_timing=True)
+            slot.end = torch.cuda.Event(enable_timing=True)
+            slot.pool = torch.cuda.graph_pool_handle()
+        return slot
 
     # ---- construction ----
     @classmethod
@@ -187,20 +239,21 @@ class TorchRunner:
             cuda_graphs=settings.cuda_graphs,
             compile=settings.torch_compile,
             device_decode=settings.device_decode,
+            in_flight=settings.torch_in_flight,
         )
 
     # ---- the Runner protocol ----
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]; N above the top bucket runs in chunks."""
-        return self._chunked(len(pixels), lambda lo, hi: self._run_pixels_host(pixels[lo:hi]))
+        return self._chunked("pixels", pixels)
 
     def infer_tensor(self, tensor: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W], normalised -> float32 probabilities [N, classes]."""
-        return self._chunked(len(tensor), lambda lo, hi: self._run_tensor_host(tensor[lo:hi]))
+        return self._chunked("tensor", tensor.astype(np.float32, copy=False))
 
     def infer_images(self, images: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
         """uint8 [H, W, 3] images from decode_images (device tensors) -> probabilities [N, classes]."""
-        return self._chunked(len(images), lambda lo, hi: self._run_images(images[lo:hi]))
+        return self._chunked("images", images)
 
     def decode_images(
         self, blobs: Sequence[bytes], max_pixels: int | None = None, budget: imaging.RequestBudget | None = None
@@ -208,9 +261,9 @@ class TorchRunner:
         """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each.
 
         On CUDA each decode thread works on a stream of its own and waits for it before returning, so
-        the forward pass (on the runner's stream) never queues behind other requests' decode kernels,
+        the forward pass (on its slot's stream) never queues behind other requests' decode kernels,
         and the images are complete when they reach a batch. They are released only after the batch
-        that used them has synchronised, so the caching allocator cannot hand their memory out early.
+        that used them has completed, so the caching allocator cannot hand their memory out early.
         """
         if not self._on_cuda:
             return torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels, budget)
@@ -226,101 +279,108 @@ class TorchRunner:
         """The network alone on the first n images already in the device input buffer (no host copies,
         no wait for the result): what the model itself sustains, for benchmarks. Probabilities [n, classes]."""
         with self._lock, torch.inference_mode():
-            return self._run("pixels", self._size(n))[:n]
+            return self._run(self._slots[0], "pixels", self._size(n))[:n]
 
     def close(self) -> None:
-        self._graphs.clear()
+        """Finish the batches in flight, then let go of the graphs and the model."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+        for slot in self._slots:
+            slot.graphs.clear()
         self._model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ---- batches ----
-    def _chunked(self, n: int, run: Any) -> np.ndarray:
+    def _chunked(self, kind: str, batch: Any) -> np.ndarray:
+        n = len(batch)
         if n == 0:
             return np.empty((0, self.num_classes), np.float32)
         top = self.max_batch_size
-        with self._lock, torch.inference_mode():
-            if n <= top:
-                return run(0, n)
-            out = np.empty((n, self.num_classes), np.float32)
-            for lo in range(0, n, top):
-                hi = min(n, lo + top)
-                out[lo:hi] = run(lo, hi)
-            return out
+        if self._pipeline is None:
+            with self._lock, torch.inference_mode():
+                parts = [self._run_direct(kind, batch[lo : lo + top]) for lo in range(0, n, top)]
+        else:
+            # Every chunk is submitted before the first is awaited: chunks of one call pipeline too.
+            sizes = [(lo, min(top, n - lo)) for lo in range(0, n, top)]
+            futures = [self._pipeline.submit((kind, batch[lo : lo + k], k), k) for lo, k in sizes]
+            parts = [f.result() for f in futures]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _size(self, n: int) -> int:
         return bucket_for(n, self.buckets) if self.pad else n
 
-    # Two ways through. Static (CUDA, or padding asked for): the batch is written into a preallocated
-    # input buffer -- on CUDA from pinned host memory -- and a bucket of it runs (as a graph when captured).
-    # Direct (CPU, no padding): the caller's array runs as it is, with no copy.
-    def _run_pixels_host(self, pixels: np.ndarray) -> np.ndarray:
-        n = len(pixels)
-        if not self._static:
-            return self._forward_pixels(host_tensor(pixels)).numpy().copy()
-        if self._on_cuda:
-            # Host -> pinned staging -> device, asynchronously; the result comes back the same way.
-            assert self._pixels_host is not None
-            self._pixels_host[:n].numpy()[...] = pixels
-            self._pixels_dev[:n].copy_(self._pixels_host[:n], non_blocking=True)
+    # Two ways through. Static (CUDA, or padding asked for): a slot of the pipeline; the batch is written
+    # into the slot's input -- on CUDA from pinned host memory -- and a bucket of it runs (as a graph when
+    # captured). Direct (CPU, no padding): the caller's array runs as it is, with no copy.
+    def _run_direct(self, kind: str, batch: Any) -> np.ndarray:
+        if kind == "pixels":
+            probs = self._forward_pixels(host_tensor(batch))
+        elif kind == "tensor":
+            probs = self._forward_tensor(host_tensor(batch))
         else:
-            self._pixels_dev[:n].copy_(host_tensor(pixels))
-        return self._finish(self._run("pixels", self._size(n)), n)
+            probs = self._forward_pixels(torch.stack([_on(im, self.device) for im in batch]))
+        return probs.numpy().copy()
 
-    def _run_images(self, images: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
-        # CPU-decoded images (formats nvJPEG does not take) come as numpy arrays.
-        parts = [to_device(host_tensor(im), self.device) if isinstance(im, np.ndarray) else im for im in images]
-        if not self._static:
-            return self._forward_pixels(torch.stack(parts)).numpy().copy()
-        # One kernel writes every decoded image straight into the static input.
-        n = len(parts)
-        torch.stack(parts, out=self._pixels_dev[:n])
-        return self._finish(self._run("pixels", self._size(n)), n)
+    def _launch(self, slot: _Slot, job: Job) -> None:
+        """Stage one batch into `slot`, run it and start the copy back; on CUDA all of it is queued on the
+        slot's stream and nothing here waits for the GPU."""
+        kind, batch, n = job
+        with torch.inference_mode(), (torch.cuda.stream(slot.stream) if slot.stream else contextlib.nullcontext()):
+            if slot.start is not None:
+                slot.start.record()
+            if kind == "pixels":
+                if slot.pixels_host is not None:  # host -> pinned staging -> device, asynchronously
+                    slot.pixels_host[:n].numpy()[...] = batch
+                    slot.pixels_dev[:n].copy_(slot.pixels_host[:n], non_blocking=True)
+                else:
+                    slot.pixels_dev[:n].copy_(host_tensor(batch))
+                probs = self._run(slot, "pixels", self._size(n))
+            elif kind == "images":
+                # One kernel writes every decoded image straight into the slot's input. CPU-decoded
+                # images (formats nvJPEG does not take) come as numpy arrays.
+                torch.stack([_on(im, self.device) for im in batch], out=slot.pixels_dev[:n])
+                probs = self._run(slot, "pixels", self._size(n))
+            else:
+                dev, host = self._tensor_buffers(slot)
+                if host is not None:
+                    host[:n].numpy()[...] = batch
+                    dev[:n].copy_(host[:n], non_blocking=True)
+                else:
+                    dev[:n].copy_(host_tensor(batch))
+                probs = self._run(slot, "tensor", self._size(n))
+            slot.out_host[:n].copy_(probs[:n], non_blocking=slot.stream is not None)
+            if slot.end is not None:
+                slot.end.record()
 
-    def _run_tensor_host(self, tensor: np.ndarray) -> np.ndarray:
-        n = len(tensor)
-        tensor = tensor.astype(np.float32, copy=False)
-        if not self._static:
-            return self._forward_tensor(host_tensor(tensor)).numpy().copy()
-        if self._tensor_dev is None:
+    def _tensor_buffers(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if slot.tensor_dev is None:
             s = self.preprocessing.input_size
             shape = (self.max_batch_size, 3, s, s)
-            self._tensor_dev = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            self._tensor_host = torch.zeros(shape, dtype=torch.float32, pin_memory=self._on_cuda)
-        assert self._tensor_host is not None
-        self._tensor_host[:n].numpy()[...] = tensor
-        self._tensor_dev[:n].copy_(self._tensor_host[:n], non_blocking=True)
-        return self._finish(self._run("tensor", self._size(n)), n)
+            slot.tensor_dev = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            if self._on_cuda:
+                slot.tensor_host = torch.zeros(shape, dtype=torch.float32, pin_memory=True)
+        return slot.tensor_dev, slot.tensor_host
 
-    def _finish(self, probs: torch.Tensor, n: int) -> np.ndarray:
-        """Probabilities of the first n rows -> (pinned host ->) a numpy array of the caller's own."""
-        if not self._on_cuda:
-            return probs[:n].numpy().copy()
-        self._out_host[:n].copy_(probs[:n], non_blocking=True)
-        assert self._copied is not None
-        self._copied.record()
-        self._copied.synchronize()
-        return self._out_host[:n].numpy().copy()
-
-    def _run(self, kind: str, size: int) -> torch.Tensor:
-        """Run the first `size` rows of the static input `kind` ("pixels" | "tensor"); a graph if captured.
+    def _run(self, slot: _Slot, kind: str, size: int) -> torch.Tensor:
+        """Run the first `size` rows of the slot's static input `kind` ("pixels" | "tensor"); a graph if
+        captured.
 
         Graphs are captured at load only (pixels): capturing later, while other threads run CUDA work
         for requests, invites trouble, and client-sent tensors are rare enough to run eagerly.
         """
-        graph = self._graphs.get((kind, size))
+        graph = slot.graphs.get((kind, size))
         if graph is None and self.cuda_graphs and not self._loaded:
-            graph = self._capture(kind, size)
+            graph = self._capture(slot, kind, size)
         if graph is not None:
             graph[0].replay()
             return graph[1]
-        return self._forward(kind, size)
+        return self._forward(slot, kind, size)
 
-    def _forward(self, kind: str, size: int) -> torch.Tensor:
+    def _forward(self, slot: _Slot, kind: str, size: int) -> torch.Tensor:
         if kind == "pixels":
-            return self._forward_pixels(self._pixels_dev[:size])
-        assert self._tensor_dev is not None
-        return self._forward_tensor(self._tensor_dev[:size])
+            return self._forward_pixels(slot.pixels_dev[:size])
+        return self._forward_tensor(self._tensor_buffers(slot)[0][:size])
 
     def _forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         # NHWC uint8 permuted to NCHW is channels_last; elementwise ops keep that layout.
@@ -331,36 +391,40 @@ class TorchRunner:
         x = tensor.to(self.dtype).contiguous(memory_format=torch.channels_last)
         return self._model(x).float().softmax(dim=1)
 
-    def _capture(self, kind: str, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    def _capture(self, slot: _Slot, kind: str, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """Warm up, then capture bucket `size` as a CUDA graph; on failure fall back to eager for good."""
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):
-                    self._forward(kind, size)
+                    self._forward(slot, kind, size)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: another model already serving may run CUDA work in its threads meanwhile.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._forward(kind, size)
+            # One pool per slot: its graphs never run at once, so they can share their scratch memory.
+            with torch.cuda.graph(graph, pool=slot.pool, capture_error_mode="thread_local"):
+                out = self._forward(slot, kind, size)
         except Exception as exc:  # an op that cannot be captured: serve eagerly rather than not at all
             log.warning("model %s: CUDA graph capture failed at batch %d (%s); running eagerly", self.name, size, exc)
             self.cuda_graphs = False
             self.meta["cuda_graphs"] = False
             torch.cuda.synchronize(self.device)
             return None
-        self._graphs[(kind, size)] = (graph, out)
+        slot.graphs[(kind, size)] = (graph, out)
         return graph, out
 
     def _warm_up(self) -> None:
-        """Every bucket once (capturing its graph), largest first, so that no request pays for it."""
+        """Every bucket of every slot once (capturing its graph), largest first, so that no request pays
+        for it."""
         with self._lock, torch.inference_mode():
             if not self._on_cuda:
-                self._forward_pixels(self._pixels_dev[:1])
+                self._forward_pixels(self._slots[0].pixels_dev[:1])
             else:
-                for size in sorted(self.buckets if self.pad else (self.max_batch_size,), reverse=True):
-                    self._run("pixels", size)
+                for slot in self._slots:
+                    with torch.cuda.stream(slot.stream):
+                        for size in sorted(self.buckets if self.pad else (self.max_batch_size,), reverse=True):
+                            self._run(slot, "pixels", size)
                 torch.cuda.synchronize(self.device)
         self._loaded = True
         if self.capabilities.device_decode:
@@ -378,6 +442,47 @@ class TorchRunner:
         if isinstance(decoded, imaging.ImageError):
             raise RunnerError(f"device JPEG decode failed at warm-up: {decoded}")
         self.infer_images([decoded])
+
+
+class _SlotDevice:
+    """The runner's slots as the pipeline's SlotDevice: CUDA events say when a slot is done; on the
+    CPU a launch runs the whole batch, so there is nothing to wait for."""
+
+    def __init__(self, runner: TorchRunner) -> None:
+        self._runner = runner
+
+    def launch(self, slot: int, batch: Job) -> int:
+        s = self._runner._slots[slot]
+        try:
+            self._runner._launch(s, batch)
+        except BaseException:
+            if s.stream is not None:
+                s.stream.synchronize()  # the slot is handed out again: nothing of this batch may still run
+            raise
+        return batch[2]
+
+    def wait(self, slot: int, n: int) -> None:
+        end = self._runner._slots[slot].end
+        if end is not None:
+            end.synchronize()
+
+    def fetch(self, slot: int, n: int) -> np.ndarray:
+        return self._runner._slots[slot].out_host[:n].numpy().copy()
+
+    def device_seconds(self, slot: int, n: int) -> float | None:
+        s = self._runner._slots[slot]
+        return s.start.elapsed_time(s.end) / 1000.0 if s.start is not None and s.end is not None else None
+
+
+def _on(image: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    return to_device(host_tensor(image), device) if isinstance(image, np.ndarray) else image
+
+
+def cuda_mps_running() -> bool:
+    """Whether an MPS control daemon is up for this user (several processes then share the GPU's SMs
+    at once instead of time-slicing): its control pipe is in CUDA_MPS_PIPE_DIRECTORY."""
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return Path(pipe_dir, "control").exists()
 
 
 def build_model(spec: zoo.ModelSpec, meta: dict[str, Any], weights_file: Path) -> nn.Module:
