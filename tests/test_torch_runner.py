@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,6 +214,35 @@ def test_batches_in_flight_from_several_threads_each_get_their_own_rows(
         runner.close()
     with pytest.raises(RuntimeError, match="closed"):
         runner.infer_pixels(batches[0])
+
+
+def test_metrics_show_device_and_host_time_of_a_pipelined_runner(squeezenet_repository: ModelRepository) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from saikyo.server.metrics import Metrics
+    from saikyo.server.served import ModelState
+
+    runner = padded_runner(squeezenet_repository, in_flight=2)
+    try:
+        for n in (1, 4, 3):
+            runner.infer_pixels(random_pixels(n))
+        metrics = Metrics()
+        model = SimpleNamespace(image_batcher=None, tensor_batcher=None, state=ModelState.READY, runner=runner)
+        metrics.served = SimpleNamespace(models={"sq": model})  # type: ignore[assignment]
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for s in family.samples
+            if s.name.startswith("saikyo_runner_") and s.labels == {"model": "sq"}
+        }
+        assert samples["saikyo_runner_batches_total"] == 3
+        assert samples["saikyo_runner_in_flight_batches"] == 0
+        assert samples["saikyo_runner_host_seconds_total"] > 0
+        assert samples["saikyo_runner_device_seconds_total"] == 0  # no device clock on the CPU
+    finally:
+        runner.close()
 
 
 def test_eager_cpu_runs_directly_one_batch_at_a_time(squeezenet_pair: tuple[TorchRunner, OnnxRunner]) -> None:
@@ -457,4 +487,7 @@ def test_server_on_cuda_decodes_on_the_gpu(squeezenet_repository: ModelRepositor
             answers[decode] = [[row[str(k)] for k in range(1000)] for row in r.json()]
             bad = httpx.post(f"{server.url}/classify", files=[("images", ("cut.jpg", CAT.read_bytes()[:2000]))], timeout=30)
             assert bad.status_code == 400
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            device_s = re.search(r'^saikyo_runner_device_seconds_total\{model="squeezenet1_1"\} (\S+)$', text, re.M)
+            assert device_s and float(device_s.group(1)) > 0, text
     np.testing.assert_allclose(np.asarray(answers["on"]), np.asarray(answers["off"]), rtol=0.05, atol=1e-5)

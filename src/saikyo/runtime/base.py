@@ -14,6 +14,7 @@ import numpy as np
 
 from saikyo.inference.imaging import ImageError, RequestBudget
 from saikyo.inference.preprocessing import Preprocessing
+from saikyo.runtime.pipelining import PipelineStats
 
 
 class RunnerError(RuntimeError):
@@ -36,6 +37,9 @@ class Runner(Protocol):
     num_classes: int
     meta: dict[str, Any]  # the repository's meta.json, plus what the runner adds (backend, device)
     capabilities: Capabilities
+    # Running totals of a runner that pipelines batches on a device (batches, device vs host seconds, in
+    # flight now), which /metrics shows; None for a runner that keeps none.
+    stats: PipelineStats | None
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] RGB, already resized and cropped -> float32 probabilities [N, classes]."""

@@ -89,6 +89,7 @@ def providers_for(device: str) -> list[str]:
 
 class OnnxRunner:
     capabilities = Capabilities()
+    stats = None
 
     def __init__(
         self,

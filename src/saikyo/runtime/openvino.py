@@ -104,6 +104,7 @@ class OpenVinoRunner:
         classes = self._pixels.outputs[0].get_partial_shape()[-1]
         self.num_classes = classes.get_length() if classes.is_static else int(meta.get("num_classes", 1000))
         self.capabilities = Capabilities(max_in_flight=self.streams)
+        self.stats = None
         hint = self._pixels.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         ran_at = _NAMES.get(hint, hint)  # what OpenVINO took, not what we asked for
         # A quantised file runs its quantised layers in int8 whatever the hint; the hint covers the rest.

@@ -5,7 +5,11 @@ What is measured where:
 - requests and their latency: the middleware, labelled by route template (never the raw path, so that
   label values stay bounded), method, model and status;
 - images, batch sizes and inference time: the batchers' on_batch hook, once per forward pass;
-- queue depth and model load state: read from the served models at scrape time.
+- queue depth and model load state: read from the served models at scrape time;
+- for a runner that pipelines batches on a GPU (torch): batches, device seconds (CUDA events, staging
+  copy to copy back) and host seconds (staging, launching, copying out) summed, and batches in flight
+  now, read from its running totals at scrape time. Per batch, device ms = rate(device) / rate(batches)
+  beside host ms the same way: whichever is larger is the limit.
 
 Under Ray Serve each replica, and under --workers each worker process, has its own registry;
 `app.state.metrics_view` then turns the answering process's exposition into the whole server's (see
@@ -22,7 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -97,6 +101,22 @@ class _ModelCollector(Collector):
         state = GaugeMetricFamily(
             "saikyo_model_state", f"1 for the state each model is in ({', '.join(s.value for s in ModelState)})", labels=["model", "state"]
         )
+        batches = CounterMetricFamily(
+            "saikyo_runner_batches", "Batches a pipelined runner completed", labels=["model"]
+        )
+        device = CounterMetricFamily(
+            "saikyo_runner_device_seconds",
+            "Device time of completed batches (CUDA events: staging copy, forward pass, copy back)",
+            labels=["model"],
+        )
+        host = CounterMetricFamily(
+            "saikyo_runner_host_seconds",
+            "Host time of completed batches (staging and launching them, copying results out)",
+            labels=["model"],
+        )
+        in_flight = GaugeMetricFamily(
+            "saikyo_runner_in_flight_batches", "Batches launched on the device and not yet complete", labels=["model"]
+        )
         served = self._metrics.served
         for name, model in (served.models if served is not None else {}).items():
             batchers = [b for b in (model.image_batcher, model.tensor_batcher) if b is not None]
@@ -104,7 +124,13 @@ class _ModelCollector(Collector):
             running.add_metric([name], sum(b.running_images for b in batchers))
             for s in ModelState:
                 state.add_metric([name, s.value], 1.0 if model.state is s else 0.0)
-        return [queue, running, state]
+            stats = model.runner.stats if model.runner is not None else None
+            if stats is not None:
+                batches.add_metric([name], stats.batches)
+                device.add_metric([name], stats.device_seconds)
+                host.add_metric([name], stats.host_seconds)
+                in_flight.add_metric([name], stats.in_flight)
+        return [queue, running, state, batches, device, host, in_flight]
 
     def describe(self) -> Iterable[Metric]:
         return []
