@@ -15,9 +15,18 @@ Sections, in order (each appends JSON lines to --out as it measures, naming the 
           (CPU work, run beside the raw section; if the dynamo exporter fails, TorchScript's writes it);
   e2e     `saikyo serve --backend torch` on a loopback port (saikyo.bench.localserver), the cost lab's
           closed-loop client (saikyo.bench.load, aiohttp; latency percentiles by nearest rank), 32
-          images per request, concurrency 16, max batch 256 with GPU decode (--gil-switch-interval-ms
-          5, Python's default, then 0.5) and with CPU decode, then max batch 64 with GPU decode;
-          "ratio" = server img/s / raw img_s at the server's max batch size.
+          images per request, concurrency 16, max batch 256, one configuration each ("config"):
+            baseline   one batch in flight, power-of-two buckets (the runner before pipelining)
+            pipelined  2 batches in flight, buckets every 32 above 64 (today's defaults)
+            k3         3 batches in flight
+            workers2   two worker processes sharing the GPU ("cuda_mps": whether an MPS daemon ran)
+            cpu-decode today's defaults with JPEGs decoded on the CPU
+            batch64    today's defaults at max batch 64 (lower latency: what it costs)
+          "ratio" = server img/s / raw img_s at the server's max batch size; from the server's metrics
+          over the measured window: device and host ms per batch, GPU busy fraction (device seconds
+          per second of wall time; above 1 when batches overlap), mean batch;
+  compile torch.compile (inductor) + CUDA graphs vs eager + CUDA graphs, resnet50 and squeezenet1_1 at
+          batch 64 and 256: img/s with the batch on the GPU, and compile + capture seconds.
 Sections run in child processes under hard time limits: a hang or crash costs its own section only,
 and what it measured before stays in the file. The total stays under --budget-s.
 """
@@ -212,6 +221,52 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
         runner.close()
 
 
+def child_compile(rec: Recorder, args: argparse.Namespace) -> None:
+    """torch.compile + CUDA graphs against eager + CUDA graphs, each bucket captured once."""
+    import numpy as np
+    import torch
+
+    from saikyo.models import builders, zoo
+    from saikyo.runtime.torch import TorchRunner
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    batches = (8, 32) if args.quick else (64, 256)
+    for name in args.models:
+        spec = zoo.get(name)
+        size = spec.preprocessing.input_size
+        pixels = np.random.default_rng(0).integers(0, 256, (max(batches), size, size, 3), dtype=np.uint8)
+        found: dict[tuple[bool, int], float] = {}
+        for compiled in (False, True):
+            if time.time() > args.deadline - 10:
+                rec.emit({"section": "compile", "model": name, "compiled": compiled, "skipped": "out of time"})
+                continue
+            try:
+                t0 = time.perf_counter()
+                runner = TorchRunner(
+                    name, builders.build(spec, "random"), spec.preprocessing,
+                    {"num_classes": spec.num_classes, "weights": "random"},
+                    device=args.device, dtype=args.dtype, max_batch_size=max(batches), buckets=batches,
+                    compile=compiled, device_decode="off", in_flight=1,
+                )  # fmt: skip
+                load_s = time.perf_counter() - t0
+                try:
+                    runner.infer_pixels(pixels)
+                    for b in batches:
+                        it, sec = timed(lambda b=b: runner.forward_resident(b), args.min_seconds, sync)
+                        found[(compiled, b)] = img_s = round(it * b / sec, 1)
+                        record = {"section": "compile", "model": name, "batch": b, "compiled": compiled,
+                                  "img_s": img_s, "load_s": round(load_s, 1), "dtype": runner.meta["dtype"]}  # fmt: skip
+                        if compiled:
+                            record["eager_img_s"] = found.get((False, b))
+                            rec.emit(record)
+                        else:
+                            rec.emit({**record, "section": "compile-eager"})
+                finally:
+                    runner.close()
+            except Exception as exc:
+                rec.error("compile", exc, model=name, compiled=compiled)
+
+
 def photo_sets(quick: bool) -> dict[str, list[bytes]]:
     """The test photos and the same at 1920x1280."""
     from PIL import Image
@@ -348,7 +403,7 @@ def torchscript_entry(repo: ModelRepository, name: str) -> Entry:
         return repo.write(name, onnx_path, meta, extra_files=[weights])
 
 
-CHILDREN = {"env": child_env, "raw": child_raw, "decode": child_decode, "export": child_export}
+CHILDREN = {"env": child_env, "raw": child_raw, "decode": child_decode, "export": child_export, "compile": child_compile}
 
 
 # ---- parent: run children under time limits, drive the server ----
@@ -388,13 +443,23 @@ class Child:
         self.proc = None
 
 
-async def closed_loop(url: str, args: argparse.Namespace) -> LoadResult:
+async def closed_loop(url: str, args: argparse.Namespace) -> tuple[LoadResult, dict[str, float], dict[str, float]]:
     """`concurrency` clients posting the same request back to back: --warm-seconds unrecorded, then
-    --e2e-seconds measured."""
+    --e2e-seconds measured; the server's counters read before and after the measured part."""
     spec = LoadSpec(url=url, model=args.e2e_model, mode="closed", images_per_request=args.images_per_request,
                     concurrency=args.concurrency, seconds=args.warm_seconds, timeout=120.0)  # fmt: skip
     await run_load(spec, photos())  # its first request proves the server answers (LoadError if not)
-    return await run_load(dataclasses.replace(spec, seconds=args.e2e_seconds, warmup=0), photos())
+    before = await asyncio.to_thread(scrape, url, args.e2e_model)
+    result = await run_load(dataclasses.replace(spec, seconds=args.e2e_seconds, warmup=0), photos())
+    return result, before, await asyncio.to_thread(scrape, url, args.e2e_model)
+
+
+def model_meta(url: str, model: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/{model}", timeout=5) as r:
+            return json.loads(r.read()).get("parameters", {})
+    except Exception:
+        return {}
 
 
 def load_fields(result: LoadResult) -> dict[str, Any]:
@@ -406,35 +471,68 @@ def load_fields(result: LoadResult) -> dict[str, Any]:
             "p99_ms": round(lat.p99, 1) if lat else None}  # fmt: skip
 
 
-def batch_stats(url: str, model: str) -> dict[str, Any]:
-    """Mean forward-pass batch and runner seconds from the server's Prometheus metrics."""
+COUNTERS = ("saikyo_batch_size_sum", "saikyo_batch_size_count", "saikyo_inference_duration_seconds_sum",
+            "saikyo_runner_batches_total", "saikyo_runner_device_seconds_total", "saikyo_runner_host_seconds_total")
+
+
+def scrape(url: str, model: str) -> dict[str, float]:
+    """The counters batch_stats needs, summed over worker processes, and the time they were read."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
             text = r.read().decode()
     except Exception:
         return {}
-
-    def value(metric: str) -> float | None:
-        m = re.search(rf'^{metric}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} ([0-9.eE+-]+)$', text, re.M)
-        return float(m.group(1)) if m else None
-
-    size_sum, size_count = value("saikyo_batch_size_sum"), value("saikyo_batch_size_count")
-    inf_sum = value("saikyo_inference_duration_seconds_sum")
-    out: dict[str, Any] = {}
-    if size_sum is not None and size_count:
-        out["mean_batch"] = round(size_sum / size_count, 1)
-        out["batches"] = int(size_count)
-        if inf_sum:
-            out["runner_img_s"] = round(size_sum / inf_sum, 1)  # images per second the runner was busy
+    out = {"wall": time.time()}
+    for metric in COUNTERS:
+        found = re.findall(rf'^{metric}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} ([0-9.eE+-]+)$', text, re.M)
+        if found:
+            out[metric] = sum(float(v) for v in found)
     return out
 
 
-def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], decode: str,
-        batch: int, gil_switch_ms: float = 5.0) -> None:  # fmt: skip
-    """`gil_switch_ms`: the server's GIL switch interval (benchmarks/gil_switch.py says why it matters)."""
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Over the measured window: mean batch, runner img/s of busy time, and per batch the device's and
+    the host's milliseconds (the larger is the limit), GPU busy fraction."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    out: dict[str, Any] = {}
+    size_sum, size_count = d.get("saikyo_batch_size_sum"), d.get("saikyo_batch_size_count")
+    if size_sum is not None and size_count:
+        out["mean_batch"] = round(size_sum / size_count, 1)
+        out["batches"] = int(size_count)
+        if d.get("saikyo_inference_duration_seconds_sum"):
+            out["runner_img_s"] = round(size_sum / d["saikyo_inference_duration_seconds_sum"], 1)
+    batches = d.get("saikyo_runner_batches_total")
+    if batches:
+        out["device_ms_per_batch"] = round(d["saikyo_runner_device_seconds_total"] / batches * 1000, 2)
+        out["host_ms_per_batch"] = round(d["saikyo_runner_host_seconds_total"] / batches * 1000, 2)
+        if d.get("wall"):
+            out["gpu_busy"] = round(d["saikyo_runner_device_seconds_total"] / d["wall"], 3)
+    return out
+
+
+POWERS_OF_TWO = "1,2,4,8,16,32,64,128,256"
+# name -> (decode, max batch size or None for --e2e-batch, extra server flags)
+E2E_CONFIGS: dict[str, tuple[str, int | None, list[str]]] = {
+    "baseline": ("gpu", None, ["--torch-in-flight", "1", "--batch-buckets", POWERS_OF_TWO]),
+    "pipelined": ("gpu", None, []),
+    "k3": ("gpu", None, ["--torch-in-flight", "3"]),
+    "workers2": ("gpu", None, ["--workers", "2"]),
+    "cpu-decode": ("cpu", None, []),
+    "batch64": ("gpu", 64, []),
+}
+
+
+def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], config: str,
+        gil_switch_ms: float = 5.0) -> None:  # fmt: skip
+    """One E2E_CONFIGS entry. `gil_switch_ms`: the server's GIL switch interval (benchmarks/gil_switch.py
+    says why it matters)."""
+    decode, batch_or_none, extra = E2E_CONFIGS[config]
+    batch = batch_or_none or args.e2e_batch
+    if batch_or_none is not None and args.quick:
+        batch = min(batch, args.e2e_batch // 2)
     budget = args.deadline - time.time()
     if budget < args.e2e_seconds + 40:
-        rec.emit({"section": "e2e", "decode": decode, "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
+        rec.emit({"section": "e2e", "config": config, "decode": decode, "max_batch_size": batch,
                   "skipped": "out of time"})  # fmt: skip
         return
     n = args.images_per_request
@@ -442,8 +540,8 @@ def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str
                    "--max-batch-size", str(batch), "--max-queue-images", str(4 * args.concurrency * n),
                    "--max-concurrent-requests", str(4 * args.concurrency),
                    "--device-decode", "on" if decode == "gpu" else "off",
-                   "--gil-switch-interval-ms", f"{gil_switch_ms:g}", "--log-level", "warning"]  # fmt: skip
-    say(f"e2e ({decode} decode, max batch {batch}, GIL switch {gil_switch_ms:g} ms): {' '.join(server_args)}")
+                   "--gil-switch-interval-ms", f"{gil_switch_ms:g}", "--log-level", "warning", *extra]  # fmt: skip
+    say(f"e2e {config} ({decode} decode, max batch {batch}): {' '.join(server_args)}")
     t0 = time.time()
     server = None
     with tempfile.TemporaryDirectory(prefix="saikyo-gpu-bench-logs-") as logs:
@@ -452,21 +550,25 @@ def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str
                               timeout=min(args.ready_timeout, budget - args.e2e_seconds - 15)) as server:  # fmt: skip
                 load_s = time.time() - t0
                 say(f"server ready in {load_s:.1f}s")
-                result = asyncio.run(closed_loop(server.url, args))
+                result, before, after = asyncio.run(closed_loop(server.url, args))
                 img_s = result.images_per_s()
+                meta = model_meta(server.url, args.e2e_model)
                 raw_img_s = raw.get((args.e2e_model, batch))
                 rec.emit({
-                    "section": "e2e", "model": args.e2e_model, "decode": decode, "backend": "torch",
+                    "section": "e2e", "config": config, "model": args.e2e_model, "decode": decode, "backend": "torch",
+                    "in_flight": meta.get("in_flight"),
+                    "batch_buckets": POWERS_OF_TWO if POWERS_OF_TWO in extra else "every 32 above 64",
+                    "cuda_mps": meta.get("cuda_mps"), "workers": 2 if "--workers" in extra else 1,
                     "img_s": round(img_s, 1), "raw_img_s": raw_img_s, "raw_batch": batch,
                     "ratio": round(img_s / raw_img_s, 3) if raw_img_s else None,
                     "images_per_request": n, "concurrency": args.concurrency,
                     "max_batch_size": batch, "gil_switch_interval_ms": gil_switch_ms,
                     "mean_kb": round(len(multipart_body(photos(), n)[0]) / n / 1024, 1),
                     "client": "aiohttp", "server_load_s": round(load_s, 1),
-                    **load_fields(result), **batch_stats(server.url, args.e2e_model),
+                    **load_fields(result), **batch_stats(before, after),
                 })  # fmt: skip
         except Exception as exc:  # ServerStartError carries the log's tail itself
-            rec.error("e2e", exc, decode=decode, max_batch_size=batch)
+            rec.error("e2e", exc, config=config, decode=decode, max_batch_size=batch)
             if server is not None:
                 print(server.log_tail(60), flush=True)
 
@@ -488,10 +590,16 @@ def summary(rec: Recorder, args: argparse.Namespace) -> None:
     for r in mine:
         if r.get("section") == "e2e" and "img_s" in r:
             ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "n/a"
-            print(f"e2e    {r['model']} {r['decode']} decode, GIL switch {r.get('gil_switch_interval_ms', 5.0):g} ms: "
+            print(f"e2e    {r['model']} {r.get('config', '-'):<10} {r['decode']} decode: "
                   f"{r['img_s']:.1f} img/s, p50 {r['p50_ms']} ms, "
-                  f"p99 {r['p99_ms']} ms, errors {r['errors']}, mean batch {r.get('mean_batch')}; "
-                  f"ratio server/raw(batch {r['raw_batch']}) = {ratio} (target >= 0.5)", flush=True)  # fmt: skip
+                  f"p99 {r['p99_ms']} ms, errors {r['errors']}, mean batch {r.get('mean_batch')}, "
+                  f"device/host ms per batch {r.get('device_ms_per_batch')}/{r.get('host_ms_per_batch')}, "
+                  f"GPU busy {r.get('gpu_busy')}; ratio server/raw(batch {r['raw_batch']}) = {ratio} "
+                  f"(target >= 0.5)", flush=True)  # fmt: skip
+    for r in mine:
+        if r.get("section") == "compile" and "img_s" in r:
+            print(f"compile {r['model']:<15} batch {r['batch']:>4}: {r['img_s']:>10.1f} img/s compiled vs "
+                  f"{r.get('eager_img_s')} eager + graphs (compile + capture {r['load_s']} s)", flush=True)  # fmt: skip
     errors = [r for r in mine if r.get("error")]
     for r in errors:
         print(f"ERROR in {r['section']}: {r['error']}", flush=True)
@@ -513,7 +621,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--quick", action="store_true", help="small, fast settings: a dry run of the whole flow")
     ap.add_argument("--budget-s", type=float, default=450.0, help="hard limit for everything")
-    ap.add_argument("--sections", default="env,raw,decode,export,e2e")
+    ap.add_argument("--sections", default="env,raw,decode,export,e2e,compile")
+    ap.add_argument("--configs", default=",".join(E2E_CONFIGS), help="e2e configurations, in order")
+    ap.add_argument("--compile-models", default=None)
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--images-per-request", type=int, default=None)
     ap.add_argument("--e2e-batch", type=int, default=None, help="server max batch size [256]")
@@ -538,12 +648,18 @@ def parse_args() -> argparse.Namespace:
         "e2e_seconds": 5.0 if q else 20.0, "warm_seconds": 2.0 if q else 4.0, "min_seconds": 0.3 if q else 1.0,
         "models": "squeezenet1_1" if q else ",".join(RAW_MODELS), "batches": "1,8,32" if q else ",".join(map(str, RAW_BATCHES)),
         "e2e_model": "squeezenet1_1" if q else E2E_MODEL, "decode_images": 32 if q else 256,
+        "compile_models": "squeezenet1_1" if q else "resnet50,squeezenet1_1",
     }  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.models = [m for m in str(args.models).split(",") if m] if isinstance(args.models, str) else args.models
     args.batches = [int(b) for b in str(args.batches).split(",")] if isinstance(args.batches, str) else args.batches
+    args.compile_models = [m for m in str(args.compile_models).split(",") if m]
+    args.configs = [c for c in str(args.configs).split(",") if c]
+    unknown = set(args.configs) - set(E2E_CONFIGS)
+    if unknown:
+        ap.error(f"unknown --configs {sorted(unknown)}; choose from {', '.join(E2E_CONFIGS)}")
     return args
 
 
@@ -594,13 +710,10 @@ def main() -> None:
             child("decode", 90, "--decode-images", str(args.decode_images)).wait()
         if "e2e" in sections:
             raw = raw_results()
-            e2e(rec, args, repo, raw, "gpu", args.e2e_batch)
-            e2e(rec, args, repo, raw, "gpu", args.e2e_batch, gil_switch_ms=0.5)
-            e2e(rec, args, repo, raw, "cpu", args.e2e_batch)
-            # Smaller batches, lower latency: how much throughput that costs (if time is left).
-            small = max(b for b in args.batches if b < args.e2e_batch) if min(args.batches) < args.e2e_batch else None
-            if small is not None:
-                e2e(rec, args, repo, raw, "gpu", small)
+            for config in args.configs:  # in order of importance: later ones are skipped when time runs out
+                e2e(rec, args, repo, raw, config)
+        if "compile" in sections:
+            child("compile", 150, "--models", ",".join(args.compile_models)).wait()
     finally:
         shutil.rmtree(repo, ignore_errors=True)
     summary(rec, args)

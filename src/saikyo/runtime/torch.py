@@ -38,6 +38,7 @@ from saikyo.models.location import entry_for
 from saikyo.models.repository import WEIGHTS_FILE, Entry
 from saikyo.runtime import torch_imaging
 from saikyo.runtime.base import Capabilities, RunnerError
+from saikyo.runtime.decode_queue import DecodeQueue
 from saikyo.runtime.pipelining import SlotPipeline
 from saikyo.runtime.torch_imaging import host_tensor, to_device
 from saikyo.settings import Settings
@@ -45,6 +46,9 @@ from saikyo.settings import Settings
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Images one call of the decode queue takes from the requests waiting (each nvJPEG call within it is
+# bounded by torch_imaging.DECODE_CHUNK_PIXELS).
+DECODE_GATHER_IMAGES = 256
 # Forward passes before capture: cudnn autotuning and lazy initialisation must not land in the graph.
 WARMUP_RUNS = 2
 
@@ -149,7 +153,14 @@ class TorchRunner:
             device_decode=device_decode == "on" or (device_decode == "auto" and on_cuda),
             max_in_flight=self.in_flight,
         )
-        self._decode_streams = threading.local()  # one CUDA stream per decode thread
+        self._decode_streams = threading.local()  # one CUDA stream per decode thread, for CPU-decoded images
+        # One thread gathers the JPEGs of every request waiting for decode into one nvJPEG call.
+        self._decode_stream = torch.cuda.Stream(self.device) if on_cuda and self.capabilities.device_decode else None
+        self._decode_queue: DecodeQueue[torch_imaging.DecodeJob] | None = (
+            DecodeQueue(self._decode_jobs, max_images=DECODE_GATHER_IMAGES, name=name)
+            if self.capabilities.device_decode
+            else None
+        )
         self._lock = threading.Lock()  # the direct path, and forward_resident
         self._loaded = False  # set after warm-up: no graph captures after that
 
@@ -260,20 +271,40 @@ class TorchRunner:
     ) -> list[torch.Tensor | imaging.ImageError]:
         """Encoded images -> uint8 [H, W, 3] tensors on this runner's device, or an ImageError each.
 
-        On CUDA each decode thread works on a stream of its own and waits for it before returning, so
-        the forward pass (on its slot's stream) never queues behind other requests' decode kernels,
-        and the images are complete when they reach a batch. They are released only after the batch
+        Called from the server's decode threads, one request each: its JPEGs join those of every other
+        request waiting, in one nvJPEG call on the decode queue's thread (its own CUDA stream, waited
+        for before the images are handed back, so they are complete when they reach a batch). What
+        nvJPEG does not take is decoded here on the CPU. The images are released only after the batch
         that used them has completed, so the caching allocator cannot hand their memory out early.
         """
-        if not self._on_cuda:
-            return torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels, budget)
-        stream = getattr(self._decode_streams, "stream", None)
-        if stream is None:
-            stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            out = torch_imaging.decode(blobs, self.preprocessing, self.device, max_pixels, budget)
-        stream.synchronize()
+        job = torch_imaging.DecodeJob(blobs, max_pixels, budget)
+        if self._decode_queue is not None:
+            part = self._decode_queue.decode(job)
+            if all(isinstance(item, torch.Tensor) for item in part):
+                return part  # type: ignore[no-any-return]
+        stream = None
+        if self._on_cuda:  # this thread's own stream for its copies, waited for like the queue's
+            stream = getattr(self._decode_streams, "stream", None)
+            if stream is None:
+                stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self._decode_queue is None:  # device decode off, called directly (benchmarks, tests)
+                (part,) = torch_imaging.decode_jpegs_of([job], self.preprocessing, self.device)
+                if isinstance(part, BaseException):
+                    raise part
+            out = torch_imaging.finish_on_cpu(blobs, part, self.preprocessing, self.device, max_pixels, budget)
+        if stream is not None:
+            stream.synchronize()
         return out
+
+    def _decode_jobs(self, jobs: list[torch_imaging.DecodeJob]) -> list[Any]:
+        """The decode queue's call: every waiting request's JPEGs at once."""
+        if self._decode_stream is None:
+            return torch_imaging.decode_jpegs_of(jobs, self.preprocessing, self.device)
+        with torch.cuda.stream(self._decode_stream):
+            results = torch_imaging.decode_jpegs_of(jobs, self.preprocessing, self.device)
+        self._decode_stream.synchronize()
+        return results
 
     def forward_resident(self, n: int) -> torch.Tensor:
         """The network alone on the first n images already in the device input buffer (no host copies,
@@ -283,6 +314,8 @@ class TorchRunner:
 
     def close(self) -> None:
         """Finish the batches in flight, then let go of the graphs and the model."""
+        if self._decode_queue is not None:
+            self._decode_queue.close()
         if self._pipeline is not None:
             self._pipeline.close()
         for slot in self._slots:

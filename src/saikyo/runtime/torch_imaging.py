@@ -21,6 +21,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -120,33 +121,88 @@ def decode(
     DecodeAbandoned stop the request), as on the CPU path.
     """
     device = torch.device(device)
-    out: list[torch.Tensor | imaging.ImageError | None] = [None] * len(blobs)
-    # Each header is read once: which images go to nvJPEG, and how many pixels each takes from the budget.
-    found = [(i, n) for i, b in enumerate(blobs) if (n := _device_pixels(b, max_pixels)) is not None]
-    on_device, sizes = [i for i, _ in found], [n for _, n in found]
-    decoded: list[torch.Tensor | None] = []
-    for lo, hi in _chunks(sizes, DECODE_CHUNK_PIXELS):
-        if budget is not None:
-            for pixels in sizes[lo:hi]:
-                budget.take(pixels)
-        decoded += _decode_jpegs([blobs[i] for i in on_device[lo:hi]], device)
-    # Photos of one size are resampled together: a few kernels per size instead of per image.
-    by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-    for i, img in zip(on_device, decoded):
-        if img is not None:
-            by_shape.setdefault(tuple(img.shape), []).append((i, img))
-    for (_, height, width), group in by_shape.items():
-        # Bound the float32 working set (a request of 64 camera photos must not take gigabytes).
-        step = max(1, GROUP_PIXELS // (height * width))
-        for lo in range(0, len(group), step):
-            chunk = group[lo : lo + step]
-            for (i, _), pixels in zip(chunk, resize_crop([img for _, img in chunk], pp)):
-                out[i] = pixels
-    counted = set(on_device)
-    for i, item in enumerate(out):
-        if item is None:  # not for nvJPEG, or nvJPEG refused it (its pixels are already counted)
-            out[i] = _cpu_decode(blobs[i], pp, device, max_pixels, None if i in counted else budget)
-    return out  # type: ignore[return-value]
+    (first,) = decode_jpegs_of([DecodeJob(blobs, max_pixels, budget)], pp, device)
+    if isinstance(first, BaseException):
+        raise first
+    return finish_on_cpu(blobs, first, pp, device, max_pixels, budget)
+
+
+@dataclass(eq=False)
+class DecodeJob:
+    """One request's images for decode_jpegs_of."""
+
+    blobs: Sequence[bytes]
+    max_pixels: int | None = None
+    budget: imaging.RequestBudget | None = None
+
+
+# Per image: its device pixels; None where the CPU must decode it; False where nvJPEG refused it after
+# its pixels were counted (the CPU path then reports the error, without counting them again).
+DevicePart = list[torch.Tensor | None | bool]
+
+
+def decode_jpegs_of(
+    jobs: Sequence[DecodeJob], pp: Preprocessing, device: torch.device
+) -> list[DevicePart | BaseException]:
+    """The JPEGs of several requests in as few nvJPEG calls as DECODE_CHUNK_PIXELS allows, resized and
+    cropped by size group across requests. Per job: its images' device pixels (see DevicePart), or the
+    BudgetExceeded / DecodeAbandoned that stops that request (its images are then not decoded).
+
+    Each chunk is resampled as soon as it is decoded, so full-size photos of at most one chunk are in
+    device memory at a time, however many requests come together.
+    """
+    results: list[DevicePart | BaseException] = []
+    todo: list[tuple[int, int, bytes, int]] = []  # (job, image, blob, pixels)
+    for j, job in enumerate(jobs):
+        part: DevicePart = [None] * len(job.blobs)
+        # Each header is read once: which images go to nvJPEG, and how many pixels each takes from the budget.
+        found = [(i, n) for i, b in enumerate(job.blobs) if (n := _device_pixels(b, job.max_pixels)) is not None]
+        try:
+            if job.budget is not None:
+                for _, pixels in found:
+                    job.budget.take(pixels)
+        except (imaging.BudgetExceeded, imaging.DecodeAbandoned) as exc:
+            results.append(exc)
+            continue
+        results.append(part)
+        todo += [(j, i, job.blobs[i], n) for i, n in found]
+    for lo, hi in _chunks([n for *_, n in todo], DECODE_CHUNK_PIXELS):
+        chunk = todo[lo:hi]
+        decoded = _decode_jpegs([blob for _, _, blob, _ in chunk], device)
+        # Photos of one size are resampled together: a few kernels per size instead of per image.
+        by_shape: dict[tuple[int, ...], list[tuple[int, int, torch.Tensor]]] = {}
+        for (j, i, _, _), img in zip(chunk, decoded):
+            if img is None:
+                results[j][i] = False  # type: ignore[index]
+            else:
+                by_shape.setdefault(tuple(img.shape), []).append((j, i, img))
+        for (_, height, width), group in by_shape.items():
+            # Bound the float32 working set (64 camera photos must not take gigabytes).
+            step = max(1, GROUP_PIXELS // (height * width))
+            for g in range(0, len(group), step):
+                some = group[g : g + step]
+                for (j, i, _), pixels in zip(some, resize_crop([img for *_, img in some], pp)):
+                    results[j][i] = pixels  # type: ignore[index]
+    return results
+
+
+def finish_on_cpu(
+    blobs: Sequence[bytes],
+    part: DevicePart,
+    pp: Preprocessing,
+    device: torch.device,
+    max_pixels: int | None = None,
+    budget: imaging.RequestBudget | None = None,
+) -> list[torch.Tensor | imaging.ImageError]:
+    """decode_jpegs_of's part for one request, completed: what nvJPEG did not take (or refused) is
+    decoded on the CPU, which also produces the user-facing errors, and copied to `device`."""
+    out: list[torch.Tensor | imaging.ImageError] = []
+    for i, item in enumerate(part):
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        else:  # None: not for nvJPEG; False: nvJPEG refused it (its pixels are already counted)
+            out.append(_cpu_decode(blobs[i], pp, device, max_pixels, budget if item is None else None))
+    return out
 
 
 def _chunks(sizes: Sequence[int], limit: int) -> list[tuple[int, int]]:

@@ -112,7 +112,8 @@ def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
     backend = str(runner.meta.get("backend", "onnxruntime"))
     parameters = {
         key: runner.meta[key]
-        for key in ("family", "weights", "backend", "device", "precision", "input_size", "intra_op_threads")
+        for key in ("family", "weights", "backend", "device", "precision", "input_size", "intra_op_threads",
+                    "gpu", "in_flight", "cuda_graphs", "cuda_mps")  # fmt: skip
         if isinstance(runner.meta.get(key), (str, int))
     }
     # What one serving process runs with (under --workers: the worker that answers; they are alike).
