@@ -22,6 +22,7 @@ Sections, in order (each appends JSON lines to --out as it measures, naming the 
             workers2   two worker processes sharing the GPU ("cuda_mps": whether an MPS daemon ran)
             cpu-decode today's defaults with JPEGs decoded on the CPU
             batch64    today's defaults at max batch 64 (lower latency: what it costs)
+            gil0.5     today's defaults with a GIL switch interval of 0.5 ms instead of 5
           "ratio" = server img/s / raw img_s at the server's max batch size; from the server's metrics
           over the measured window: device and host ms per batch, GPU busy fraction (device seconds
           per second of wall time; above 1 when batches overlap), mean batch;
@@ -511,22 +512,22 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
 
 POWERS_OF_TWO = "1,2,4,8,16,32,64,128,256"
-# name -> (decode, max batch size or None for --e2e-batch, extra server flags)
-E2E_CONFIGS: dict[str, tuple[str, int | None, list[str]]] = {
-    "baseline": ("gpu", None, ["--torch-in-flight", "1", "--batch-buckets", POWERS_OF_TWO]),
-    "pipelined": ("gpu", None, []),
-    "k3": ("gpu", None, ["--torch-in-flight", "3"]),
-    "workers2": ("gpu", None, ["--workers", "2"]),
-    "cpu-decode": ("cpu", None, []),
-    "batch64": ("gpu", 64, []),
+# name -> (decode, max batch size or None for --e2e-batch, extra server flags, GIL switch interval ms)
+E2E_CONFIGS: dict[str, tuple[str, int | None, list[str], float]] = {
+    "baseline": ("gpu", None, ["--torch-in-flight", "1", "--batch-buckets", POWERS_OF_TWO], 5.0),
+    "pipelined": ("gpu", None, [], 5.0),
+    "k3": ("gpu", None, ["--torch-in-flight", "3"], 5.0),
+    "workers2": ("gpu", None, ["--workers", "2"], 5.0),
+    "cpu-decode": ("cpu", None, [], 5.0),
+    "batch64": ("gpu", 64, [], 5.0),
+    "gil0.5": ("gpu", None, [], 0.5),
 }
 
 
-def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], config: str,
-        gil_switch_ms: float = 5.0) -> None:  # fmt: skip
-    """One E2E_CONFIGS entry. `gil_switch_ms`: the server's GIL switch interval (benchmarks/gil_switch.py
-    says why it matters)."""
-    decode, batch_or_none, extra = E2E_CONFIGS[config]
+def e2e(rec: Recorder, args: argparse.Namespace, repo: Path, raw: dict[tuple[str, int], float], config: str) -> None:
+    """One E2E_CONFIGS entry. Its GIL switch interval: the server's (benchmarks/gil_switch.py says why it
+    matters)."""
+    decode, batch_or_none, extra, gil_switch_ms = E2E_CONFIGS[config]
     batch = batch_or_none or args.e2e_batch
     if batch_or_none is not None and args.quick:
         batch = min(batch, args.e2e_batch // 2)
