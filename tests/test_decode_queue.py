@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +34,12 @@ class FakeDecoder:
 
     def __init__(self) -> None:
         self.calls: list[list[FakeJob]] = []
+        self.entered = threading.Event()  # the first call has begun
         self.release = threading.Event()
 
     def __call__(self, jobs: list[FakeJob]) -> list[object]:
         if not self.calls:
+            self.entered.set()
             self.release.wait(10)
         self.calls.append(jobs)
         if any(b"boom" in job.blobs for job in jobs):
@@ -51,7 +52,7 @@ def test_requests_that_wait_share_one_call_and_get_their_own_results() -> None:
     q: DecodeQueue[FakeJob] = DecodeQueue(fake, max_images=6, name="t")
     try:
         first = q.submit(FakeJob([b"a"]))
-        time.sleep(0.1)  # the first call is running (blocked): the next ones queue behind it
+        assert fake.entered.wait(10)  # the first call is running (blocked): the next ones queue behind it
         jobs = [FakeJob([f"r{i}x{k}".encode() for k in range(2)]) for i in range(5)]
         futures = [q.submit(job) for job in jobs]
         fake.release.set()
@@ -80,7 +81,7 @@ def test_one_requests_error_and_a_failed_call_stay_with_their_requests() -> None
     q: DecodeQueue[FakeJob] = DecodeQueue(fake, max_images=100, name="t")
     try:
         blocker = q.submit(FakeJob([b"a"]))
-        time.sleep(0.1)
+        assert fake.entered.wait(10)
         good, bad = q.submit(FakeJob([b"ok"])), q.submit(FakeJob([b"bad"]))
         fake.release.set()
         blocker.result(10)

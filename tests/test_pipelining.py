@@ -158,7 +158,7 @@ def test_close_drains_what_was_submitted_and_refuses_more() -> None:
 
 
 def test_a_cancelled_batch_is_never_launched() -> None:
-    device = FakeDevice(1, seconds=0.05)
+    device = FakeDevice(1, seconds=0.2)  # long enough for the cancels below to come first
     pipeline = SlotPipeline(device, 1, name="t")
     try:
         first = pipeline.submit(np.ones(1), 1)
