@@ -49,16 +49,14 @@ class DecodeQueue(Generic[J]):
         *,
         max_images: int = 256,
         name: str = "",
-        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
         """`decode_jobs`: jobs -> one result per job, in order (an exception object is handed to that
-        job's caller as its error). `on_thread_start` runs first in the thread (e.g. to make a stream)."""
+        job's caller as its error)."""
         if max_images < 1:
             raise ValueError("max_images must be >= 1")
         self.max_images = max_images
         self.stats = DecodeQueueStats()
         self._decode_jobs = decode_jobs
-        self._on_thread_start = on_thread_start
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -114,8 +112,6 @@ class DecodeQueue(Generic[J]):
         return taken, False
 
     def _loop(self) -> None:
-        if self._on_thread_start is not None:
-            self._on_thread_start()
         while True:
             taken, stop = self._take()  # close() puts the stop marker last: nothing is queued behind it
             self._run([(job, f) for job, f in taken if f.set_running_or_notify_cancel()])

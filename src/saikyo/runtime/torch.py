@@ -21,10 +21,10 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from saikyo.runtime.torch_imaging import host_tensor, to_device
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Images one call of the decode queue takes from the requests waiting (each nvJPEG call within it is
@@ -153,9 +154,8 @@ class TorchRunner:
             device_decode=device_decode == "on" or (device_decode == "auto" and on_cuda),
             max_in_flight=self.in_flight,
         )
-        self._decode_streams = threading.local()  # one CUDA stream per decode thread, for CPU-decoded images
+        self._decode_streams = threading.local()  # one CUDA stream per thread that decodes (_on_thread_stream)
         # One thread gathers the JPEGs of every request waiting for decode into one nvJPEG call.
-        self._decode_stream = torch.cuda.Stream(self.device) if on_cuda and self.capabilities.device_decode else None
         self._decode_queue: DecodeQueue[torch_imaging.DecodeJob] | None = (
             DecodeQueue(self._decode_jobs, max_images=DECODE_GATHER_IMAGES, name=name)
             if self.capabilities.device_decode
@@ -277,34 +277,31 @@ class TorchRunner:
         nvJPEG does not take is decoded here on the CPU. The images are released only after the batch
         that used them has completed, so the caching allocator cannot hand their memory out early.
         """
-        job = torch_imaging.DecodeJob(blobs, max_pixels, budget)
-        if self._decode_queue is not None:
-            part = self._decode_queue.decode(job)
-            if all(isinstance(item, torch.Tensor) for item in part):
-                return part  # type: ignore[no-any-return]
-        stream = None
-        if self._on_cuda:  # this thread's own stream for its copies, waited for like the queue's
-            stream = getattr(self._decode_streams, "stream", None)
-            if stream is None:
-                stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if self._decode_queue is None:  # device decode off, called directly (benchmarks, tests)
-                (part,) = torch_imaging.decode_jpegs_of([job], self.preprocessing, self.device)
-                if isinstance(part, BaseException):
-                    raise part
-            out = torch_imaging.finish_on_cpu(blobs, part, self.preprocessing, self.device, max_pixels, budget)
-        if stream is not None:
-            stream.synchronize()
-        return out
+        pp, device = self.preprocessing, self.device
+        if self._decode_queue is None:  # device decode off, called directly (benchmarks, tests)
+            return self._on_thread_stream(lambda: torch_imaging.decode(blobs, pp, device, max_pixels, budget))
+        part = self._decode_queue.decode(torch_imaging.DecodeJob(blobs, max_pixels, budget))
+        if all(isinstance(item, torch.Tensor) for item in part):
+            return part  # type: ignore[no-any-return]
+        return self._on_thread_stream(lambda: torch_imaging.finish_on_cpu(blobs, part, pp, device, max_pixels, budget))
 
     def _decode_jobs(self, jobs: list[torch_imaging.DecodeJob]) -> list[Any]:
-        """The decode queue's call: every waiting request's JPEGs at once."""
-        if self._decode_stream is None:
-            return torch_imaging.decode_jpegs_of(jobs, self.preprocessing, self.device)
-        with torch.cuda.stream(self._decode_stream):
-            results = torch_imaging.decode_jpegs_of(jobs, self.preprocessing, self.device)
-        self._decode_stream.synchronize()
-        return results
+        """The decode queue's call, on its thread: every waiting request's JPEGs at once."""
+        return self._on_thread_stream(lambda: torch_imaging.decode_jpegs_of(jobs, self.preprocessing, self.device))
+
+    def _on_thread_stream(self, work: Callable[[], T]) -> T:
+        """`work`'s CUDA kernels and copies on a stream of the calling thread's own, waited for before
+        returning: a forward pass never queues behind them, and what they produce is complete when it
+        reaches a batch. On the CPU, just `work()`."""
+        if not self._on_cuda:
+            return work()
+        stream = getattr(self._decode_streams, "stream", None)
+        if stream is None:
+            stream = self._decode_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            out = work()
+        stream.synchronize()
+        return out
 
     def forward_resident(self, n: int) -> torch.Tensor:
         """The network alone on the first n images already in the device input buffer (no host copies,
@@ -363,11 +360,7 @@ class TorchRunner:
             if slot.start is not None:
                 slot.start.record()
             if kind == "pixels":
-                if slot.pixels_host is not None:  # host -> pinned staging -> device, asynchronously
-                    slot.pixels_host[:n].numpy()[...] = batch
-                    slot.pixels_dev[:n].copy_(slot.pixels_host[:n], non_blocking=True)
-                else:
-                    slot.pixels_dev[:n].copy_(host_tensor(batch))
+                _stage(batch, slot.pixels_dev, slot.pixels_host)
                 probs = self._run(slot, "pixels", self._size(n))
             elif kind == "images":
                 # One kernel writes every decoded image straight into the slot's input. CPU-decoded
@@ -375,12 +368,7 @@ class TorchRunner:
                 torch.stack([_on(im, self.device) for im in batch], out=slot.pixels_dev[:n])
                 probs = self._run(slot, "pixels", self._size(n))
             else:
-                dev, host = self._tensor_buffers(slot)
-                if host is not None:
-                    host[:n].numpy()[...] = batch
-                    dev[:n].copy_(host[:n], non_blocking=True)
-                else:
-                    dev[:n].copy_(host_tensor(batch))
+                _stage(batch, *self._tensor_buffers(slot))
                 probs = self._run(slot, "tensor", self._size(n))
             slot.out_host[:n].copy_(probs[:n], non_blocking=slot.stream is not None)
             if slot.end is not None:
@@ -505,6 +493,17 @@ class _SlotDevice:
     def device_seconds(self, slot: int, n: int) -> float | None:
         s = self._runner._slots[slot]
         return s.start.elapsed_time(s.end) / 1000.0 if s.start is not None and s.end is not None else None
+
+
+def _stage(batch: np.ndarray, dev: torch.Tensor, pinned: torch.Tensor | None) -> None:
+    """Write a host batch into the first rows of the device buffer `dev`: through `pinned` staging
+    asynchronously (CUDA), else directly."""
+    n = len(batch)
+    if pinned is not None:
+        pinned[:n].numpy()[...] = batch
+        dev[:n].copy_(pinned[:n], non_blocking=True)
+    else:
+        dev[:n].copy_(host_tensor(batch))
 
 
 def _on(image: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
