@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,22 @@ def cli_fields() -> list[Field[Any]]:
 
 def flag_of(f: Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def setting_source(settings: Settings, name: str, environ: Mapping[str, str]) -> str:
+    """Where a setting's value came from, as far as can be told: "default" (the field's), "env" (the
+    SAIKYO_ variable holds it) or "flag" (set some other way: a flag, or the code that built Settings)."""
+    value = getattr(settings, name)
+    default = next(f.default for f in fields(Settings) if f.name == name)
+    if value == default:
+        return "default"
+    key = f"SAIKYO_{name.upper()}"
+    try:
+        if key in environ and _coerce(name, environ[key]) == value:
+            return "env"
+    except ValueError:
+        pass
+    return "flag"
 
 
 def _coerce(name: str, value: Any) -> Any:

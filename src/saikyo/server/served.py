@@ -36,6 +36,7 @@ from saikyo.models.location import is_remote, open_repository
 from saikyo.models.repository import Entry, Repository, VersionMeta
 from saikyo.runtime import Runner, RunnerError, create_runner
 from saikyo.runtime.base import device_decoder
+from saikyo.runtime.options import RunnerOptions, ServingConfig, resolve_serving
 from saikyo.server.redact import redact_paths
 from saikyo.settings import Settings
 
@@ -63,6 +64,7 @@ class ServedModel:
     version: int | None = None  # None until the repository has said which
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
+    config: ServingConfig | None = None  # what it serves with, and where each value came from
     users: int = 0  # requests using it now (pipeline.serving)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -93,7 +95,7 @@ class ServedModel:
             return False
 
 
-RunnerFactory = Callable[[Entry, Settings], Runner]
+RunnerFactory = Callable[[Entry, RunnerOptions], Runner]
 
 
 class ServedModels:
@@ -271,9 +273,12 @@ class ServedModels:
         entry: Entry | None = None
         runner: Runner | None = None
         try:
+            # Checked before any download: a bad serving block fails this version with its reason.
+            config = resolve_serving(ref.meta, self.settings, where=f"{model.name} version {ref.version}: meta.json serving")
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
-            runner = await loop.run_in_executor(executor, self._runner_factory, entry, self.settings)
-            await loop.run_in_executor(executor, self._warm_up, runner)
+            options = config.runner_options(self.settings)
+            runner = await loop.run_in_executor(executor, self._runner_factory, entry, options)
+            await loop.run_in_executor(executor, self._warm_up, runner, config.max_batch_size)
         except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
             self._fail(model, str(exc), executor, entry, runner)
             return
@@ -299,8 +304,8 @@ class ServedModels:
             model.error = f"stopped serving: {reason}"
 
         common = dict(
-            max_batch_size=s.max_batch_size,
-            max_delay_ms=s.max_delay_ms,
+            max_batch_size=config.max_batch_size,
+            max_delay_ms=config.max_delay_ms,
             max_queue_images=s.max_queue_images,
             max_in_flight=in_flight,
             batch_timeout_s=s.batch_timeout_s,
@@ -328,6 +333,7 @@ class ServedModels:
         model.runner = runner
         model.executor = executor
         model.entry = entry
+        model.config = config
         model.meta = runner.meta
         model.state = ModelState.READY
         if runner.meta.get("weights") == "random":
@@ -339,9 +345,9 @@ class ServedModels:
         paths, this does not."""
         return redact_paths(error, *self._private_roots)
 
-    def _warm_up(self, runner: Runner) -> None:
+    def _warm_up(self, runner: Runner, max_batch_size: int) -> None:
         size = runner.preprocessing.input_size
-        for n in sorted({1, self.settings.max_batch_size}):
+        for n in sorted({1, max_batch_size}):
             probs = runner.infer_pixels(np.zeros((n, size, size, 3), np.uint8))
             if probs.shape[0] != n or not np.isfinite(probs).all():
                 raise RunnerError(f"warm-up produced bad output of shape {probs.shape}")
