@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import functools
 import gc
 import logging
 import time
@@ -273,8 +274,11 @@ class ServedModels:
         entry: Entry | None = None
         runner: Runner | None = None
         try:
-            # Checked before any download: a bad serving block fails this version with its reason.
-            config = resolve_serving(ref.meta, self.settings, where=f"{model.name} version {ref.version}: meta.json serving")
+            # Checked before any download (off the loop: the block is as large as whoever wrote it made
+            # it); a bad block fails this version with its reason.
+            where = f"{model.name} version {ref.version}: meta.json serving"
+            resolve = functools.partial(resolve_serving, ref.meta, self.settings, where=where)
+            config = await loop.run_in_executor(executor, resolve)
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
             options = config.runner_options(self.settings)
             runner = await loop.run_in_executor(executor, self._runner_factory, entry, options)
