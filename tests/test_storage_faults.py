@@ -1,0 +1,61 @@
+"""Storage faults stay contained: a store that stops answering, a cache whose files changed under it,
+several servers starting on one cache. Against real SeaweedFS (tests/s3server.py) and real servers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import CAT
+from s3server import BUCKET, S3Server
+from serverproc import running_server
+from test_s3_repository import aws_env, with_tiny  # noqa: F401  (aws_env is a fixture)
+
+from saikyo.models.repository import ModelRepository
+
+pytestmark = pytest.mark.slow
+
+
+def classify(url: str, timeout: float) -> float:
+    started = time.perf_counter()
+    r = httpx.post(f"{url}/classify?model=tiny", files={"images": ("cat.jpg", CAT.read_bytes())}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return (time.perf_counter() - started) * 1000
+
+
+def test_a_store_that_stops_answering_stalls_neither_inference_nor_the_index(
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+) -> None:
+    repo, entry = with_tiny(s3_server, "silent", tmp_path / "seed-cache", tiny_repository)
+    assert repo.publish("tiny", [entry.path], {**entry.meta, "note": "the one served"}) == 2
+    proxy = s3_server.proxy
+    assert proxy is not None
+    uri = f"s3://{BUCKET}/silent"
+    args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache"), "--model-control", "explicit")
+    with running_server(uri, "tiny", tmp_path / "logs", *args, env=s3_server.env()) as server:  # type: ignore[arg-type]
+        index = httpx.post(f"{server.url}/v2/repository/index", timeout=30)  # serves 2, lists 1 beside it
+        assert {"name": "tiny", "version": "1"} in index.json() and "age" not in index.headers
+        before = [classify(server.url, 30) for _ in range(20)]
+
+        proxy.silent.set()
+        try:
+            # More index calls than asyncio's default pool has threads (at most 32): each used to park a
+            # listing thread there for botocore's whole retry schedule, and /classify parses on that pool.
+            with concurrent.futures.ThreadPoolExecutor(40) as pool:
+                indexes = [pool.submit(httpx.post, f"{server.url}/v2/repository/index", timeout=60) for _ in range(40)]
+                time.sleep(0.5)
+                during = [classify(server.url, 10) for _ in range(20)]
+                assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+                answered = [f.result() for f in indexes]
+        finally:
+            proxy.silent.clear()
+        for r in answered:  # the last good listing, saying how old it is
+            assert r.status_code == 200 and {"name": "tiny", "version": "1"} in r.json(), r.text
+            assert int(r.headers["age"]) >= 0
+        ratio = statistics.quantiles(during, n=100)[98] / statistics.quantiles(before, n=100)[98]
+        p50 = statistics.median(during) / statistics.median(before)
+        print(f"/classify while the store is silent / before: p50 {p50:.2f}, p99 {ratio:.2f}")
