@@ -59,3 +59,26 @@ def test_a_store_that_stops_answering_stalls_neither_inference_nor_the_index(
         ratio = statistics.quantiles(during, n=100)[98] / statistics.quantiles(before, n=100)[98]
         p50 = statistics.median(during) / statistics.median(before)
         print(f"/classify while the store is silent / before: p50 {p50:.2f}, p99 {ratio:.2f}")
+
+
+@pytest.mark.parametrize("library_debug", [False, True], ids=["debug", "debug+s3-debug-log"])
+def test_debug_logs_never_carry_the_s3_credentials(
+    library_debug: bool, tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+) -> None:
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    with_tiny(s3_server, f"logs-{library_debug}", tmp_path / "seed-cache", tiny_repository)
+    args = ["--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache"), "--log-level", "debug"]
+    if library_debug:
+        args.append("--s3-debug-log")
+    uri = f"s3://{BUCKET}/logs-{library_debug}"
+    with running_server(uri, "tiny", tmp_path / "logs", *args, env=s3_server.env()) as server:  # type: ignore[arg-type]
+        assert httpx.post(f"{server.url}/v2/repository/index", timeout=30).status_code in (200, 400)
+        text = server.log()
+    assert ACCESS_KEY not in text and SECRET_KEY not in text
+    assert "POST /v2/repository/index" in text  # the access log: debug level is on
+    botocore_lines = [line for line in text.splitlines() if " botocore." in line or " urllib3." in line]
+    if library_debug:
+        assert any("Credential=<redacted>" in line for line in botocore_lines), botocore_lines[-20:]
+    else:
+        assert not [line for line in botocore_lines if " DEBUG " in line or " INFO " in line], botocore_lines[:5]

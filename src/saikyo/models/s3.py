@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -72,6 +71,13 @@ class S3Limits:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 20.0
     max_attempts: int = 3  # the first try included
+
+
+def _expected_files(ref: VersionMeta, digests: dict[str, str]) -> dict[str, tuple[str, int | None]]:
+    """Each file's sha256 and, where meta.json gives it, its size: what a cached copy is checked against."""
+    files = ref.meta.get("files")
+    sizes = {n: i.get("bytes") for n, i in files.items() if isinstance(i, dict)} if isinstance(files, dict) else {}
+    return {n: (d, sizes[n] if isinstance(sizes.get(n), int) and not isinstance(sizes.get(n), bool) else None) for n, d in digests.items()}
 
 
 class S3Repository(Repository):
@@ -185,11 +191,14 @@ class S3Repository(Repository):
         """The version from the cache, downloading it first when it is not there. The entry holds the
         cached files against eviction until it is released."""
         digests = file_digests(ref)
+        expected = _expected_files(ref, digests)
         pin = self.cache.pin(ref.digest)
         try:
-            where = self.cache.lookup(ref.digest)
+            where = self.cache.lookup(ref.digest, expected)
             if where is None:
-                where = self._download(ref, digests)
+                # One download per version per host: servers starting together wait for the first.
+                with self.cache.downloading(ref.digest):
+                    where = self.cache.lookup(ref.digest, expected) or self._download(ref, digests, expected)
             else:
                 log.info("%s version %d: in the model cache (%s)", ref.name, ref.version, ref.digest[:12])
         except BaseException:
@@ -197,7 +206,7 @@ class S3Repository(Repository):
             raise
         return Entry(ref.name, where / MODEL_FILE, ref.meta, ref.version, ref.digest, on_release=pin.release)
 
-    def _download(self, ref: VersionMeta, digests: dict[str, str]) -> Path:
+    def _download(self, ref: VersionMeta, digests: dict[str, str], expected: dict[str, tuple[str, int | None]]) -> Path:
         staging = self.cache.staging()
         try:
             started = time.perf_counter()
@@ -209,9 +218,9 @@ class S3Repository(Repository):
                 "%s version %d: downloaded %.1f MB from %s in %.1f s, every file matches its sha256",
                 ref.name, ref.version, total / 1e6, self.location, time.perf_counter() - started,
             )  # fmt: skip
-            return self.cache.commit(staging, ref.digest)
+            return self.cache.commit(staging, ref.digest, expected)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.cache.discard(staging)
             raise
 
     def _download_file(self, ref: VersionMeta, name: str, digest: str, dest: Path) -> int:
