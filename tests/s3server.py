@@ -197,6 +197,9 @@ class CountingProxy:
     # Paths whose next GET answers corrupted bytes (one flipped byte), once per entry: a download that
     # goes wrong in transit.
     corrupt_next: list[str] = field(default_factory=list)
+    # While set, every request is accepted and never answered: a store that stopped answering. Clearing
+    # it closes the connections held meanwhile, unanswered.
+    silent: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -210,6 +213,11 @@ class CountingProxy:
                 pass
 
             def _forward(self) -> None:
+                if proxy.silent.is_set():
+                    while proxy.silent.is_set() and proxy._thread.is_alive():
+                        time.sleep(0.05)
+                    self.close_connection = True
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 path = self.path.split("?", 1)[0]

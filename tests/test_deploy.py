@@ -648,3 +648,56 @@ def test_request_bodies_held_at_once_fit_in_half_the_memory_each_deploy_file_giv
     for what, bodies, memory in case():
         assert bodies <= memory / 2, f"{what}: {bodies / 2**20:.0f} MiB of bodies in {memory / 2**20:.0f} MiB"
 
+
+
+# ---- keep-alive, cache budget, keys: what each deploy file sets against what its platform does ----
+# A balancer's idle timeout where a file has none of its own: ingress-nginx's and AWS's defaults.
+COMMON_BALANCER_IDLE_S = 60
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@needs_cfnlint
+def test_keep_alive_outlasts_the_balancer_idle_timeout_in_every_deploy_file() -> None:
+    assert Settings().keep_alive_timeout_s > COMMON_BALANCER_IDLE_S
+    template = ecs_template()
+    (balancer,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::ElasticLoadBalancingV2::LoadBalancer"]
+    attributes = {a["Key"]: a["Value"] for a in balancer["Properties"]["LoadBalancerAttributes"]}
+    alb_idle = float(attributes["idle_timeout.timeout_seconds"])
+    (task,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::ECS::TaskDefinition"]
+    for container in task["Properties"]["ContainerDefinitions"]:
+        env = {e["Name"]: e["Value"] for e in container["Environment"]}
+        assert float(env["SAIKYO_KEEP_ALIVE_TIMEOUT_S"]) > alb_idle, container["Name"]
+
+    (container,) = load_yaml(DEPLOY / "k8s" / "base" / "deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    assert float(env_of(container)["SAIKYO_KEEP_ALIVE_TIMEOUT_S"]) > COMMON_BALANCER_IDLE_S
+    # Under Ray, Ray's proxy holds the connections: its own keep-alive (default 5 s).
+    serve_configs = [load_yaml(DEPLOY / "ray" / "serve-config.yaml"), yaml.safe_load(ray_manifests()["RayService"]["spec"]["serveConfigV2"])]
+    for config in serve_configs:
+        assert config["http_options"]["keep_alive_timeout_s"] > COMMON_BALANCER_IDLE_S
+
+
+def test_the_s3_cache_budget_fits_its_volume() -> None:
+    patch = load_yaml(DEPLOY / "k8s" / "components" / "s3-models" / "deployment-patch.yaml")["spec"]["template"]["spec"]
+    (container,) = patch["containers"]
+    env = env_of(container)
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[env["SAIKYO_MODEL_CACHE_DIR"]]
+    (volume,) = [v for v in patch["volumes"] if v["name"] == mounted]
+    budget = Settings.from_env({"SAIKYO_MODEL_CACHE_BYTES": env["SAIKYO_MODEL_CACHE_BYTES"]}).model_cache_bytes
+    assert budget < quantity(volume["emptyDir"]["sizeLimit"])
+
+
+def test_ray_containers_take_the_api_keys_from_a_secret() -> None:
+    for template in ray_pod_templates(ray_manifests()["RayService"]["spec"]["rayClusterConfig"]):
+        for container in template["spec"]["containers"]:
+            keys = env_of(container)["SAIKYO_API_KEYS"]
+            assert isinstance(keys, dict) and keys["secretKeyRef"]["name"] and keys["secretKeyRef"]["key"], container["name"]
+    assert "kubectl create secret generic saikyo-api-keys" in RAYSERVICE.read_text()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_dockerfiles_example_run_passes_api_keys(dockerfile: Path) -> None:
+    runs = [line for line in dockerfile.read_text().splitlines() if "docker run" in line]
+    assert runs and all("-e SAIKYO_API_KEYS" in line for line in runs), runs

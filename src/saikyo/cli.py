@@ -123,11 +123,13 @@ def serve(**flags: Any) -> None:
     if settings.engine != "plain":
         err.print(f"[red]error:[/] unknown engine {settings.engine!r}; choose plain or ray")
         raise typer.Exit(2)
+    from saikyo.server.http_protocol import raise_fd_limit
     from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
     from saikyo.server.workers import serve_workers, worker_count
 
     settings = settings.with_overrides(workers=str(worker_count(settings)))
+    raise_fd_limit(settings)  # before workers start: they inherit it
     try:
         server_app = create_app(settings)
     except AuthConfigError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -42,6 +43,14 @@ class Settings:
     # Versions downloaded from an s3:// repository, keyed by digest and shared by every server on the host.
     model_cache_dir: Path | None = setting(None, "where s3:// downloads are cached; default ~/.cache/saikyo/models")
     model_cache_bytes: int = setting(10 * 1024**3, "cache size; least recently used versions no server holds are evicted")
+    # Repository I/O (listings, meta.json, downloads' S3 calls) is bounded and runs on threads of its own,
+    # never the request path's: a store that stops answering costs an index row or a load, not inference.
+    s3_connect_timeout_s: float = setting(5.0, "s3://: seconds to connect to the store")
+    s3_read_timeout_s: float = setting(20.0, "s3://: seconds the store may stay silent within one call")
+    s3_max_attempts: int = setting(3, "s3://: tries per S3 call, the first included (botocore's retry budget)")
+    repository_threads: int = setting(4, "threads for repository I/O (listings, meta.json), apart from the request path's")
+    # botocore's and urllib3's debug lines carry request headers (the access key id, session tokens).
+    s3_debug_log: bool = setting(False, "s3://: log botocore/urllib3 at debug too (credentials redacted); else WARNING")
     # none: the models given at start, fixed. explicit: POST /v2/repository/models/{m}/load|unload.
     # poll: explicit, plus every repository_poll_s the served models move to their repository's latest version.
     model_control: str = setting("none", "none | explicit (load/unload endpoints) | poll (explicit + follow new versions)")
@@ -118,6 +127,11 @@ class Settings:
     # when it is not complete this long after its first byte (408): a 50 MB header or a slowloris client.
     max_header_bytes: int = setting(64 * 1024, "request line + headers; 431")
     header_timeout_s: float = setting(10.0, "seconds to receive a request's headers; 408")
+    # A kept-alive connection idle this long is closed. Above the load balancer's idle timeout (ALB: 60 s),
+    # else the balancer sends a request down a connection the server is closing and answers 502.
+    keep_alive_timeout_s: float = setting(75.0, "seconds an idle kept-alive connection stays open; above the load balancer's")
+    # Connections one process holds open (idle ones too); one more is answered 503 and closed.
+    max_connections: int = setting(2048, "open connections per process; one more is answered 503 and closed")
     # Slow uploads cannot hold a slot forever.
     body_timeout_s: float = setting(60.0, "seconds to receive a body; 408")
     request_timeout_ms: float = setting(0.0, "deadline for requests without X-Request-Timeout-Ms; 0 = none; 504")
@@ -179,6 +193,19 @@ class Settings:
                 "setting 'gil_switch_interval_ms' must be a positive number of milliseconds below 1000, "
                 f"not {self.gil_switch_interval_ms!r}"
             )
+        if self.s3_endpoint_url is not None:
+            parts = urllib.parse.urlsplit(self.s3_endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"setting 's3_endpoint_url' must be a URL with its scheme, such as http://{self.s3_endpoint_url}, "
+                    f"not {self.s3_endpoint_url!r}"
+                )
+        for name in ("s3_connect_timeout_s", "s3_read_timeout_s", "keep_alive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"setting {name!r} must be a positive number of seconds, not {getattr(self, name)!r}")
+        for name in ("s3_max_attempts", "repository_threads", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name!r} must be at least 1, not {getattr(self, name)!r}")
         if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
             raise ValueError(f"setting 'workers' must be a count of at least 1 or 'auto', not {self.workers!r}")
 

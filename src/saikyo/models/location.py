@@ -18,10 +18,11 @@ def open_repository(settings: Settings, location: str | None = None) -> Reposito
     that cannot be reached fails on first use, or at `check()`."""
     location = location or settings.repository
     if location.startswith("s3://"):
-        from saikyo.models.s3 import S3Repository
+        from saikyo.models.s3 import S3Limits, S3Repository
 
         cache = ModelCache(settings.model_cache_dir or default_cache_dir(), settings.model_cache_bytes)
-        return S3Repository(location, settings.s3_endpoint_url, cache)
+        limits = S3Limits(settings.s3_connect_timeout_s, settings.s3_read_timeout_s, settings.s3_max_attempts)
+        return S3Repository(location, settings.s3_endpoint_url, cache, limits)
     if is_remote(location):
         raise RepositoryError(f"unsupported repository location {location!r}: give a directory or s3://bucket/prefix")
     return ModelRepository(location)

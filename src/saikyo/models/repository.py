@@ -203,9 +203,23 @@ def _meta_bytes(meta: dict[str, Any]) -> bytes:
     return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
 
 
+# Versions are counted up one at a time: 18 digits is more than any repository reaches, and keeps a
+# hostile "4,300 digits" string from costing a big-integer parse (or Python's refusal of one).
+MAX_VERSION_DIGITS = 18
+# What one path component may hold on the file systems and in the S3 keys a repository lives in.
+MAX_NAME_BYTES = 255
+
+
+def version_number(text: str) -> int | None:
+    """The version a directory name or request parameter stands for ("2"), or None ("02", "v2", "tmp",
+    "²": str.isdigit() accepts superscripts and other scripts' digits, int() does not)."""
+    if not (0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit() and text[0] != "0"):
+        return None
+    return int(text)
+
+
 def _version_dir_name(entry: str) -> int | None:
-    """The version a subdirectory name stands for ("2"), or None ("02", "v2", "tmp")."""
-    return int(entry) if entry.isdigit() and str(int(entry)) == entry and int(entry) > 0 else None
+    return version_number(entry)
 
 
 class ModelRepository(Repository):
@@ -225,7 +239,7 @@ class ModelRepository(Repository):
 
     def listing(self, name: str | None = None) -> list[Version]:
         if name is not None:
-            dirs = [self.model_dir(name)] if _plain_name(name) else []
+            dirs = [self.model_dir(name)] if plain_name(name) else []
         else:
             dirs = sorted(self.root.iterdir()) if self.root.is_dir() else []
         found: list[Version] = []
@@ -320,9 +334,16 @@ def _complete(d: Path) -> bool:
     return (d / MODEL_FILE).is_file() and (d / META_FILE).is_file()
 
 
-def _plain_name(name: str) -> bool:
+def plain_name(name: str) -> bool:
     """A model name that is one path component (what a request may name)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and not name.startswith(".")
+    return (
+        bool(name)
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+    )
 
 
 def export_command(name: str) -> str:

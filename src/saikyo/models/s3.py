@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ from saikyo.models.repository import (
     VersionMeta,
     export_command,
     file_digests,
+    plain_name,
+    version_number,
 )
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,30 @@ def _shown(endpoint: str | None) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
+@dataclass(frozen=True)
+class S3Limits:
+    """How long one S3 call may take: botocore's defaults (60 s reads, retried) would hold a thread for
+    minutes against a store that accepts and never answers."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+    max_attempts: int = 3  # the first try included
+
+
+def _expected_files(ref: VersionMeta, digests: dict[str, str]) -> dict[str, tuple[str, int | None]]:
+    """Each file's sha256 and, where meta.json gives it, its size: what a cached copy is checked against."""
+    files = ref.meta.get("files")
+    sizes = {n: i.get("bytes") for n, i in files.items() if isinstance(i, dict)} if isinstance(files, dict) else {}
+    return {n: (d, sizes[n] if isinstance(sizes.get(n), int) and not isinstance(sizes.get(n), bool) else None) for n, d in digests.items()}
+
+
 class S3Repository(Repository):
-    def __init__(self, uri: str, endpoint_url: str | None, cache: ModelCache) -> None:
+    def __init__(self, uri: str, endpoint_url: str | None, cache: ModelCache, limits: S3Limits = S3Limits()) -> None:
         self.location = uri.rstrip("/")
         self.bucket, self.prefix = parse_uri(uri)
         self.endpoint_url = endpoint_url
         self.cache = cache
+        self.limits = limits
         self._client: Any = None
 
     def fix(self, name: str) -> str:
@@ -81,9 +101,9 @@ class S3Repository(Repository):
             except ImportError:
                 raise RepositoryError(f"{self.location}: an s3:// repository needs boto3: pip install 'saikyo[s3]'") from None
             config = Config(
-                connect_timeout=5,
-                read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=self.limits.connect_timeout_s,
+                read_timeout=self.limits.read_timeout_s,
+                retries={"total_max_attempts": self.limits.max_attempts, "mode": "standard"},
                 # S3-compatible stores are reached by path (http://host:port/bucket/key): no DNS per bucket.
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
             )
@@ -136,13 +156,15 @@ class S3Repository(Repository):
                     yield obj["Key"], int(obj.get("Size", 0))
 
     def listing(self, name: str | None = None) -> list[Version]:
+        if name is not None and not plain_name(name):
+            return []  # not a name a model can have: nothing to ask the store (keys stop at 1024 bytes)
         files: dict[tuple[str, int, bool], dict[str, int]] = {}
         for key, size in self._keys(self.prefix + (f"{name}/" if name else "")):
             parts = key[len(self.prefix) :].split("/")
             if len(parts) == 2:  # <name>/<file>: unversioned
                 files.setdefault((parts[0], UNVERSIONED, False), {})[parts[1]] = size
-            elif len(parts) == 3 and parts[1].isdigit() and str(int(parts[1])) == parts[1] and int(parts[1]) > 0:
-                files.setdefault((parts[0], int(parts[1]), True), {})[parts[2]] = size
+            elif len(parts) == 3 and (number := version_number(parts[1])) is not None:
+                files.setdefault((parts[0], number, True), {})[parts[2]] = size
         visible: dict[tuple[str, int], Version] = {}
         for (model, number, numbered), present in sorted(files.items(), key=lambda kv: kv[0][2]):
             # A numbered 1/ wins over unversioned files (sorted after them, so it overwrites).
@@ -169,11 +191,14 @@ class S3Repository(Repository):
         """The version from the cache, downloading it first when it is not there. The entry holds the
         cached files against eviction until it is released."""
         digests = file_digests(ref)
+        expected = _expected_files(ref, digests)
         pin = self.cache.pin(ref.digest)
         try:
-            where = self.cache.lookup(ref.digest)
+            where = self.cache.lookup(ref.digest, expected)
             if where is None:
-                where = self._download(ref, digests)
+                # One download per version per host: servers starting together wait for the first.
+                with self.cache.downloading(ref.digest):
+                    where = self.cache.lookup(ref.digest, expected) or self._download(ref, digests, expected)
             else:
                 log.info("%s version %d: in the model cache (%s)", ref.name, ref.version, ref.digest[:12])
         except BaseException:
@@ -181,7 +206,7 @@ class S3Repository(Repository):
             raise
         return Entry(ref.name, where / MODEL_FILE, ref.meta, ref.version, ref.digest, on_release=pin.release)
 
-    def _download(self, ref: VersionMeta, digests: dict[str, str]) -> Path:
+    def _download(self, ref: VersionMeta, digests: dict[str, str], expected: dict[str, tuple[str, int | None]]) -> Path:
         staging = self.cache.staging()
         try:
             started = time.perf_counter()
@@ -193,9 +218,9 @@ class S3Repository(Repository):
                 "%s version %d: downloaded %.1f MB from %s in %.1f s, every file matches its sha256",
                 ref.name, ref.version, total / 1e6, self.location, time.perf_counter() - started,
             )  # fmt: skip
-            return self.cache.commit(staging, ref.digest)
+            return self.cache.commit(staging, ref.digest, expected)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.cache.discard(staging)
             raise
 
     def _download_file(self, ref: VersionMeta, name: str, digest: str, dest: Path) -> int:

@@ -20,6 +20,7 @@ from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_keys
 from saikyo.server.errors import install_handlers
 from saikyo.server.middlewares import memory
 from saikyo.server.middlewares.limits import LimitsMiddleware
+from saikyo.server.log_setup import configure_library_logging
 from saikyo.server.served import ServedModels
 from saikyo.settings import Settings
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Process-wide, so set by the process that serves (plain or a Ray replica), not at import.
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        configure_library_logging(settings)
         served = models or ServedModels(settings, on_batch=app.state.metrics.observe_batch)
         app.state.models = served
         app.state.metrics.served = served

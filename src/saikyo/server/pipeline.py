@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import Request
 
 from saikyo.inference import imaging
+from saikyo.models.repository import version_number
 from saikyo.inference.batching import BatcherClosed, BatcherFailed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
 from saikyo.server.middlewares import deadline as deadlines
 from saikyo.server.errors import ApiError, ClientGone
@@ -35,8 +36,8 @@ def known_model(served: ServedModels, name: str, version: str | None = None) -> 
     model: ServedModel | None = None
     if version is None:
         model = served.find(name)
-    elif version.isdigit():
-        model = served.find(name, int(version))
+    elif (number := version_number(version)) is not None:
+        model = served.find(name, number)
     if model is None or model.state in (ModelState.UNLOADING, ModelState.UNLOADED):
         if version is not None and (name in served.models or name in served.versions):
             loaded = [str(v) for v in served.loaded_versions(name)]

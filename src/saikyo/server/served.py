@@ -39,6 +39,7 @@ from saikyo.runtime import Runner, RunnerError, create_runner
 from saikyo.runtime.base import device_decoder
 from saikyo.runtime.options import RunnerOptions, ServingConfig, resolve_serving
 from saikyo.server.redact import redact_paths
+from saikyo.server.repository_io import RepositoryIO
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class ServedModels:
         self._runner_factory = runner_factory
         self._on_batch = on_batch
         self.repository = repository or open_repository(settings)
+        # Listings and meta.json reads wait on the store: never on the threads that parse requests.
+        self.repository_io = RepositoryIO(self.repository, settings.repository_threads)
         # The version each name serves: what a request that names no version gets.
         self.models: dict[str, ServedModel] = {name: ServedModel(name) for name in settings.models}
         # Every version held per name beside it: one loading, one that failed to load.
@@ -188,7 +191,7 @@ class ServedModels:
         then nothing changes. Otherwise returns the version READY, or FAILED with its reason while the
         version that served before goes on serving.
         """
-        ref = await asyncio.to_thread(self.repository.resolve, name, version)
+        ref = await self.repository_io.call(self.repository.resolve, name, version)
         return await self._switch(name, ref)
 
     async def _switch(self, name: str, ref: VersionMeta) -> ServedModel:
@@ -249,7 +252,7 @@ class ServedModels:
 
     async def _poll_one(self, name: str) -> None:
         try:
-            ref = await asyncio.to_thread(self.repository.resolve, name)
+            ref = await self.repository_io.call(self.repository.resolve, name)
         except (ModelNotExported, RepositoryError) as exc:
             if self._poll_errors.get(name) != str(exc):  # say it once, not every poll
                 log.warning("poll: %s: %s; still serving what is loaded", name, exc)
@@ -419,6 +422,7 @@ class ServedModels:
             if model.state is not ModelState.UNLOADED:
                 await self._close_model(model)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.repository_io.close()
 
 
 def _distinct(*models: ServedModel | None) -> list[ServedModel]:

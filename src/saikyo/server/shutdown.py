@@ -89,6 +89,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=settings.drain_timeout_s if settings.drain_timeout_s > 0 else None,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         http=bounded_protocol(settings),
     )
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel, VersionNotFound
+from saikyo.models.repository import MAX_NAME_BYTES, MAX_VERSION_DIGITS, plain_name, version_number
 from saikyo.server.errors import ApiError
 from saikyo.server.pipeline import models_of
 from saikyo.server.routes.v2 import openapi as doc
@@ -44,7 +45,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
         return {}
     try:
         query = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or an integer past Python's 4,300 digits
         raise ApiError(400, f"{what} request body must be a JSON object") from None
     if not isinstance(query, dict):
         raise ApiError(400, f"{what} request body must be a JSON object")
@@ -77,9 +78,13 @@ async def repository_index(request: Request) -> JSONResponse:
         raise ApiError(400, "'ready' must be true or false")
     models = models_of(request)
     rows = [_row(m) for m in models.held() if m.ready or not only_ready]
+    headers = {}
     if not only_ready:
-        rows += await _not_held(models, {(r["name"], r["version"]) for r in rows})
-    return JSONResponse(sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0))))
+        not_held, age = await _not_held(models, {(r["name"], r["version"]) for r in rows})
+        rows += not_held
+        if age is not None:  # the store did not answer in time: its last good listing, this old
+            headers["Age"] = str(int(age))
+    return JSONResponse(sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0))), headers=headers)
 
 
 def _row(model: ServedModel) -> dict[str, str]:
@@ -88,15 +93,19 @@ def _row(model: ServedModel) -> dict[str, str]:
     return {"name": model.name, "version": version, "state": _STATES.get(model.state, "UNAVAILABLE"), "reason": reason}
 
 
-async def _not_held(models: ServedModels, held: set[tuple[str, str]]) -> list[dict[str, str]]:
-    """The repository's versions the server does not hold (listed afresh: an index is never stale).
-    When the repository cannot be listed the index still answers, with what the server holds."""
+async def _not_held(models: ServedModels, held: set[tuple[str, str]]) -> tuple[list[dict[str, str]], float | None]:
+    """The repository's versions the server does not hold, listed afresh, and None; when the store does
+    not answer in time, those of its last good listing and that listing's age in seconds. When it was
+    never listed the index still answers, with what the server holds."""
     try:
-        listing = await asyncio.wait_for(asyncio.to_thread(models.repository.listing), INDEX_LISTING_TIMEOUT_S)
+        listing, age = await models.repository_io.listing(INDEX_LISTING_TIMEOUT_S)
     except (RepositoryError, asyncio.TimeoutError) as exc:
         log.warning("repository index: listing %s: %s", models.repository.location, exc or "timed out")
-        return []
-    return [{"name": v.name, "version": str(v.number)} for v in listing if (v.name, str(v.number)) not in held]
+        return [], None
+    if age is not None:
+        log.warning("repository index: %s did not answer in time; its listing of %.0f s ago", models.repository.location, age)
+    rows = [{"name": v.name, "version": str(v.number)} for v in listing if (v.name, str(v.number)) not in held]
+    return rows, age
 
 
 def _control(request: Request, name: str) -> ServedModels:
@@ -105,8 +114,9 @@ def _control(request: Request, name: str) -> ServedModels:
         raise ApiError(
             400, "model control is off on this server: start it with --model-control explicit (or poll) to load and unload models"
         )
-    if not name or name.startswith(".") or "\\" in name:
-        raise ApiError(400, f"{name!r} is not a model name")
+    if not plain_name(name):
+        shown = name if len(name) <= 80 else f"{name[:80]}..."
+        raise ApiError(400, f"{shown!r} is not a model name", {"max_bytes": MAX_NAME_BYTES})
     return models
 
 
@@ -127,9 +137,11 @@ async def load(request: Request, model_name: ModelName) -> JSONResponse:
     params = _parameters(await _json_object(request, "load"), {"version"}, "load")
     version = params.get("version")
     if version is not None:
-        if isinstance(version, bool) or not str(version).isdigit() or int(version) < 1:
-            raise ApiError(400, f"load: 'version' must be a positive integer, not {version!r}")
-        version = int(version)
+        number = None if isinstance(version, bool) else version_number(str(version))
+        if number is None:
+            shown = str(version) if len(str(version)) <= 40 else f"{str(version)[:40]}..."
+            raise ApiError(400, f"load: 'version' must be a positive integer of at most {MAX_VERSION_DIGITS} digits, not {shown!r}")
+        version = number
     try:
         model = await models.load(model_name, version)
     except VersionNotFound as exc:
