@@ -660,3 +660,22 @@ def test_a_worker_that_crashes_after_serving_is_replaced_with_a_backoff(reposito
         log = server.log()
         assert f"worker 1 (pid {victims[0]}) exited with signal SIGKILL after it served (1 in a row); replacing it in 0.5 s" in log
         assert f"worker 1 (pid {victims[1]}) exited with signal SIGKILL after it served (2 in a row); replacing it in 1.0 s" in log
+
+
+@pytest.mark.slow
+def test_a_control_call_names_the_workers_that_did_not_apply_it(versioned: ModelRepository, tmp_path: Path) -> None:
+    args = ("--workers", "2", "--model-control", "explicit", "--control-timeout-s", "2", "--worker-heartbeat-timeout-s", "120")
+    with running_server(versioned.root, "tiny,other", tmp_path / "logs", *args) as server:
+        stuck = worker_pids(server.url)["1"]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            r = httpx.post(f"{server.url}/v2/repository/models/other/unload", timeout=60)
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert worker_of(r)[0] == "0"
+        assert r.status_code == 503 and r.json()["detail"] == {"workers": {"1": "did not apply it within 2 s"}}, r.text
+        # Once it runs again it catches up.
+        deadline = time.monotonic() + 60
+        while _every_worker_answers(server.url, "other") != {"0": (404, None), "1": (404, None)}:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
