@@ -126,7 +126,7 @@ def test_readiness_waits_for_models_and_liveness_does_not(tmp_path_factory, tiny
     from serverproc import running_server
 
     with running_server(tiny_repository.root, "tiny,resnet50", tmp_path_factory.mktemp("logs"),
-                        wait_ready=False) as server:  # fmt: skip
+                        "--no-exit-on-error", wait_ready=False) as server:  # fmt: skip
         import time
 
         deadline = time.monotonic() + 60

@@ -50,7 +50,7 @@ def poison_server(fault_repository, tmp_path_factory) -> Iterator[ServerProcess]
 def broken_server(fault_repository, tmp_path_factory) -> Iterator[ServerProcess]:
     with running_server(
         fault_repository.root, "tiny,narrow,broken", tmp_path_factory.mktemp("logs"),
-        "--max-batch-size", str(MAX_BATCH), wait_ready=False,
+        "--max-batch-size", str(MAX_BATCH), "--no-exit-on-error", wait_ready=False,
     ) as server:  # fmt: skip
         wait_settled(server.url)
         yield server

@@ -1,12 +1,15 @@
 """Model control without a restart (Triton's model repository extension) against real servers: a new
 version takes over under load without one failed request, a failed load leaves the old version serving
 and says why in the index, unload gives the memory back, poll follows the repository and survives a
-failing version, and the control endpoints always need a key when keys are set."""
+failing version, control takes an admin key, a server with no model is not ready, names that do not
+exist leave nothing behind, and a model given at start that cannot load stops the server."""
 
 from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +22,7 @@ import pytest
 from conftest import CAT
 from PIL import Image
 from s3server import BUCKET, S3Server
-from serverproc import ServerProcess, running_server
+from serverproc import ServerProcess, free_port, running_server
 from stress import rss_mib
 from tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
 
@@ -216,19 +219,102 @@ def test_control_requests_that_cannot_be_done_are_named_4xx(explicit: ServerProc
     assert infer(url).status_code == 200
 
 
-def test_control_needs_a_key_whenever_keys_are_set(repo: ModelRepository, tmp_path: Path) -> None:
-    key = "control-key-5d1e9a"
+def test_control_takes_an_admin_key_and_never_a_client_key(repo: ModelRepository, tmp_path: Path) -> None:
+    client, admin = "client-key-5d1e9a", "admin-key-77c01f"
+    paths = ("/v2/repository/models/tiny/load", "/v2/repository/models/tiny/unload", "/v2/repository/index")
+    # Client keys only: model control is refused to everyone, the key holders included.
     with running_server(
-        repo.root, "tiny", tmp_path / "logs", "--model-control", "explicit",
-        "--public-endpoints", "health,metrics,docs,demo", env={"SAIKYO_API_KEYS": key},
+        repo.root, "tiny", tmp_path / "logs", "--model-control", "explicit", env={"SAIKYO_API_KEYS": client},
     ) as server:  # fmt: skip
-        for path in ("/v2/repository/models/tiny/load", "/v2/repository/models/tiny/unload", "/v2/repository/index"):
-            r = httpx.post(server.url + path, timeout=30)
-            assert r.status_code == 401 and key not in r.text, path
-        assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200  # the public group stays open
-        auth = {"Authorization": f"Bearer {key}"}
-        assert load(server.url, "tiny", headers=auth).status_code == 200
-        assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload", headers=auth, timeout=60).status_code == 200
+        for path in paths:
+            r = httpx.post(server.url + path, headers={"Authorization": f"Bearer {client}"}, timeout=30)
+            assert r.status_code == 403 and "SAIKYO_ADMIN_KEYS" in r.json()["error"] and client not in r.text, path
+        assert infer(server.url, headers={"Authorization": f"Bearer {client}"}).status_code == 200
+        assert "no admin key is set: client keys cannot load or unload models" in server.log()
+    # Admin keys: control takes one; a client key is 403, none 401; the admin key also infers.
+    with running_server(
+        repo.root, "tiny", tmp_path / "logs2", "--model-control", "explicit",
+        env={"SAIKYO_API_KEYS": client, "SAIKYO_ADMIN_KEYS": admin},
+    ) as server:  # fmt: skip
+        for path in paths:
+            assert httpx.post(server.url + path, timeout=30).status_code == 401, path
+            r = httpx.post(server.url + path, headers={"Authorization": f"Bearer {client}"}, timeout=30)
+            assert r.status_code == 403 and "admin key" in r.json()["error"], path
+        as_admin = {"Authorization": f"Bearer {admin}"}
+        assert httpx.post(f"{server.url}/v2/repository/index", headers=as_admin, timeout=30).status_code == 200
+        assert load(server.url, "tiny", headers=as_admin).status_code == 200
+        assert infer(server.url, headers=as_admin).status_code == 200
+        assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload", headers=as_admin, timeout=60).status_code == 200
+        assert admin not in server.log() and client not in server.log()
+    # No key at all: control is open, and the start says so.
+    with running_server(repo.root, "tiny", tmp_path / "logs3", "--model-control", "explicit") as server:
+        assert "anyone who reaches this port can load and unload models" in server.log()
+
+
+def test_the_index_is_not_served_without_model_control(tiny_server: ServerProcess) -> None:
+    r = httpx.post(f"{tiny_server.url}/v2/repository/index", timeout=30)
+    assert r.status_code == 400 and "--model-control explicit" in r.json()["error"], r.text
+
+
+def test_anonymous_404s_do_not_list_the_models(repo: ModelRepository, tmp_path: Path) -> None:
+    key = "client-key-0b33e1"
+    with running_server(repo.root, "tiny", tmp_path / "logs", env={"SAIKYO_API_KEYS": key}) as server:
+        anonymous = httpx.get(f"{server.url}/v2/models/nothing/ready", timeout=10)
+        assert anonymous.status_code == 404 and "tiny" not in anonymous.text, anonymous.text
+        # A caller with a key is told what there is.
+        known = httpx.get(f"{server.url}/v2/models/nothing/ready", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert known.status_code == 404 and known.json()["detail"] == {"models": ["tiny"]}, known.text
+
+
+def test_a_server_whose_models_are_all_unloaded_is_not_ready(explicit: ServerProcess) -> None:
+    url = explicit.url
+    assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+    assert httpx.post(f"{url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
+    assert infer(url).status_code == 404
+    assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 400
+    assert load(url, "tiny").status_code == 200
+    assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_names_that_do_not_exist_get_no_state(explicit: ServerProcess) -> None:
+    """Unloading names the server never held, each 40 kB long, leaves its memory where it was (each
+    name used to stay behind: about 40 MB for these 1,000)."""
+    url, pid = explicit.url, explicit.proc.pid
+    with httpx.Client(timeout=30) as client:
+        for i in range(50):  # settle the allocator on this kind of request first
+            client.post(f"{url}/v2/repository/models/warm{i:03d}{'w' * 40_000}/unload")
+        before = rss_mib(pid)
+        for i in range(1000):
+            r = client.post(f"{url}/v2/repository/models/{i:04d}{'n' * 40_000}/unload")
+            assert r.status_code == 404
+            assert client.post(f"{url}/v2/repository/models/{i:04d}{'n' * 200}/load").status_code == 404
+    grown = rss_mib(pid) - before
+    assert grown < 10, f"{grown:.1f} MiB more after 1,000 unknown names"
+    assert infer(url).status_code == 200
+
+
+def test_a_model_given_at_start_that_cannot_load_stops_the_server(repo: ModelRepository, tmp_path: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "saikyo", "serve", "--port", str(free_port()), "--backend", "onnxruntime", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    for extra in ((), ("--workers", "2")):
+        nowhere = serve("--repository", str(tmp_path / "nonexistent"), *extra)
+        assert nowhere.returncode == 3, nowhere.stderr[-2000:]
+        assert "is not exported in the repository" in nowhere.stderr and "--no-exit-on-error" in nowhere.stderr
+    # A zoo model that was never exported, beside one that was.
+    missing = serve("--repository", str(repo.root), "--models", "tiny,resnet50")
+    assert missing.returncode == 3 and "resnet50" in missing.stderr, missing.stderr[-2000:]
+    # --no-exit-on-error serves the rest.
+    with running_server(repo.root, "tiny,resnet50", tmp_path / "logs", "--no-exit-on-error", wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while "model resnet50 failed to load" not in server.log():
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
+        assert infer(server.url).status_code == 200
+        assert server.proc.poll() is None
 
 
 def test_ray_refuses_explicit_control_and_replicas_refuse_load_and_unload() -> None:

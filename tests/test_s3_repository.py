@@ -99,7 +99,7 @@ def test_a_served_model_whose_object_is_corrupt_is_never_served(
 ) -> None:
     with_tiny(s3_server, "corrupt-serve", tmp_path / "cache", tiny_repository)
     s3_server.client().put_object(Bucket=BUCKET, Key="corrupt-serve/tiny/1/model.onnx", Body=b"\x08\x01 garbage")
-    args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache2"))
+    args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache2"), "--no-exit-on-error")
     uri = f"s3://{BUCKET}/corrupt-serve"
     with running_server(uri, "tiny", tmp_path / "logs", *args, env=s3_server.env(), wait_ready=False) as server:  # type: ignore[arg-type]
         from stress import wait_settled

@@ -5,6 +5,7 @@ forever. Plus the pure parts: worker counts, thread shares, GPU assignment."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import http.client
 import json
@@ -24,7 +25,7 @@ from conftest import CAT
 from faultmodels import add_model, slow_classifier
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import ServerProcess, free_port, running_server
-from tinymodel import add_tiny_model
+from tinymodel import add_tiny_model, tiny_classifier
 
 from saikyo.models.repository import ModelRepository
 from saikyo.server.worker_board import WorkerBoard, WorkerState
@@ -361,7 +362,7 @@ def test_a_killed_worker_is_replaced_while_the_load_goes_on(
         while samples(httpx.get(f"{url}/metrics").text, "saikyo_workers_replaced_total") != {frozenset(): 1.0}:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        assert f"worker 1 (pid {victim}) exited with signal SIGKILL; replacing it" in server.log()
+        assert f"worker 1 (pid {victim}) exited with signal SIGKILL after it served (1 in a row)" in server.log()
         print(f"\nkill -9 of worker 1 under load: {dict(counts)}")
 
 
@@ -507,3 +508,174 @@ def test_workers_that_cannot_start_make_the_supervisor_give_up(
     assert "no worker could start" in text and "3 times in a row" in text
     assert len(killed) == 6  # two slots, three tries each
     assert "retrying in 0.5 s" in text and "retrying in 1.0 s" in text
+
+
+# ---- model control across workers, frozen and crashing workers ----
+def _one_connection_per_worker(url: str) -> dict[str, http.client.HTTPConnection]:
+    """A kept-alive connection to each of the two workers (each new connection goes to the worker
+    holding fewer; the extra ones are closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    held: dict[str, http.client.HTTPConnection] = {}
+    extra = []
+    try:
+        while len(held) < 2 and len(extra) < 8:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("GET", "/v2/health/live")
+            response = conn.getresponse()
+            response.read()
+            slot = worker_of(response)[0]
+            (extra.append(conn) if slot in held else held.__setitem__(slot, conn))
+    finally:
+        for conn in extra:
+            conn.close()
+    assert set(held) == {"0", "1"}, held
+    return held
+
+
+def _infer_on(conn: http.client.HTTPConnection, model: str) -> tuple[int, dict]:
+    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(_CAT).decode()]}]}
+    conn.request("POST", f"/v2/models/{model}/infer", json.dumps(doc), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _every_worker_answers(url: str, model: str) -> dict[str, tuple[int, str | None]]:
+    """{slot: (status, model_version)} of one request to `model` on each worker."""
+    conns = _one_connection_per_worker(url)
+    try:
+        out = {}
+        for slot, conn in conns.items():
+            status, body = _infer_on(conn, model)
+            out[slot] = (status, body.get("model_version"))
+        return out
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def _wait_ready(server: ServerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def versioned(tmp_path: Path) -> ModelRepository:
+    """tiny with versions 1 and 2, and another model beside it."""
+    repo = ModelRepository(tmp_path / "repository")
+    add_tiny_model(repo, "tiny", seed=0)
+    scratch = ModelRepository(tmp_path / "scratch")
+    second = add_model(scratch, "tiny", tiny_classifier(seed=3), family="Tiny")
+    assert repo.publish("tiny", [second.path], second.meta) == 2
+    add_tiny_model(repo, "other", seed=1)
+    return repo
+
+
+@pytest.mark.slow
+def test_load_and_unload_reach_every_worker_and_a_replacement(versioned: ModelRepository, tmp_path: Path) -> None:
+    with running_server(versioned.root, "tiny,other", tmp_path / "logs", "--workers", "2", "--model-control", "explicit") as server:
+        url = server.url
+        assert _every_worker_answers(url, "tiny") == {"0": (200, "2"), "1": (200, "2")}
+        r = httpx.post(f"{url}/v2/repository/models/tiny/unload", timeout=120)
+        assert r.status_code == 200, r.text
+        assert _every_worker_answers(url, "tiny") == {"0": (404, None), "1": (404, None)}
+        r = httpx.post(f"{url}/v2/repository/models/tiny/load", json={"parameters": {"version": "1"}}, timeout=120)
+        assert r.status_code == 200 and r.json()["version"] == "1", r.text
+        assert _every_worker_answers(url, "tiny") == {"0": (200, "1"), "1": (200, "1")}
+        assert httpx.post(f"{url}/v2/repository/models/other/unload", timeout=120).status_code == 200
+        # A replacement comes up with what was decided, not with what the server was started with.
+        victim = worker_pids(url)["1"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while worker_pids(url).get("1") in (None, victim) or httpx.get(f"{url}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
+        assert _every_worker_answers(url, "tiny") == {"0": (200, "1"), "1": (200, "1")}
+        assert _every_worker_answers(url, "other") == {"0": (404, None), "1": (404, None)}
+
+
+@pytest.mark.slow
+def test_poll_decides_once_for_every_worker_and_unloaded_stays_unloaded(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repository")
+    add_tiny_model(repo, "tiny", seed=0)
+    add_tiny_model(repo, "other", seed=1)
+    args = ("--workers", "2", "--model-control", "poll", "--repository-poll-s", "0.3")
+    with running_server(repo.root, "tiny,other", tmp_path / "logs", *args) as server:
+        url = server.url
+        second = add_model(ModelRepository(tmp_path / "scratch"), "tiny", tiny_classifier(seed=3), family="Tiny")
+        assert repo.publish("tiny", [second.path], second.meta) == 2
+        deadline = time.monotonic() + 60
+        while _every_worker_answers(url, "tiny") != {"0": (200, "2"), "1": (200, "2")}:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.3)
+        assert server.log().count("poll: tiny version 2") == 1  # one worker looked and loaded, for both
+        assert httpx.post(f"{url}/v2/repository/models/other/unload", timeout=120).status_code == 200
+        time.sleep(10 * 0.3)  # ten polls: an unloaded model is not loaded again
+        assert _every_worker_answers(url, "other") == {"0": (404, None), "1": (404, None)}
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200  # tiny serves on both
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_noticed_killed_and_replaced(repository: ModelRepository, tmp_path: Path) -> None:
+    args = ("--workers", "2", "--worker-heartbeat-timeout-s", "2")
+    with running_server(repository.root, "tiny", tmp_path / "logs", *args) as server:
+        url = server.url
+        frozen = worker_pids(url)["1"]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            # Meanwhile worker 0 says the server is not ready, naming worker 1.
+            deadline = time.monotonic() + 30
+            while (r := httpx.get(f"{url}/v2/health/ready", timeout=10)).status_code == 200:
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.1)
+            assert r.json()["detail"]["workers"]["1"] in ("not answering", "down", "starting"), r.text
+            deadline = time.monotonic() + 120
+            while _running(frozen) or worker_pids(url).get("1") in (None, frozen):
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.2)
+        finally:
+            if _running(frozen):
+                os.kill(frozen, signal.SIGKILL)
+        _wait_ready(server)
+        assert f"worker 1 (pid {frozen}) has not answered for" in server.log()
+        deadline = time.monotonic() + 20
+        while samples(httpx.get(f"{url}/metrics").text, "saikyo_workers_replaced_total") != {frozenset(): 1.0}:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_worker_that_crashes_after_serving_is_replaced_with_a_backoff(repository: ModelRepository, tmp_path: Path) -> None:
+    with running_server(repository.root, "tiny", tmp_path / "logs", "--workers", "2") as server:
+        victims = []
+        for _ in range(2):
+            victim = worker_pids(server.url)["1"]
+            victims.append(victim)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while worker_pids(server.url).get("1") in (None, victim):
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.2)
+        log = server.log()
+        assert f"worker 1 (pid {victims[0]}) exited with signal SIGKILL after it served (1 in a row); replacing it in 0.5 s" in log
+        assert f"worker 1 (pid {victims[1]}) exited with signal SIGKILL after it served (2 in a row); replacing it in 1.0 s" in log
+
+
+@pytest.mark.slow
+def test_a_control_call_names_the_workers_that_did_not_apply_it(versioned: ModelRepository, tmp_path: Path) -> None:
+    args = ("--workers", "2", "--model-control", "explicit", "--control-timeout-s", "2", "--worker-heartbeat-timeout-s", "120")
+    with running_server(versioned.root, "tiny,other", tmp_path / "logs", *args) as server:
+        stuck = worker_pids(server.url)["1"]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            r = httpx.post(f"{server.url}/v2/repository/models/other/unload", timeout=60)
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert worker_of(r)[0] == "0"
+        assert r.status_code == 503 and r.json()["detail"] == {"workers": {"1": "did not apply it within 2 s"}}, r.text
+        # Once it runs again it catches up.
+        deadline = time.monotonic() + 60
+        while _every_worker_answers(server.url, "other") != {"0": (404, None), "1": (404, None)}:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)

@@ -55,6 +55,8 @@ class Settings:
     # poll: explicit, plus every repository_poll_s the served models move to their repository's latest version.
     model_control: str = setting("none", "none | explicit (load/unload endpoints) | poll (explicit + follow new versions)")
     repository_poll_s: float = setting(30.0, "poll: seconds between looks at the repository")
+    # Triton's --exit-on-error: a server that cannot serve what it was asked to must not sit unready.
+    exit_on_error: bool = setting(True, "exit non-zero when a model given at start cannot load; off: serve the rest")
     backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
@@ -143,6 +145,9 @@ class Settings:
     # Endpoint groups that stay open when keys are set: any of health, metrics, docs, demo (the page at /;
     # its calls to /classify still need a key).
     public_endpoints: tuple[str, ...] = setting(("health", "metrics", "docs", "demo"), "open without a key: any of health,metrics,docs,demo ('' = none)")
+    # Model control (/v2/repository/*) changes what every client gets: it takes an admin key
+    # (SAIKYO_ADMIN_KEYS, comma-separated), never a client key. Admin keys also work as client keys.
+    admin_keys: tuple[str, ...] = setting((), "", cli=False, repr=False)
 
     # SIGTERM/SIGINT: readiness goes false at once; requests keep being accepted for shutdown_delay_s
     # (so load balancers see it), then the listener closes and in-flight requests get up to
@@ -159,6 +164,10 @@ class Settings:
         "server processes on one port, each with its share of the cores: N, or auto = on the CPU one per core "
         "up to 8 (one-thread processes keep the cores busier than one process's threads), on GPUs two per GPU",
     )
+    # A worker whose event loop stops (SIGSTOP, a deadlock) stops beating; the supervisor replaces it.
+    worker_heartbeat_timeout_s: float = setting(5.0, "--workers: a worker silent this long is killed and replaced")
+    # A load or unload under --workers answers once every worker has applied it, or fails naming the rest.
+    control_timeout_s: float = setting(300.0, "--workers: how long a load or unload waits for every worker")
 
     # Scale-out (`--engine ray`): Ray Serve replicas, each running this whole app with its own runner
     # and batchers. See src/saikyo/scale/ray.py.
@@ -185,6 +194,9 @@ class Settings:
         object.__setattr__(self, "repository", os.fspath(self.repository))
         if self.model_control not in MODEL_CONTROL:
             raise ValueError(f"setting 'model_control' must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
+        for name in ("worker_heartbeat_timeout_s", "control_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"setting {name!r} must be a positive number of seconds, not {getattr(self, name)!r}")
         if not self.repository_poll_s > 0:
             raise ValueError(f"setting 'repository_poll_s' must be a positive number of seconds, not {self.repository_poll_s!r}")
         # sys.setswitchinterval refuses what is not positive and finite; say so before serving starts.
@@ -281,10 +293,10 @@ def _coerce(name: str, value: Any) -> Any:
         value = tuple(value)
         if not value and name == "models":
             raise ValueError(f"setting {name!r} needs at least one value")
-        if not value and name == "api_keys":
+        if not value and name in ("api_keys", "admin_keys"):
             # Present but empty (SAIKYO_API_KEYS="" or ","): a mistake that would silently serve without
             # authentication. Unset the variable to serve without keys.
-            raise ValueError("setting 'api_keys' (SAIKYO_API_KEYS) is set but holds no key; unset it to serve without keys")
+            raise ValueError(f"setting {name!r} (SAIKYO_{name.upper()}) is set but holds no key; unset it to serve without")
         return value
     if kind == "tuple[int, ...]":
         if isinstance(value, str):

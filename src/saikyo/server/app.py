@@ -16,7 +16,7 @@ from saikyo.server.routes import demo
 from saikyo.server.routes import docs
 from saikyo.server.routes.v2 import repository as v2_repository
 from saikyo.server.routes.v2 import routes as v2
-from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_keys
+from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_admin_keys, load_keys
 from saikyo.server.errors import install_handlers
 from saikyo.server.middlewares import memory
 from saikyo.server.middlewares.limits import LimitsMiddleware
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     app.state.metrics_view = None
     # Under --workers: the other workers that are not ready, {slot: what it does} (server/worker.py).
     app.state.workers_not_ready = None
+    # Under --workers with model control: the decisions every worker applies (server/worker_control.py).
+    app.state.worker_control = None
     app.state.settings = settings
     install_handlers(app)
     app.include_router(classify.router)
@@ -65,6 +67,13 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     app.include_router(metrics.router)
     # load_keys raises AuthConfigError on unusable settings.
     keys = load_keys(settings)
+    admin_keys = load_admin_keys(settings)
+    if settings.model_control != "none" and not admin_keys:
+        log.warning(
+            "model control is on (%s) and no admin key is set: %s", settings.model_control,
+            "client keys cannot load or unload models; set SAIKYO_ADMIN_KEYS" if keys
+            else "anyone who reaches this port can load and unload models; set SAIKYO_ADMIN_KEYS",
+        )  # fmt: skip
     open_groups = sorted({"metrics", "docs"} & set(settings.public_endpoints))
     if keys and open_groups:
         log.warning(
@@ -84,8 +93,8 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
         max_decompressed_bytes=settings.max_decompressed_bytes,
         memory_budget=memory.body_budget(settings),
     )
-    if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, public=settings.public_endpoints)
+    if keys or admin_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, public=settings.public_endpoints, admin_keys=admin_keys)
     # Outermost: every request is counted, including those refused by the middlewares above.
     app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics)
     return app

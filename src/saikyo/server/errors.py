@@ -58,8 +58,11 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("client closed the connection"), status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.error, exc.detail), status_code=exc.status, headers=exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        # With keys on, an anonymous caller of an open route (a probe) learns no model names from a 404.
+        anonymous = exc.status == 404 and getattr(request.state, "anonymous", False)
+        detail = None if anonymous else exc.detail
+        return JSONResponse(error_body(exc.error, detail), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

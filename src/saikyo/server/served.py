@@ -22,7 +22,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +131,12 @@ class ServedModels:
         self.started = time.time()
         # Set on SIGTERM (server/shutdown.py): readiness goes false while in-flight requests drain.
         self.draining = False
+        # Set when a model given at start could not load and exit_on_error is on: the server exits.
+        self.startup_error: str | None = None
+        # Under --workers with poll (server/worker_control.py): whether this process decides for all,
+        # and what to tell the others once it switched a version.
+        self.poll_decides: Callable[[], bool] = lambda: True
+        self.on_polled: Callable[[str, ServedModel], Awaitable[Any]] | None = None
         # Paths that error messages for clients must not show (the log keeps them).
         location = settings.repository
         local = Path(settings.model_cache_dir or default_cache_dir()) if is_remote(location) else Path(location)
@@ -149,18 +155,27 @@ class ServedModels:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.ready for m in self.models.values())
+        """Every model the server serves is ready, and it serves at least one: a server whose models
+        were all unloaded answers every request 404 and is not ready."""
+        return not self.draining and bool(self.models) and all(m.ready for m in self.models.values())
 
     async def _load_all(self) -> None:
+        failed: list[str] = []
         for name in list(self.models):
             if name not in self.models:
                 continue  # unloaded before its turn
             try:
-                await self.load(name)
+                model = await self.load(name)
             except (ModelNotExported, RepositoryError, UnknownModel) as exc:
                 placeholder = self.models.get(name)
                 if placeholder is not None and placeholder.state is ModelState.LOADING:
                     self._fail(placeholder, str(exc))
+                failed.append(f"{name}: {exc}")
+                continue
+            if not model.ready:
+                failed.append(f"{name}: {model.error}")
+        if failed and self.settings.exit_on_error:
+            self.startup_error = "; ".join(failed)
 
     # ---- model control ----
     def find(self, name: str, version: int | None = None) -> ServedModel | None:
@@ -223,6 +238,8 @@ class ServedModels:
     async def unload(self, name: str) -> ServedModel:
         """Take every version of `name` out of service; returns the one that served. UnknownModel when
         the server holds none."""
+        if name not in self.models and name not in self.versions:
+            raise UnknownModel(name, list(self.models))  # before any state is kept for the name
         async with self._lock(name):
             current = self.models.pop(name, None)
             held = _distinct(current, *self.versions.pop(name, {}).values())
@@ -244,6 +261,8 @@ class ServedModels:
             await asyncio.shield(self._load_task)
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
+            if not self.poll_decides():
+                continue  # another worker looks for all of them
             for name in list(self.models):
                 try:
                     await self._poll_one(name)
@@ -266,6 +285,8 @@ class ServedModels:
             return  # tried and failed: wait for a new version or a changed meta.json
         log.info("poll: %s version %d in %s is new; loading it", name, ref.version, self.repository.location)
         model = await self._switch(name, ref)
+        if model.ready and self.on_polled is not None:
+            await self.on_polled(name, model)
         if not model.ready:
             log.warning("poll: %s version %d failed to load; version %s keeps serving", name, ref.version,
                         current.version if current is not None and current.ready else "none")  # fmt: skip

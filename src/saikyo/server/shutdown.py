@@ -27,6 +27,9 @@ from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The exit status of a server (or worker) that stopped because a model given at start cannot load.
+EXIT_MODEL_ERROR = 3
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(
@@ -44,6 +47,7 @@ class DrainingServer(uvicorn.Server):
         self._force_signals = force_signals
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -74,6 +78,16 @@ class DrainingServer(uvicorn.Server):
     def _stop_accepting(self) -> None:
         self.should_exit = True
 
+    async def on_tick(self, counter: int) -> bool:
+        models = getattr(self.config.app.state, "models", None)  # absent until the lifespan has started
+        if models is not None and models.startup_error is not None and not self.should_exit:
+            # exit_on_error: a model given at start cannot load (the reason is logged above).
+            log.error("a model given at start cannot load (%s): exiting; --no-exit-on-error serves the rest",
+                      models.startup_error)  # fmt: skip
+            self.exit_code = EXIT_MODEL_ERROR
+            self.should_exit = True
+        return await super().on_tick(counter)
+
 
 def mark_draining(app: FastAPI) -> None:
     models = getattr(app.state, "models", None)  # absent until the lifespan has started
@@ -101,3 +115,5 @@ def serve(app: FastAPI, settings: Settings) -> None:
     server.run()
     if server.force_exit:
         raise SystemExit(1)
+    if server.exit_code:
+        raise SystemExit(server.exit_code)

@@ -9,8 +9,11 @@ What a worker adds to the single-process server:
   splits them at random: 6/2 or worse one run in three). A worker still loading its models takes
   connections only while no worker serves (probes answer during start-up, as with one process), so a
   replacement for a dead worker takes none until its models are loaded.
-- Its slot on the WorkerBoard: state, readiness, open connections. /v2/health/ready is 200 only when
-  every worker is ready.
+- Its slot on the WorkerBoard: state, readiness, open connections, a heartbeat every tick (a worker
+  silent for worker_heartbeat_timeout_s is frozen: the others' readiness says so and the supervisor
+  replaces it). /v2/health/ready is 200 only when every worker is ready and answering.
+- Model control: a load or unload reaches every worker through the board (server/worker_control.py); a
+  worker applies what was decided before it takes connections.
 - /metrics: its exposition published to the shared directory every PUBLISH_S, merged on scrape with
   the others' under a `worker` label (saikyo.server.shared_metrics), plus the supervisor's count of
   replaced workers.
@@ -48,6 +51,7 @@ from saikyo.server.middlewares.response_header import ResponseHeader
 from saikyo.server.shared_metrics import DirectoryBoard, SharedMetrics
 from saikyo.server.shutdown import DrainingServer, mark_draining, uvicorn_config
 from saikyo.server.worker_board import WorkerBoard, WorkerState
+from saikyo.server.worker_control import WorkerControl
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +106,8 @@ def run_worker(spec: WorkerSpec, sock: socket.socket) -> None:
             _remove_if_last(spec.directory)
     if server.force_exit:
         raise SystemExit(1)
+    if server.exit_code:
+        raise SystemExit(server.exit_code)
 
 
 def _exit_before_serving(sig: int, frame: FrameType | None) -> None:
@@ -130,13 +136,19 @@ class Worker:
         )  # fmt: skip
         app.state.metrics_view = self.metrics.view
         app.state.workers_not_ready = self.others_not_ready
+        self.control: WorkerControl | None = None
+        if spec.settings.model_control != "none":
+            self.control = WorkerControl(board, spec.directory, spec.slot, spec.settings.control_timeout_s)
+        app.state.worker_control = self.control
         app.add_middleware(ResponseHeader, name=WORKER_HEADER, value=f"{spec.slot} pid={os.getpid()}")
         self.acceptor: BalancedAcceptor | None = None
         self._loaded: asyncio.Task[None] | None = None
 
     def others_not_ready(self) -> dict[str, str]:
-        """The other workers that are not ready (this one's own readiness is the caller's to check)."""
-        return {slot: what for slot, what in self.board.not_ready().items() if slot != str(self.slot)}
+        """The other workers that are not ready or not answering (this one's own readiness is the
+        caller's to check)."""
+        silent = self.spec.settings.worker_heartbeat_timeout_s
+        return {slot: what for slot, what in self.board.not_ready(silent).items() if slot != str(self.slot)}
 
     def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self.acceptor = BalancedAcceptor(self.sock, self.board, self.slot, protocol_factory)
@@ -145,15 +157,27 @@ class Worker:
         self._loaded = asyncio.get_running_loop().create_task(self._serve_when_loaded())
 
     async def _serve_when_loaded(self) -> None:
-        await self.app.state.models.wait_loaded()
+        models = self.app.state.models
+        if self.control is not None:
+            self.control.models = models
+            models.poll_decides = self.control.may_poll
+            models.on_polled = lambda name, model: self.control.publish(name, model, wait=False)  # type: ignore[union-attr]
+        await models.wait_loaded()
+        if models.startup_error is not None:
+            return  # exit_on_error: the worker exits (server/shutdown.py), never having served
+        if self.control is not None:
+            await self.control.catch_up()  # a replacement comes up with what was decided meanwhile
         if self.board.state(self.slot) is WorkerState.STARTING:
             self.board.set_state(self.slot, WorkerState.SERVING)
             log.info("models loaded: taking connections")
 
     def tick(self) -> None:
-        """Every 0.1 s: this worker's readiness on the board."""
+        """Every 0.1 s: this worker's heartbeat and readiness on the board, and model control."""
+        self.board.beat(self.slot)
         if self.board.state(self.slot) is WorkerState.SERVING:
             self.board.set_ready(self.slot, self.app.state.models.ready)
+            if self.control is not None:
+                self.control.poke()
 
     def drain(self) -> None:
         """On the first signal (runs in the signal handler: flags only)."""

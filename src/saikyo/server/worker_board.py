@@ -1,8 +1,9 @@
 """What the processes of one `saikyo serve --workers N` tell each other, in shared memory.
 
 A small file in the server's shared directory, mapped by the supervisor and by every worker: for each
-worker slot its state, whether it is ready, its open connections and its process id; and how many
-workers the supervisor has replaced. Each slot has one writer at a time (its worker; the supervisor
+worker slot its state, whether it is ready, its open connections, its process id, its heartbeat and
+the model-control generation it applied (or failed to); and how many workers the supervisor has
+replaced and the latest model-control generation (server/worker_control.py). Each slot has one writer at a time (its worker; the supervisor
 once that worker has exited) and readers accept a value a moment old, so aligned 8-byte words need no
 lock.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import mmap
+import time
 from pathlib import Path
 
 
@@ -21,9 +23,14 @@ class WorkerState(enum.IntEnum):
     DRAINING = 3  # it stopped taking connections after a signal
 
 
-_HEADER = 2  # workers, replaced
-_SLOT = 4  # state, ready, connections, pid
-_STATE, _READY, _CONNECTIONS, _PID = range(_SLOT)
+_HEADER = 3  # workers, replaced, control generation
+_SLOT = 7  # state, ready, connections, pid, heartbeat, applied generation, failed generation
+_STATE, _READY, _CONNECTIONS, _PID, _BEAT, _APPLIED, _FAILED = range(_SLOT)
+
+
+def _now_ms() -> int:
+    # CLOCK_MONOTONIC is one clock for every process on the host.
+    return int(time.monotonic() * 1000)
 
 
 class WorkerBoard:
@@ -82,10 +89,29 @@ class WorkerBoard:
         return self._words[self._at(slot, _PID)]
 
     def start(self, slot: int, pid: int) -> None:
-        """A new process takes the slot: starting, no connections."""
-        self._words[self._at(slot, _CONNECTIONS)] = 0
+        """A new process takes the slot: starting, no connections, nothing applied."""
+        for field in (_CONNECTIONS, _APPLIED, _FAILED):
+            self._words[self._at(slot, field)] = 0
         self._words[self._at(slot, _PID)] = pid
+        self.beat(slot)
         self.set_state(slot, WorkerState.STARTING)
+
+    def beat(self, slot: int) -> None:
+        """The worker's event loop is turning (written every tick)."""
+        self._words[self._at(slot, _BEAT)] = _now_ms()
+
+    def silent_for(self, slot: int) -> float:
+        """Seconds since the slot's last heartbeat."""
+        return (_now_ms() - self._words[self._at(slot, _BEAT)]) / 1000
+
+    def applied(self, slot: int) -> int:
+        return self._words[self._at(slot, _APPLIED)]
+
+    def failed(self, slot: int) -> int:
+        return self._words[self._at(slot, _FAILED)]
+
+    def set_applied(self, slot: int, generation: int, ok: bool) -> None:
+        self._words[self._at(slot, _APPLIED if ok else _FAILED)] = generation
 
     # ---- the whole server ----
     @property
@@ -95,11 +121,23 @@ class WorkerBoard:
     def count_replaced(self) -> None:
         self._words[1] += 1
 
-    def not_ready(self) -> dict[str, str]:
-        """Every slot that is not ready, and what it is doing instead."""
+    @property
+    def generation(self) -> int:
+        """The latest model-control decision's number (0: none yet)."""
+        return self._words[2]
+
+    def set_generation(self, generation: int) -> None:
+        self._words[2] = generation
+
+    def not_ready(self, silent_after_s: float | None = None) -> dict[str, str]:
+        """Every slot that is not ready, and what it is doing instead: a serving worker silent for
+        `silent_after_s` is frozen, whatever its ready flag says."""
         out: dict[str, str] = {}
         for slot in range(self.workers):
-            if not self.ready(slot):
+            frozen = silent_after_s is not None and self.state(slot) is WorkerState.SERVING
+            if frozen and self.silent_for(slot) > silent_after_s:  # type: ignore[operator]
+                out[str(slot)] = "not answering"
+            elif not self.ready(slot):
                 state = self.state(slot)
                 # Serving but not ready: a model failed to load, as `detail` of its own readiness says.
                 out[str(slot)] = "not ready" if state is WorkerState.SERVING else state.name.lower()

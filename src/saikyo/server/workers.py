@@ -11,10 +11,16 @@ queue of its own, lost with it, and connections would be spread by a hash: at ra
   threads, where left at 0, are its share of the cores, cores // N and at least 1 (`Settings.sized_to`).
 - Devices: on several GPUs the workers spread over them, each seeing one (CUDA_VISIBLE_DEVICES, set in
   the worker before anything loads torch); on one GPU they all share it (`assign_devices`).
-- Faults: a worker that exits is replaced at once and counted (saikyo_workers_replaced_total on
-  /metrics). One that exits before its models are loaded failed to start: its slot is retried after a
-  back-off that doubles up to MAX_BACKOFF_S, and once every slot has failed MAX_START_FAILURES times
-  in a row the supervisor gives up and exits 1 (the workers' own errors are in the log above).
+- Faults: a worker that exits is replaced and counted (saikyo_workers_replaced_total on /metrics)
+  after a back-off that doubles with each exit of its slot in a row, from FIRST_BACKOFF_S up to
+  MAX_BACKOFF_S, whether it failed to start or crashed after it served (so a request that kills
+  workers cannot cost a model load per request); a worker that served STABLE_S resets its slot's
+  count. One that exits before its models are loaded failed to start, and once every slot has failed
+  MAX_START_FAILURES times in a row the supervisor gives up and exits 1 (the workers' own errors are in
+  the log above). A worker that exits because a model given at start cannot load (exit_on_error, at
+  the first start) stops the server at once: retrying would fail the same way.
+- Frozen workers: each worker beats on the board every tick; one that serves and has been silent for
+  worker_heartbeat_timeout_s (SIGSTOP, a deadlocked event loop) is killed, and then replaced as above.
 - Signals: the first SIGTERM or SIGINT stops replacing, closes the supervisor's copy of the listening
   socket and forwards SIGTERM to every worker, which drains as one process does (server/shutdown.py);
   the supervisor exits 0 once every worker has exited 0. A second signal stops waiting: the workers
@@ -31,12 +37,14 @@ import shutil
 import signal
 import socket
 import tempfile
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from saikyo.server.shutdown import EXIT_MODEL_ERROR
 from saikyo.server.worker import WorkerSpec, run_worker
 from saikyo.server.worker_board import WorkerBoard, WorkerState
 from saikyo.server.middlewares import memory
@@ -50,6 +58,7 @@ AUTO_WORKERS_PER_GPU = 2
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 MAX_START_FAILURES = 3
+STABLE_S = 60.0  # a worker that served this long starts its slot's back-off afresh
 # After the drain's own limits, how long the supervisor waits for a worker before killing it.
 STOP_GRACE_S = 30.0
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -170,11 +179,15 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess | None] = [None] * len(specs)
         self.failed_starts = [0] * len(specs)  # in a row, per slot
+        self.exits = [0] * len(specs)  # in a row, per slot, whatever the cause: the back-off
+        self.started_at = [0.0] * len(specs)
+        self.heartbeat_s = self.specs[0].settings.worker_heartbeat_timeout_s if self.specs else 0.0
         self.start_at: list[float | None] = [None] * len(specs)  # when to (re)start a slot that is down
         self.exit_codes: dict[int, int | None] = {}  # of the workers that exited after the stop
         self.stopping_since: float | None = None
         self.forced = False
         self.gave_up = False
+        self.model_error = False  # a model given at start cannot load: the server's exit status says so
         self._signals: list[int] = []
 
     # ---- the loop ----
@@ -191,6 +204,7 @@ class Supervisor:
                 self._handle_signals()
                 self._reap()
                 if self.stopping_since is None:
+                    self._kill_silent()
                     self._restart_due()
                 else:
                     self._kill_overdue()
@@ -206,6 +220,8 @@ class Supervisor:
         unclean = {slot: code for slot, code in self.exit_codes.items() if code != 0}
         if unclean:
             log.warning("workers that did not exit cleanly (slot: exit code): %s", unclean)
+        if self.model_error:
+            return EXIT_MODEL_ERROR
         return 1 if self.forced or self.gave_up or unclean else 0
 
     def _wait(self, wake: socket.socket) -> None:
@@ -235,7 +251,12 @@ class Supervisor:
     def _start(self, slot: int) -> None:
         if self.processes[slot] is None and self.start_at[slot] is not None:
             self.board.count_replaced()
+        if self.start_at[slot] is not None and self.specs[slot].settings.exit_on_error:
+            # exit_on_error is for what the server was started with: a replacement serves what it can.
+            settings = self.specs[slot].settings.with_overrides(exit_on_error=False)
+            self.specs[slot] = dataclasses.replace(self.specs[slot], settings=settings)
         self.start_at[slot] = None
+        self.started_at[slot] = time.monotonic()
         self.board.start(slot, 0)
         process = self._context.Process(
             target=run_worker, args=(self.specs[slot], self.sock), name=f"saikyo-worker-{slot}", daemon=False
@@ -257,10 +278,21 @@ class Supervisor:
                 # Stopped by our SIGTERM before it could handle one: it had accepted nothing.
                 self.exit_codes[slot] = 0 if not served and code == -signal.SIGTERM else code
                 continue
+            if code == EXIT_MODEL_ERROR:  # (a draining worker counts as served: check this first)
+                log.error("worker %d: a model given at start cannot load (its error is above); stopping the "
+                          "server (--no-exit-on-error serves the models that load)", slot)  # fmt: skip
+                self.gave_up = self.model_error = True
+                self._stop()
+                return
+            if time.monotonic() - self.started_at[slot] >= STABLE_S:
+                self.exits[slot] = 0
+            self.exits[slot] += 1
+            delay = min(FIRST_BACKOFF_S * 2 ** (self.exits[slot] - 1), MAX_BACKOFF_S)
             if served:
                 self.failed_starts[slot] = 0
-                log.warning("worker %d (pid %s) exited with %s; replacing it", slot, process.pid, _status(code))
-                self.start_at[slot] = time.monotonic()
+                log.warning("worker %d (pid %s) exited with %s after it served (%d in a row); replacing it in %.1f s",
+                            slot, process.pid, _status(code), self.exits[slot], delay)  # fmt: skip
+                self.start_at[slot] = time.monotonic() + delay
                 continue
             self.failed_starts[slot] += 1
             if all(n >= MAX_START_FAILURES for n in self.failed_starts):
@@ -272,12 +304,23 @@ class Supervisor:
                 self.gave_up = True
                 self._stop()
                 return
-            delay = min(FIRST_BACKOFF_S * 2 ** (self.failed_starts[slot] - 1), MAX_BACKOFF_S)
             log.error(
                 "worker %d (pid %s) exited with %s before its models were loaded (%d in a row); retrying in %.1f s",
                 slot, process.pid, _status(code), self.failed_starts[slot], delay,
             )  # fmt: skip
             self.start_at[slot] = time.monotonic() + delay
+
+    def _kill_silent(self) -> None:
+        """Kill a serving worker whose event loop stopped beating (the reaper then replaces it)."""
+        for slot, process in enumerate(self.processes):
+            if process is None or process.exitcode is not None or self.board.state(slot) is not WorkerState.SERVING:
+                continue
+            silent = self.board.silent_for(slot)
+            if silent > self.heartbeat_s:
+                log.error("worker %d (pid %s) has not answered for %.1f s (worker_heartbeat_timeout_s %g): "
+                          "killing it", slot, process.pid, silent, self.heartbeat_s)  # fmt: skip
+                self.board.set_state(slot, WorkerState.DOWN)  # nobody counts on it meanwhile
+                process.kill()
 
     def _restart_due(self) -> None:
         now = time.monotonic()

@@ -25,3 +25,8 @@ def endpoint_group(path: str) -> str | None:
     if _HEALTH.match(path):
         return "health"
     return None
+
+
+def is_control(path: str) -> bool:
+    """Model control (Triton's repository extension): the index, load and unload. Auth asks an admin key."""
+    return path.startswith("/v2/repository/")

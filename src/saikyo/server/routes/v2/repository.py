@@ -1,10 +1,11 @@
 """Triton's model repository extension: the index, and loading and unloading models without a restart.
 
 `POST /v2/repository/index` lists every version the server holds (its state, and the reason a load
-failed) and every version the repository has. `load` and `unload` need model_control explicit or poll
-(settings.py); like every route outside the public groups they need an API key whenever keys are set.
-A load answers once the version serves (or failed to load, while the version before it goes on
-serving); an unload once the model's requests have finished and its memory is freed (server/served.py).
+failed) and every version the repository has. All three routes need model_control explicit or poll
+(settings.py) and, whenever keys are set, an admin key (middlewares/auth.py). A load answers once the
+version serves (or failed to load, while the version before it goes on serving); an unload once the
+model's requests have finished and its memory is freed (server/served.py). Under --workers both answer
+once every worker has done the same (server/worker_control.py), or fail naming the workers that did not.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _parameters(query: dict[str, Any], allowed: set[str], what: str) -> dict[str
     responses=doc.REPOSITORY_INDEX,
 )
 async def repository_index(request: Request) -> JSONResponse:
+    _control_on(request)
     only_ready = (await _json_object(request, "repository index")).get("ready", False)
     if not isinstance(only_ready, bool):
         raise ApiError(400, "'ready' must be true or false")
@@ -108,12 +110,33 @@ async def _not_held(models: ServedModels, held: set[tuple[str, str]]) -> tuple[l
     return rows, age
 
 
-def _control(request: Request, name: str) -> ServedModels:
+def _control_on(request: Request) -> ServedModels:
     models = models_of(request)
     if models.settings.model_control == "none":
         raise ApiError(
             400, "model control is off on this server: start it with --model-control explicit (or poll) to load and unload models"
         )
+    return models
+
+
+async def _every_worker(request: Request, name: str, model: ServedModel | None) -> None:
+    """Under --workers: what this worker just did, done by every worker, or a 503 naming those that did not."""
+    control = request.app.state.worker_control
+    if control is None:
+        return
+    behind = await control.publish(name, model)
+    if behind:
+        what = f"loaded version {model.version} of" if model is not None else "unloaded"
+        raise ApiError(
+            503,
+            f"this worker {what} {name!r}; not every worker has: {', '.join(sorted(behind))}",
+            {"workers": behind},
+            headers={"Retry-After": "5"},
+        )
+
+
+def _control(request: Request, name: str) -> ServedModels:
+    models = _control_on(request)
     if not plain_name(name):
         shown = name if len(name) <= 80 else f"{name[:80]}..."
         raise ApiError(400, f"{shown!r} is not a model name", {"max_bytes": MAX_NAME_BYTES})
@@ -154,6 +177,7 @@ async def load(request: Request, model_name: ModelName) -> JSONResponse:
         serving = models.find(model_name)
         still = f"; version {serving.version} still serves" if serving is not None and serving.ready else ""
         raise ApiError(400, f"model {model_name!r} version {model.version} failed to load{still}", {"reason": model.error})
+    await _every_worker(request, model_name, model)
     return JSONResponse({"name": model.name, "version": str(model.version), "state": "READY"})
 
 
@@ -171,4 +195,5 @@ async def unload(request: Request, model_name: ModelName) -> JSONResponse:
         model = await models.unload(model_name)
     except UnknownModel:
         raise ApiError(404, f"model {model_name!r} is not loaded", {"models": list(models.models)}) from None
+    await _every_worker(request, model_name, None)
     return JSONResponse({"name": model.name, "version": _row(model)["version"], "state": "UNAVAILABLE", "reason": "unloaded"})
