@@ -158,6 +158,10 @@ class Settings:
     max_ongoing_requests: int = setting(64, "ray: requests one replica takes at once")
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
+    # The settings the operator gave (a flag or a SAIKYO_* variable), not left at their defaults: a
+    # model's tuning for this CPU (models/tunings.py) overrides only the others.
+    explicit: tuple[str, ...] = setting((), "", cli=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.torch_in_flight < 1:
             raise ValueError(f"setting 'torch_in_flight' must be at least 1, not {self.torch_in_flight!r}")
@@ -210,9 +214,10 @@ class Settings:
         from_env: dict[str, Any] = {}
         for f in fields(cls):
             key = f"SAIKYO_{f.name.upper()}"
-            if key in environ:
+            if key in environ and f.name != "explicit":
                 from_env[f.name] = environ[key]
-        return cls().with_overrides(**from_env).with_overrides(**overrides)
+        given = tuple(sorted({*from_env, *(k for k, v in overrides.items() if v is not None)} - {"explicit"}))
+        return cls().with_overrides(**from_env).with_overrides(**overrides, explicit=given)
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}

@@ -21,7 +21,7 @@ def create_runner(model: str | Entry, settings: Settings) -> Runner:
     name = model.name if isinstance(model, Entry) else model
     if backend == "auto":
         backend, why = auto_backend(name, settings)
-        log.info("model %s: backend auto -> %s (%s)", name, backend, why)
+        log.info("model %s: backend auto -> %s by the static rule, not a measurement (%s)", name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner
 

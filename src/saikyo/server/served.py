@@ -34,7 +34,9 @@ from saikyo.models.cache import default_cache_dir
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
 from saikyo.models.location import is_remote, open_repository
 from saikyo.models.repository import Entry, Repository, VersionMeta
-from saikyo.runtime import Runner, RunnerError, create_runner
+from saikyo.models import tunings
+from saikyo.runtime import Runner, RunnerError, auto_backend, create_runner
+from saikyo.runtime.cpu import this_cpu
 from saikyo.runtime.base import device_decoder
 from saikyo.server.redact import redact_paths
 from saikyo.settings import Settings
@@ -271,9 +273,10 @@ class ServedModels:
         entry: Entry | None = None
         runner: Runner | None = None
         try:
+            s, tuning = await loop.run_in_executor(executor, self._tuned, model.name)
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
-            runner = await loop.run_in_executor(executor, self._runner_factory, entry, self.settings)
-            await loop.run_in_executor(executor, self._warm_up, runner)
+            runner = await loop.run_in_executor(executor, self._runner_factory, entry, s)
+            await loop.run_in_executor(executor, self._warm_up, runner, s.max_batch_size)
         except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
             self._fail(model, str(exc), executor, entry, runner)
             return
@@ -282,7 +285,7 @@ class ServedModels:
             self._fail(model, f"{type(exc).__name__}: {exc}", executor, entry, runner)
             return
         pp = runner.preprocessing
-        s = self.settings
+        runner.meta["tuning"] = tuning
         in_flight = runner.capabilities.max_in_flight
         if in_flight > 1:
             # The runner runs that many forward passes at once: one executor thread for each.
@@ -339,9 +342,34 @@ class ServedModels:
         paths, this does not."""
         return redact_paths(error, *self._private_roots)
 
-    def _warm_up(self, runner: Runner) -> None:
+    def _tuned(self, name: str) -> tuple[Settings, str]:
+        """The settings `name` runs with, and the line that says why: this CPU's tuning over the server's
+        settings, except those the operator gave (models/tunings.py), or the static rule when untuned."""
+        cpu = this_cpu()
+        found = tunings.find(self.repository, name, cpu.model, cpu.cores)
+        if found.others:
+            log.warning("model %s: tuning(s) for other CPUs ignored (%s): this is %s", name, ", ".join(found.others), cpu)
+        if found.problem:
+            log.warning("model %s: its tuning for this CPU is not used: %s", name, found.problem)
+        if found.tuning is not None:
+            chosen = tunings.overrides(found.tuning, set(self.settings.explicit))
+            line = found.tuning.describe()
+            kept = sorted(set(tunings.OPTIONS[k][0] for k in found.tuning.serving) - set(chosen))
+            if kept:
+                line += f"; given explicitly, kept: {', '.join(kept)}"
+            log.info("model %s: %s", name, line)
+            return self.settings.with_overrides(**chosen), line
+        if self.settings.backend == "auto":
+            backend, why = auto_backend(name, self.settings)
+            line = f"untuned: the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
+        else:
+            line = f"untuned: backend {self.settings.backend} as set"
+        log.info("model %s: %s", name, line)
+        return self.settings, line
+
+    def _warm_up(self, runner: Runner, max_batch_size: int) -> None:
         size = runner.preprocessing.input_size
-        for n in sorted({1, self.settings.max_batch_size}):
+        for n in sorted({1, max_batch_size}):
             probs = runner.infer_pixels(np.zeros((n, size, size, 3), np.uint8))
             if probs.shape[0] != n or not np.isfinite(probs).all():
                 raise RunnerError(f"warm-up produced bad output of shape {probs.shape}")
