@@ -9,7 +9,8 @@ Listings never see them as versions (a version directory is a number). `serve` a
 its own CPU only; tunings for other CPUs are ignored, and the log says so.
 
 Precedence of each serving option, highest first: a flag or SAIKYO_* variable the operator gave, the
-tuning for this CPU, the version's own `serving` block, the server's default. An explicit choice wins
+tuning for this CPU, the version's own `serving` block, the server's default. An explicit "auto" asks
+saikyo to choose, so the tuning applies over it. An explicit choice wins
 over a measurement; a measurement on this CPU wins over a guess written into the model.
 
 The file is read as hostile input: size-capped, known keys only, exact types, bounded values.

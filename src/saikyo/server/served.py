@@ -352,7 +352,9 @@ class ServedModels:
         if found.problem:
             log.warning("model %s: its tuning for this CPU is not used: %s", name, found.problem)
         if found.tuning is not None:
-            chosen = tunings.overrides(found.tuning, set(self.settings.explicit))
+            # "auto" given explicitly asks saikyo to choose: the tuning is that choice.
+            given = {n for n in self.settings.explicit if getattr(self.settings, n, None) != "auto"}
+            chosen = tunings.overrides(found.tuning, given)
             line = found.tuning.describe()
             kept = sorted(set(tunings.OPTIONS[k][0] for k in found.tuning.serving) - set(chosen))
             if kept:
