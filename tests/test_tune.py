@@ -87,7 +87,8 @@ def test_an_int8_variant_below_the_agreement_threshold_is_never_chosen_even_when
         return Served(config, 1000 / {fp32.candidate: 5.0, ok.candidate: 2.0}[config.candidate], {})
 
     result = tune("m", [r.candidate for r in runners], stage1_of(*runners), stage2, 1, 100, 60, min_agreement=0.99)
-    assert int8.candidate not in {s.candidate for s in result.runners}
+    # The fp32 file is the slowest, yet a front-runner: `serve m` applies m's own tuning.
+    assert [s.candidate for s in result.runners] == [ok.candidate, fp32.candidate]
     assert result.best() is not None and result.best().config.candidate == ok.candidate  # type: ignore[union-attr]
     assert result.best("m").config.candidate == fp32.candidate  # type: ignore[union-attr]
     # With a threshold it meets, the same variant is eligible.
@@ -217,3 +218,36 @@ def test_a_backend_given_explicitly_wins_over_the_tuning(tuned_repository: Model
         tiny = httpx.get(f"{server.url}/v2/models/tiny").json()["parameters"]
     assert tiny["backend"] == "onnxruntime"
     assert tiny["tuning"].startswith("tuned on ") and tiny["tuning"].endswith("given explicitly, kept: backend")
+    with running_server(tuned_repository.root, "tiny", tmp_path, "--backend", "auto", "--no-tuning") as server:
+        tiny = httpx.get(f"{server.url}/v2/models/tiny").json()["parameters"]
+    assert tiny["tuning"].startswith("untuned (--no-tuning): the static rule chose ")
+
+
+@pytest.mark.slow
+def test_saikyo_tune_end_to_end_writes_a_tuning_and_benchmark_records(tmp_path: Path) -> None:
+    """The real command on the tiny model: stage 1 in process, stage 2 over HTTP, a tuning serve can read."""
+    import subprocess
+    import sys
+
+    from saikyo.bench import records
+
+    repo = ModelRepository(tmp_path / "repo")
+    add_tiny_model(repo, "tiny")
+    out = tmp_path / "tune.jsonl"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SAIKYO_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "saikyo", "tune", "tiny", "--repository", str(repo.root), "--budget", "10",
+         "--p99", "200ms", "--out", str(out), "--no-quantize"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stage 1: 1 of " in done.stderr and "stage 2: 1 of " in done.stderr and "best so far" in done.stderr
+    cpu = this_cpu()
+    tuning = tunings.find(repo, "tiny", cpu.model, cpu.cores).tuning
+    assert tuning is not None and tuning.capacity_images_per_s > 0 and tuning.p99_ms == 200
+    assert "tiny: tuned on " in done.stdout
+    recs = records.read(out)
+    assert recs and sum(r["tune_chosen"] for r in recs) == 1
+    chosen = next(r for r in recs if r["tune_chosen"])
+    assert chosen["capacity_images_per_s"] == pytest.approx(tuning.capacity_images_per_s, rel=1e-3)
+    assert chosen["tune_config"] == tuning.serving and chosen["tune_stage1"]

@@ -46,6 +46,9 @@ class Settings:
     model_control: str = setting("none", "none | explicit (load/unload endpoints) | poll (explicit + follow new versions)")
     repository_poll_s: float = setting(30.0, "poll: seconds between looks at the repository")
     backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
+    # A model's tuning for this CPU model and core count (`saikyo tune`, models/tunings.py) sets the
+    # serving options the operator left unset; off, the static rule and the defaults apply.
+    tuning: bool = setting(True, "apply each model's tuning for this CPU (saikyo tune) where the repository has one")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
 

@@ -642,6 +642,9 @@ def tune_command(
     repository: Annotated[Optional[str], typer.Option(help="model repository: a directory or s3://bucket/prefix [env SAIKYO_REPOSITORY]")] = None,
     out: Annotated[Path, typer.Option(help="append the benchmark records (one per configuration served) here")] = Path("tune-records.jsonl"),
     write: Annotated[bool, typer.Option("--write/--no-write", help="store the tuning beside the model's versions")] = True,
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="make NAME-int8 from the calibration photos when missing (zoo models, local repository)")
+    ] = True,
     instance_type: InstanceOpt = None,
     price_per_hour: PriceOpt = None,
     log_dir: Annotated[Optional[Path], typer.Option(help="the servers' logs [default: a temporary dir]")] = None,
@@ -719,6 +722,8 @@ def tune_command(
         )  # fmt: skip
 
     say = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    if quantize:
+        _make_int8(repo, model, extra, say)
     candidates = candidates_for(model, lambda n: repo.has(n), openvino_installed(), bf16)
     say(f"tuning {model} on {hw.description}: {len(candidates)} engine x precision candidates, "
         f"{images_per_request} image(s) per request, p99 <= {p99_ms:g} ms, budget {budget:g} s")  # fmt: skip
@@ -745,7 +750,7 @@ def tune_command(
                "tune_agreement": result.agreement_of(c), "tune_chosen": served is mine,
                "tune_p99_target_ms": p99_ms, "tune_stage1": stage1}  # fmt: skip
         records.append(out, rec)
-    _print_tune(result, mine, pricing)
+    _print_tune(result, mine)
     if mine is None:
         raise _fail(f"no configuration of {model} met p99 <= {p99_ms:g} ms at any rate: raise --p99 or lower --images-per-request", 1)
     written = [(model, mine)] + ([(overall.config.candidate.model, overall)] if overall is not None and overall is not mine else [])
@@ -770,7 +775,27 @@ def tune_command(
     console.print(f"records: {out}", markup=False, highlight=False)
 
 
-def _print_tune(result: Any, mine: Any, pricing: Any) -> None:
+def _make_int8(repo: Any, model: str, calibration: list[Path], say: Any) -> None:
+    """NAME-int8 for a zoo model in a local repository that lacks it, calibrated on `calibration` (or the
+    bundled photos), so that stage 1 can weigh it; its agreement with fp32 decides whether it may win."""
+    from saikyo.models import zoo
+    from saikyo.models.errors import ExportError
+    from saikyo.models.repository import ModelRepository
+
+    base, variant = zoo.split_variant(model)
+    if variant is not None or base not in zoo.ZOO or not isinstance(repo, ModelRepository):
+        return
+    if repo.has(zoo.variant_name(model, "int8")):
+        return
+    from saikyo.models.quantize import quantize_int8
+
+    try:
+        quantize_int8(zoo.get(model), repo, calibration or None, progress=say)
+    except ExportError as exc:
+        say(f"no int8 variant: {str(exc).splitlines()[0]}")
+
+
+def _print_tune(result: Any, mine: Any) -> None:
     from saikyo.bench.tune import eligible, stage1_score
 
     k, p99 = result.images_per_request, result.p99_ms

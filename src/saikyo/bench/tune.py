@@ -95,10 +95,16 @@ def batch_sizes(images_per_request: int) -> list[int]:
 
 
 def front_runners(
-    screened: Sequence[Screened], images_per_request: int, p99_ms: float, min_agreement: float, count: int = 2
+    screened: Sequence[Screened],
+    images_per_request: int,
+    p99_ms: float,
+    min_agreement: float,
+    count: int = 2,
+    own: str | None = None,
 ) -> list[Screened]:
     """The eligible candidates worth stage 2: the best `count` by stage1_score, plus the best at the
-    largest batch when it is another (cross-request batching may favour it)."""
+    largest batch when it is another (cross-request batching may favour it), plus the best that runs
+    the model's `own` file (not its NAME-int8), whose tuning is the one `serve MODEL` applies."""
     ok = [s for s in screened if eligible(s, min_agreement) and stage1_score(s, images_per_request, p99_ms) > 0]
     ranked = sorted(ok, key=lambda s: stage1_score(s, images_per_request, p99_ms), reverse=True)
     chosen = ranked[:count]
@@ -107,6 +113,9 @@ def front_runners(
     best_large = max(fits, key=lambda s: s.rate(large), default=None)
     if best_large is not None and best_large not in chosen:
         chosen.append(best_large)
+    best_own = next((s for s in ranked if s.candidate.model == own), None)
+    if best_own is not None and best_own not in chosen:
+        chosen.append(best_own)
     return chosen
 
 
@@ -132,9 +141,8 @@ class ServeConfig:
         return out
 
     def server_args(self) -> list[str]:
-        # Every option a tuning sets is given, so that a tuning already in the repository (which the
-        # server would apply to what is left unset) changes nothing being measured.
-        return ["--backend", self.candidate.backend, "--device", "cpu",
+        # A tuning already in the repository changes nothing being measured.
+        return ["--no-tuning", "--backend", self.candidate.backend, "--device", "cpu",
                 "--precision", self.candidate.settings_overrides()["precision"],
                 "--openvino-streams", str(self.streams), "--max-batch-size", str(self.max_batch_size),
                 "--max-delay-ms", str(self.max_delay_ms)]  # fmt: skip
@@ -216,7 +224,7 @@ def tune(
         best = max((x for x in screened if eligible(x, min_agreement)), key=lambda x: stage1_score(x, k, p99_ms), default=None)
         say(f"stage 1: {i} of {len(candidates)} {c.model} {c.label}: {_stage1_line(s, min_agreement)}"
             f"  | best so far: {_best1(best, k, p99_ms)}")  # fmt: skip
-    runners = front_runners(screened, k, p99_ms, min_agreement)
+    runners = front_runners(screened, k, p99_ms, min_agreement, own=model)
     result = TuneResult(model, k, p99_ms, min_agreement, screened, runners, [])
     if not runners:
         say(f"stage 1: no eligible configuration runs {k} image(s) within p99 <= {p99_ms:g} ms")

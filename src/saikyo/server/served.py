@@ -346,7 +346,7 @@ class ServedModels:
         """The settings `name` runs with, and the line that says why: this CPU's tuning over the server's
         settings, except those the operator gave (models/tunings.py), or the static rule when untuned."""
         cpu = this_cpu()
-        found = tunings.find(self.repository, name, cpu.model, cpu.cores)
+        found = tunings.find(self.repository, name, cpu.model, cpu.cores) if self.settings.tuning else tunings.Found(None)
         if found.others:
             log.warning("model %s: tuning(s) for other CPUs ignored (%s): this is %s", name, ", ".join(found.others), cpu)
         if found.problem:
@@ -361,11 +361,12 @@ class ServedModels:
                 line += f"; given explicitly, kept: {', '.join(kept)}"
             log.info("model %s: %s", name, line)
             return self.settings.with_overrides(**chosen), line
+        line = "untuned: " if self.settings.tuning else "untuned (--no-tuning): "
         if self.settings.backend == "auto":
             backend, why = auto_backend(name, self.settings)
-            line = f"untuned: the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
+            line += f"the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
         else:
-            line = f"untuned: backend {self.settings.backend} as set"
+            line += f"backend {self.settings.backend} as set"
         log.info("model %s: %s", name, line)
         return self.settings, line
 
