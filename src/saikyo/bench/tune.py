@@ -232,7 +232,9 @@ def tune(
     say("front-runners: " + ", ".join(f"{s.candidate.model} {s.candidate.label}" for s in runners))
     if stage2 is None:
         return result
-    grid = configurations(runners, k, cores)
+    # The model's own file first: its tuning is what `serve MODEL` applies, so even the shortest budget
+    # measures it; NAME-int8's configurations follow in turn.
+    grid = configurations(sorted(runners, key=lambda s: s.candidate.model != model), k, cores)
     spent: list[float] = []
     for i, config in enumerate(grid, 1):
         left = budget_s - (clock() - started)
