@@ -20,7 +20,7 @@ import numpy as np
 from saikyo.models import zoo
 from saikyo.models.quantize import held_out_pixels
 from saikyo.models.repository import ModelRepository
-from saikyo.runtime import create_runner, openvino_installed
+from saikyo.runtime import load_runner, openvino_installed
 from saikyo.settings import Settings
 
 JPEGS = sorted((Path(__file__).resolve().parent.parent / "tests" / "data").glob("*.jpg"))
@@ -54,12 +54,12 @@ def main() -> None:
     print("| model | engine, precision | top-1 agreement | largest probability difference | top-1 changed on |")
     print("| --- | --- | --- | --- | --- |")
     for model in models:
-        reference = create_runner(model, Settings(repository=repo.root, backend="onnxruntime", precision="fp32"))
+        reference = load_runner(model, Settings(repository=repo.root, backend="onnxruntime", precision="fp32"))
         names, pixels = held_out_pixels(reference.preprocessing, JPEGS)
         want = reference.infer_pixels(pixels)
         top2 = np.argsort(-want, axis=1)[:, :2]
         for served, backend, precision in rows_for(model, repo):
-            runner = create_runner(served, Settings(repository=repo.root, backend=backend, precision=precision))
+            runner = load_runner(served, Settings(repository=repo.root, backend=backend, precision=precision))
             got = runner.infer_pixels(pixels)
             same = got.argmax(1) == top2[:, 0]
             changed = [

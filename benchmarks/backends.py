@@ -51,7 +51,7 @@ from saikyo.bench.localserver import ServerStartError, free_port, local_server, 
 from saikyo.inference import imaging
 from saikyo.models import zoo
 from saikyo.models.repository import ModelRepository, export_command
-from saikyo.runtime import auto_backend, create_runner, openvino_installed
+from saikyo.runtime import auto_backend, load_runner, openvino_installed
 from saikyo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def measure_raw(configs: list[Config], args: argparse.Namespace, emit: Any) -> d
     for c in configs:
         if c.backend is None:
             continue
-        runners[c.label] = create_runner(c.model, c.settings(args.repository))
+        runners[c.label] = load_runner(c.model, c.settings(args.repository))
     pp = next(iter(runners.values())).preprocessing
     photos = [imaging.decode(data, pp) for _, data in read_images(PHOTOS)]
     pixels = np.stack([photos[i % len(photos)] for i in range(args.images_per_request)])

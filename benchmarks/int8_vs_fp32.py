@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from saikyo.runtime import create_runner
+from saikyo.runtime import load_runner
 from saikyo.settings import Settings
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.models.split(","):
         s = Settings.from_env(repository=args.repository, models=name)
-        fp32, int8 = create_runner(name, s), create_runner(f"{name}-int8", s)
+        fp32, int8 = load_runner(name, s), load_runner(f"{name}-int8", s)
         size = fp32.preprocessing.input_size
         batch = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
         a, b = [], []

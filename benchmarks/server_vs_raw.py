@@ -28,7 +28,7 @@ import numpy as np
 from saikyo.inference import imaging
 from saikyo.bench.localserver import local_server
 from saikyo.models.repository import ModelRepository
-from saikyo.runtime import create_runner
+from saikyo.runtime import load_runner
 from saikyo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def raw_throughput(
 ) -> float:
     """Decode in the pool while the runner thread runs full batches; images/s over `seconds`, timed
     from when `start` (e.g. a barrier several processes wait at) returns, after the warm-up."""
-    runner = create_runner(name, settings)
+    runner = load_runner(name, settings)
     pp = runner.preprocessing
     batch = settings.max_batch_size
     pool = ThreadPoolExecutor(settings.resolved_decode_threads())
@@ -74,7 +74,7 @@ def raw_throughput(
 
 def raw_latency(settings: Settings, name: str, data: bytes, n: int = 200) -> float:
     """p50 of decode + infer for one image, sequentially: what a lone request costs without HTTP."""
-    runner = create_runner(name, settings)
+    runner = load_runner(name, settings)
     pp = runner.preprocessing
     pool = ThreadPoolExecutor(1)
     for _ in range(10):

@@ -266,8 +266,8 @@ def test_the_memory_budget_comes_from_the_setting_the_cgroup_or_the_machine(tmp_
     v2.write_text("2147483648\n")
     assert memory.cgroup_limit((v2, v1)) == 2**31
     assert memory.cgroup_limit((tmp_path / "absent", v1)) is None
-    assert memory.request_cost(1000, False, s) == 2000
-    assert memory.request_cost(1000, True, s) == 2000 + s.max_decompressed_bytes
+    assert memory.request_cost(1000, False, s.max_decompressed_bytes) == 2000
+    assert memory.request_cost(1000, True, s.max_decompressed_bytes) == 2000 + s.max_decompressed_bytes
 
 
 def test_bodies_over_the_memory_budget_wait_their_turn_with_a_503(tiny_repository, tmp_path) -> None:

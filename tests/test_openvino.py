@@ -25,7 +25,7 @@ from saikyo.bench.localserver import local_server
 from saikyo.inference import imaging
 from saikyo.models.quantize import held_out_pixels
 from saikyo.models.repository import ModelRepository
-from saikyo.runtime import RunnerError, auto_backend, create_runner, openvino_installed
+from saikyo.runtime import RunnerError, auto_backend, load_runner, openvino_installed
 from saikyo.settings import Settings
 
 needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed")
@@ -64,8 +64,8 @@ def settings(repo: ModelRepository, **kw) -> Settings:
 @needs_openvino
 @pytest.mark.parametrize("name", ["tiny", "tiny2"])
 def test_fp32_agrees_with_onnx_runtime_on_pixels_and_tensors(repo: ModelRepository, name: str) -> None:
-    ov = create_runner(name, settings(repo, backend="openvino", precision="fp32"))
-    ort = create_runner(name, settings(repo, backend="onnxruntime"))
+    ov = load_runner(name, settings(repo, backend="openvino", precision="fp32"))
+    ort = load_runner(name, settings(repo, backend="onnxruntime"))
     assert ov.meta["backend"] == "openvino" and ov.meta["precision"] == "fp32" and ov.meta["device"] == "cpu"
     assert ov.num_classes == 1000
     px = pixels_for(ov)
@@ -85,7 +85,7 @@ def test_fp32_agrees_with_onnx_runtime_on_pixels_and_tensors(repo: ModelReposito
 def test_precision_auto_is_what_openvino_itself_picks_on_this_cpu(repo: ModelRepository) -> None:
     import openvino as ov
 
-    runner = create_runner("tiny", settings(repo, backend="openvino"))
+    runner = load_runner("tiny", settings(repo, backend="openvino"))
     expected = "bf16" if native_bf16() else "fp32"
     assert runner.meta["precision"] == expected and runner.meta["inference_precision"] == expected
     if X86:  # OpenVINO's own default on x86: bf16 where the CPU has it, f32 elsewhere (ARM defaults to f16)
@@ -95,8 +95,8 @@ def test_precision_auto_is_what_openvino_itself_picks_on_this_cpu(repo: ModelRep
 
 @needs_bf16
 def test_bf16_runs_bf16_and_stays_close_to_fp32(repo: ModelRepository) -> None:
-    bf16 = create_runner("tiny2", settings(repo, backend="openvino", precision="bf16"))
-    fp32 = create_runner("tiny2", settings(repo, backend="openvino", precision="fp32"))
+    bf16 = load_runner("tiny2", settings(repo, backend="openvino", precision="bf16"))
+    fp32 = load_runner("tiny2", settings(repo, backend="openvino", precision="fp32"))
     assert bf16.meta["precision"] == "bf16"
     px = pixels_for(bf16)
     got, want = bf16.infer_pixels(px), fp32.infer_pixels(px)
@@ -108,18 +108,18 @@ def test_bf16_runs_bf16_and_stays_close_to_fp32(repo: ModelRepository) -> None:
 @pytest.mark.skipif(native_bf16(), reason="this CPU has native bf16: nothing to refuse")
 def test_bf16_is_refused_where_the_cpu_lacks_it(repo: ModelRepository) -> None:
     with pytest.raises(RunnerError, match="no native bf16"):
-        create_runner("tiny", settings(repo, backend="openvino", precision="bf16"))
+        load_runner("tiny", settings(repo, backend="openvino", precision="bf16"))
 
 
 def test_onnx_runtime_refuses_bf16_and_says_where_it_runs(repo: ModelRepository) -> None:
     with pytest.raises(RunnerError, match="bf16 needs --backend openvino"):
-        create_runner("tiny", settings(repo, backend="onnxruntime", precision="bf16"))
+        load_runner("tiny", settings(repo, backend="onnxruntime", precision="bf16"))
 
 
 @needs_openvino
 def test_the_int8_file_runs_as_int8_and_agrees_with_onnx_runtimes_int8(repo: ModelRepository) -> None:
-    ov = create_runner("tiny-int8", settings(repo, backend="openvino"))
-    ort = create_runner("tiny-int8", settings(repo, backend="onnxruntime"))
+    ov = load_runner("tiny-int8", settings(repo, backend="openvino"))
+    ort = load_runner("tiny-int8", settings(repo, backend="onnxruntime"))
     assert ov.meta["precision"] == "int8" == ort.meta["precision"]
     px = pixels_for(ov, n=16)
     got, want = ov.infer_pixels(px), ort.infer_pixels(px)
@@ -130,7 +130,7 @@ def test_the_int8_file_runs_as_int8_and_agrees_with_onnx_runtimes_int8(repo: Mod
 
 @needs_openvino
 def test_streams_are_batches_in_flight_and_agree_when_run_at_once(repo: ModelRepository) -> None:
-    runner = create_runner("tiny", settings(repo, backend="openvino", precision="fp32", openvino_streams=2, intra_op_threads=2))
+    runner = load_runner("tiny", settings(repo, backend="openvino", precision="fp32", openvino_streams=2, intra_op_threads=2))
     assert runner.capabilities.max_in_flight == 2 and runner.meta["streams"] == 2
     batches = [pixels_for(runner, n=4, seed=s) for s in range(8)]
     alone = [runner.infer_pixels(b) for b in batches]
@@ -147,7 +147,7 @@ def test_streams_are_batches_in_flight_and_agree_when_run_at_once(repo: ModelRep
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
     # Never more streams than threads: they would only queue.
-    one_thread = create_runner("tiny", settings(repo, backend="openvino", openvino_streams=4, intra_op_threads=1))
+    one_thread = load_runner("tiny", settings(repo, backend="openvino", openvino_streams=4, intra_op_threads=1))
     assert one_thread.capabilities.max_in_flight == 1
 
 
@@ -178,7 +178,7 @@ def test_server_on_openvino_with_two_batches_in_flight(repo: ModelRepository, tm
         with httpx.Client(base_url=server.url, timeout=60) as client:
             answers = [client.post("/classify?model=tiny&topk=1000", files=files) for _ in range(2)]
         # Nine images in batches of two, two batches at a time: every row in request order, as computed here.
-        local = create_runner("tiny", settings(repo, backend="openvino", precision="fp32"))
+        local = load_runner("tiny", settings(repo, backend="openvino", precision="fp32"))
         pp = local.preprocessing
         want = local.infer_pixels(np.stack([imaging.decode(p.read_bytes(), pp) for p in photos for _ in range(3)]))
         for answer in answers:
@@ -212,9 +212,9 @@ def test_a_server_never_reports_anything_home(repo: ModelRepository, tmp_path: P
     code = f"""
 import json, os, sys
 import numpy as np
-from saikyo.runtime import create_runner
+from saikyo.runtime import load_runner
 from saikyo.settings import Settings
-runner = create_runner("tiny", Settings(repository={str(repo.root)!r}, backend="openvino"))
+runner = load_runner("tiny", Settings(repository={str(repo.root)!r}, backend="openvino"))
 runner.infer_pixels(np.zeros((1, 32, 32, 3), np.uint8))
 import openvino.tools.ovc.telemetry_utils as t
 print(json.dumps({{"module": repr(sys.modules.get("openvino_telemetry")), "ovc": t.tm.__name__,
@@ -234,8 +234,8 @@ NEAR_TIE = 0.02  # fp32's top two closer than this: any rounding may order them 
 
 @needs_bf16
 def test_pretrained_top1_survives_bf16_on_every_held_out_photo(pretrained_repository: ModelRepository) -> None:
-    ort = create_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="onnxruntime"))
-    bf16 = create_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="openvino", precision="bf16"))
+    ort = load_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="onnxruntime"))
+    bf16 = load_runner("efficientnet_lite0", Settings(repository=pretrained_repository.root, backend="openvino", precision="bf16"))
     names, pixels = held_out_pixels(ort.preprocessing, sorted(DATA.glob("*.jpg")))
     assert len(names) >= 8
     want, got = ort.infer_pixels(pixels), bf16.infer_pixels(pixels)

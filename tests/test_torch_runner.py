@@ -28,7 +28,7 @@ from saikyo.models import zoo
 from saikyo.inference.batching import DynamicBatcher
 from saikyo.models.export import export_model
 from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
-from saikyo.runtime import RunnerError, auto_backend, create_runner
+from saikyo.runtime import RunnerError, auto_backend, load_runner, runner_inputs
 from saikyo.runtime.onnxruntime import OnnxRunner
 from saikyo.runtime.torch import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
 from saikyo.settings import Settings
@@ -70,7 +70,7 @@ def settings_for(repo: ModelRepository, **kw: object) -> Settings:
 @pytest.fixture(scope="module")
 def squeezenet_pair(squeezenet_repository: ModelRepository) -> tuple[TorchRunner, OnnxRunner]:
     s = settings_for(squeezenet_repository, max_batch_size=4, device="cpu")
-    return TorchRunner.load("squeezenet1_1", s), OnnxRunner.load("squeezenet1_1", s)
+    return TorchRunner.load(*runner_inputs("squeezenet1_1", s)), OnnxRunner.load(*runner_inputs("squeezenet1_1", s))
 
 
 def random_pixels(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
@@ -118,17 +118,17 @@ def test_device_and_dtype_resolution() -> None:
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(squeezenet_repository: ModelRepository) -> None:
     with pytest.raises(RunnerError, match="no CUDA device"):
-        TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cuda"))
+        TorchRunner.load(*runner_inputs("squeezenet1_1", settings_for(squeezenet_repository, device="cuda")))
 
 
 def test_backend_selection(squeezenet_repository: ModelRepository) -> None:
-    runner = create_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="torch", device="auto"))
+    runner = load_runner("squeezenet1_1", settings_for(squeezenet_repository, backend="torch", device="auto"))
     assert isinstance(runner, TorchRunner)
     assert runner.meta["backend"] == "torch" and runner.meta["device"] == ("cuda" if CUDA else "cpu")
     assert runner.meta["precision"] == ("fp16" if CUDA else "fp32")  # what runs (the file is fp32)
     assert runner.capabilities.device_decode is CUDA
     settings = settings_for(squeezenet_repository, backend="auto")
-    auto = create_runner("squeezenet1_1", settings)
+    auto = load_runner("squeezenet1_1", settings)
     # Without CUDA, auto picks a CPU engine by the rule tests/test_openvino.py checks.
     assert auto.meta["backend"] == ("torch" if CUDA else auto_backend("squeezenet1_1", settings)[0])
 
@@ -267,7 +267,7 @@ def test_runner_reads_weights_pt_not_the_seed(squeezenet_repository: ModelReposi
     bias = next(k for k in sd if k.endswith("bias") and sd[k].shape == (1000,))
     sd[bias][7] += 50.0  # class 7 now wins for every input
     torch.save(sd, path)
-    runner = TorchRunner.load("squeezenet1_1", settings_for(repo, device="cpu"))
+    runner = TorchRunner.load(*runner_inputs("squeezenet1_1", settings_for(repo, device="cpu")))
     assert (runner.infer_pixels(random_pixels(2)).argmax(axis=1) == 7).all()
 
 
@@ -278,25 +278,25 @@ def test_entries_without_weights_pt(squeezenet_repository: ModelRepository, tmp_
     s = settings_for(repo, device="cpu")
     # Random weights come back from the seed: the same network as the ONNX file.
     x = random_pixels(2)
-    assert_same_network(TorchRunner.load("squeezenet1_1", s).infer_pixels(x), OnnxRunner.load("squeezenet1_1", s).infer_pixels(x))
+    assert_same_network(TorchRunner.load(*runner_inputs("squeezenet1_1", s)).infer_pixels(x), OnnxRunner.load(*runner_inputs("squeezenet1_1", s)).infer_pixels(x))
     meta_path = repo.model_dir("squeezenet1_1") / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "weights": "file:abc"}))
     with pytest.raises(RunnerError, match="no weights.pt"):
-        TorchRunner.load("squeezenet1_1", s)
+        TorchRunner.load(*runner_inputs("squeezenet1_1", s))
 
 
 def test_quantised_variants_are_refused(squeezenet_repository: ModelRepository, tmp_path: Path) -> None:
     repo = ModelRepository(tmp_path / "repo")
     shutil.copytree(squeezenet_repository.model_dir("squeezenet1_1"), repo.model_dir("squeezenet1_1-int8"))
     with pytest.raises(RunnerError, match="onnxruntime"):
-        TorchRunner.load("squeezenet1_1-int8", settings_for(repo, device="cpu"))
+        TorchRunner.load(*runner_inputs("squeezenet1_1-int8", settings_for(repo, device="cpu")))
 
 
 def test_pretrained_efficientnet_knows_the_cat_and_agrees_with_onnx_runtime(pretrained_repository: ModelRepository) -> None:
     s = Settings(repository=pretrained_repository.root, device="cpu")
-    torch_runner = TorchRunner.load("efficientnet_lite0", s)
-    ort_runner = OnnxRunner.load("efficientnet_lite0", s)
+    torch_runner = TorchRunner.load(*runner_inputs("efficientnet_lite0", s))
+    ort_runner = OnnxRunner.load(*runner_inputs("efficientnet_lite0", s))
     pixels = np.stack([imaging.decode(p.read_bytes(), torch_runner.preprocessing) for p in PHOTOS])
     got, want = torch_runner.infer_pixels(pixels), ort_runner.infer_pixels(pixels)
     assert int(got[0].argmax()) in CAT_CLASSES
@@ -364,7 +364,7 @@ def test_a_corrupt_jpeg_in_a_batch_costs_only_itself() -> None:
 
 
 def test_infer_images_matches_infer_pixels(squeezenet_repository: ModelRepository) -> None:
-    runner = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu", device_decode="on"))
+    runner = TorchRunner.load(*runner_inputs("squeezenet1_1", settings_for(squeezenet_repository, device="cpu", device_decode="on")))
     assert runner.capabilities.device_decode
     blobs = [p.read_bytes() for p in PHOTOS]
     items = runner.decode_images(blobs)
@@ -426,8 +426,8 @@ def test_server_with_the_torch_backend(pretrained_repository: ModelRepository, t
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_runner_captures_graphs_and_agrees_with_fp32_cpu(squeezenet_repository: ModelRepository) -> None:
-    gpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cuda", max_batch_size=8))
-    cpu = TorchRunner.load("squeezenet1_1", settings_for(squeezenet_repository, device="cpu"))
+    gpu = TorchRunner.load(*runner_inputs("squeezenet1_1", settings_for(squeezenet_repository, device="cuda", max_batch_size=8)))
+    cpu = TorchRunner.load(*runner_inputs("squeezenet1_1", settings_for(squeezenet_repository, device="cpu")))
     assert gpu.meta["dtype"] == "float16" and gpu.meta["precision"] == "fp16"
     assert gpu.cuda_graphs and gpu.buckets == (1, 2, 4, 8)
     assert gpu.in_flight == 2 and gpu.capabilities.max_in_flight == 2 and gpu.meta["in_flight"] == 2

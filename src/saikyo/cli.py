@@ -253,6 +253,54 @@ def models_push(
     console.print(f"published {name} version {number} to {target.location} ({size / 1e6:.1f} MB: {', '.join(f.name for f in files)}, {META_FILE} last)")
 
 
+@models_app.command("config")
+def models_config(
+    name: Annotated[str, typer.Argument(help="model name in the repository (its latest version)")],
+    max_batch_size: Annotated[Optional[int], typer.Option(help="largest batch one forward pass runs (1..1024)")] = None,
+    max_delay_ms: Annotated[Optional[float], typer.Option(help="how long an idle runner waits for more images (0..1000)")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto | onnxruntime | openvino | torch")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="openvino: auto | fp32 | bf16")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="inference threads (0 = one per core)")] = None,
+    streams: Annotated[Optional[int], typer.Option(help="openvino: batches in flight at once (1..64)")] = None,
+    in_flight: Annotated[Optional[int], typer.Option(help="torch: batches in flight on the device (1..16)")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="drop the version's serving settings (then apply those given)")] = False,
+    repository: RepositoryOpt = None,
+    s3_endpoint_url: EndpointOpt = None,
+) -> None:
+    """Set a model's own serving settings (its meta.json `serving` block); the server's flags and
+    environment stay the defaults for what it does not set.
+
+    Published as the next version with the same files (versions are never replaced); an unversioned
+    local export has its meta.json rewritten instead. Servers with --model-control poll pick it up by
+    themselves; with explicit, POST /v2/repository/models/NAME/load.
+    """
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.models.serving import SERVING_KEY, SETTING_OF, ServingConfigError
+
+    given = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "backend": backend, "precision": precision,
+             "threads": threads, "streams": streams, "in_flight": in_flight}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given and not reset:
+        flags = ", ".join("--" + k.replace("_", "-") for k in SETTING_OF)
+        err.print(f"[red]error:[/] nothing to set: give at least one of {flags}, or --reset", soft_wrap=True)
+        raise typer.Exit(2)
+    settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    repo = _repository(settings, check=True)
+    try:
+        current = {} if reset else repo.resolve(name).meta.get(SERVING_KEY) or {}
+        if not isinstance(current, dict):
+            current = {}  # unusable: replaced by what is given
+        serving = {**current, **given}
+        number = repo.configure(name, serving)
+    except ServingConfigError as exc:
+        err.print(f"[red]error:[/] {exc}; nothing was written", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (ModelNotExported, RepositoryError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"{name} version {number} in {repo.location} serves with {json.dumps(serving) if serving else 'the server defaults'}", highlight=False)
+
+
 # What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.
 _PUBLISHED = ["model.onnx", "weights.pt"]
 
@@ -353,13 +401,14 @@ def classify(
     from saikyo.inference import labels as imagenet_labels
     from saikyo.inference.predictions import top_k
     from saikyo.models.errors import ModelNotExported
-    from saikyo.runtime import RunnerError, create_runner
+    from saikyo.models.errors import RepositoryError
+    from saikyo.runtime import RunnerError, load_runner
 
     name = model or zoo.DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
     try:
-        runner = create_runner(name, settings)
-    except (ModelNotExported, RunnerError, UnknownModel) as exc:
+        runner = load_runner(name, settings)
+    except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     pixels = []

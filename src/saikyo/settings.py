@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ class Settings:
     model_control: str = setting("none", "none | explicit (load/unload endpoints) | poll (explicit + follow new versions)")
     repository_poll_s: float = setting(30.0, "poll: seconds between looks at the repository")
     backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
-    # A model's tuning for this CPU model and core count (`saikyo tune`, models/tunings.py) sets the
-    # serving options the operator left unset; off, the static rule and the defaults apply.
+    # A model's tuning for this CPU model and core count (`saikyo tune`, models/tunings.py) sets its
+    # serving options over its meta.json block and these settings; off, those apply as they are.
     tuning: bool = setting(True, "apply each model's tuning for this CPU (saikyo tune) where the repository has one")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
@@ -161,10 +162,6 @@ class Settings:
     max_ongoing_requests: int = setting(64, "ray: requests one replica takes at once")
     max_queued_requests: int = setting(256, "ray: requests waiting for a replica before 503")
 
-    # The settings the operator gave (a flag or a SAIKYO_* variable), not left at their defaults: a
-    # model's tuning for this CPU (models/tunings.py) overrides only the others.
-    explicit: tuple[str, ...] = setting((), "", cli=False, repr=False)
-
     def __post_init__(self) -> None:
         if self.torch_in_flight < 1:
             raise ValueError(f"setting 'torch_in_flight' must be at least 1, not {self.torch_in_flight!r}")
@@ -217,10 +214,9 @@ class Settings:
         from_env: dict[str, Any] = {}
         for f in fields(cls):
             key = f"SAIKYO_{f.name.upper()}"
-            if key in environ and f.name != "explicit":
+            if key in environ:
                 from_env[f.name] = environ[key]
-        given = tuple(sorted({*from_env, *(k for k, v in overrides.items() if v is not None)} - {"explicit"}))
-        return cls().with_overrides(**from_env).with_overrides(**overrides, explicit=given)
+        return cls().with_overrides(**from_env).with_overrides(**overrides)
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
@@ -233,6 +229,22 @@ def cli_fields() -> list[Field[Any]]:
 
 def flag_of(f: Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def setting_source(settings: Settings, name: str, environ: Mapping[str, str]) -> str:
+    """Where a setting's value came from, as far as can be told: "default" (the field's), "env" (the
+    SAIKYO_ variable holds it) or "flag" (set some other way: a flag, or the code that built Settings)."""
+    value = getattr(settings, name)
+    default = next(f.default for f in fields(Settings) if f.name == name)
+    if value == default:
+        return "default"
+    key = f"SAIKYO_{name.upper()}"
+    try:
+        if key in environ and _coerce(name, environ[key]) == value:
+            return "env"
+    except ValueError:
+        pass
+    return "flag"
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -647,7 +647,7 @@ def tune_command(
     ] = True,
     instance_type: InstanceOpt = None,
     price_per_hour: PriceOpt = None,
-    log_dir: Annotated[Optional[Path], typer.Option(help="the servers' logs [default: a temporary dir]")] = None,
+    log_dir: Annotated[Optional[Path], typer.Option(help="the servers' logs and scratch repositories [default: a temporary dir]")] = None,
 ) -> None:
     """Measure the fastest accurate way to serve MODEL on this machine and store it for `serve`.
 
@@ -663,12 +663,20 @@ def tune_command(
     from saikyo.bench.cost import default_instance_type
     from saikyo.bench.hardware import describe
     from saikyo.bench.load import read_images
-    from saikyo.bench.tune import agreement_pixels, candidates_for, measure_forward, measure_served, tune
+    from saikyo.bench.tune import (
+        Candidate,
+        agreement_pixels,
+        candidates_for,
+        load_candidate,
+        measure_forward,
+        measure_served,
+        tune,
+    )
     from saikyo.inference.preprocessing import Preprocessing
     from saikyo.models import tunings
     from saikyo.models.errors import ModelNotExported, RepositoryError
     from saikyo.models.location import open_repository
-    from saikyo.runtime import create_runner, openvino_installed
+    from saikyo.runtime import openvino_installed
     from saikyo.settings import Settings
 
     _need_bench_extra()
@@ -707,7 +715,7 @@ def tune_command(
 
     def fp32() -> Any:
         if not reference:
-            runner = create_runner(entry(model), settings.with_overrides(backend="onnxruntime", device="cpu", precision="fp32"))
+            runner = load_candidate(entry(model), settings, Candidate(model, "onnxruntime", "fp32"))
             reference.append(runner.infer_pixels(pixels))
             runner.close()
         return reference[0]
@@ -728,8 +736,8 @@ def tune_command(
     say(f"tuning {model} on {hw.description}: {len(candidates)} engine x precision candidates, "
         f"{images_per_request} image(s) per request, p99 <= {p99_ms:g} ms, budget {budget:g} s")  # fmt: skip
     with contextlib.ExitStack() as stack:
-        logs = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saikyo-tune-")))
-        stage2 = measure_served(settings.repository, logs, read_images(None), images_per_request, p99_ms, context)
+        work = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saikyo-tune-")))
+        stage2 = measure_served(entry, work, read_images(None), images_per_request, p99_ms, context)
         try:
             result = tune(
                 model, candidates, measure_forward(entry, settings, pixels, fp32), stage2, images_per_request,

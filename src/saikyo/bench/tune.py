@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,21 @@ class Candidate:
     def label(self) -> str:
         return f"{self.backend} {self.precision}"
 
-    def settings_overrides(self) -> dict[str, Any]:
-        # int8 files keep their float layers in fp32: OpenVINO's bf16 would change them too.
-        return {"backend": self.backend, "device": "cpu",
-                "precision": "bf16" if self.precision == "bf16" else "fp32"}  # fmt: skip
+    @property
+    def engine_precision(self) -> str:
+        """What the engine is asked for; int8 files keep their float layers in fp32 (OpenVINO's bf16
+        would change those too)."""
+        return "bf16" if self.precision == "bf16" else "fp32"
+
+
+def load_candidate(entry: Any, settings: Any, candidate: Candidate) -> Any:
+    """`candidate`'s runner for `entry` (a local version): the model's effective options, with the
+    engine and precision under test in place of whatever its block or a tuning would choose."""
+    from saikyo.runtime import create_runner, runner_inputs
+
+    _, options = runner_inputs(entry, settings)
+    options = replace(options, backend=candidate.backend, device="cpu", precision=candidate.engine_precision)
+    return create_runner(entry, options)
 
 
 @dataclass(frozen=True)
@@ -137,15 +148,8 @@ class ServeConfig:
         out: dict[str, Any] = {"backend": self.candidate.backend, "max_batch_size": self.max_batch_size,
                                "max_delay_ms": self.max_delay_ms}  # fmt: skip
         if self.candidate.backend == "openvino":
-            out.update(precision=self.candidate.settings_overrides()["precision"], streams=self.streams)
+            out.update(precision=self.candidate.engine_precision, streams=self.streams)
         return out
-
-    def server_args(self) -> list[str]:
-        # A tuning already in the repository changes nothing being measured.
-        return ["--no-tuning", "--backend", self.candidate.backend, "--device", "cpu",
-                "--precision", self.candidate.settings_overrides()["precision"],
-                "--openvino-streams", str(self.streams), "--max-batch-size", str(self.max_batch_size),
-                "--max-delay-ms", str(self.max_delay_ms)]  # fmt: skip
 
 
 def configurations(runners: Sequence[Screened], images_per_request: int, cores: int) -> list[ServeConfig]:
@@ -296,12 +300,13 @@ def measure_forward(
 ) -> Stage1:
     """Stage 1 for real: load the candidate's runner, time forward passes of held-out photos at each batch
     size (median of up to `seconds_per_size` worth), and compare its top-1 with fp32's (`reference`)."""
-    from saikyo.runtime import RunnerError, create_runner
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.runtime import RunnerError
 
     def run(c: Candidate, sizes: list[int]) -> Screened:
         try:
-            runner = create_runner(entries(c.model), base_settings.with_overrides(**c.settings_overrides()))
-        except (RunnerError, OSError, ValueError) as exc:
+            runner = load_candidate(entries(c.model), base_settings, c)
+        except (RunnerError, RepositoryError, ModelNotExported, OSError, ValueError) as exc:
             return Screened(c, {}, error=str(exc).splitlines()[0][:200])
         try:
             timings = {}
@@ -340,29 +345,34 @@ def agreement_pixels(preprocessing: Any, extra_images: Sequence[Path] = ()) -> n
 
 
 def measure_served(
-    repository: str,
-    log_dir: Path,
+    entries: Callable[[str], Any],
+    work_dir: Path,
     images: Sequence[tuple[str, bytes]],
     images_per_request: int,
     p99_ms: float,
     context: Callable[[ServeConfig], Any],
-    server_args: Sequence[str] = (),
 ) -> Stage2:
-    """Stage 2 for real: `saikyo serve` with the configuration's flags, then the cost lab's capacity
-    search with short steps (a tuning compares configurations; `bench capacity` gives the long answer)."""
+    """Stage 2 for real: `saikyo serve` with the configuration as the version's own `serving` block (the
+    very mechanism a tuning takes effect by, and above any flag), from a scratch repository that links
+    the model's file, then the cost lab's capacity search with short steps (a tuning compares
+    configurations; `bench capacity` gives the long answer)."""
     from saikyo.bench import records
     from saikyo.bench.capacity import CapacitySpec, StepRule, run_capacity
     from saikyo.bench.load import LoadError, LoadSpec
     from saikyo.bench.localserver import ServerStartError, local_server
 
     rule = StepRule(min_requests=200, min_seconds=2.0, max_seconds=6.0, warmup_seconds=1.0)
+    served = 0
 
     def run(config: ServeConfig, start_rate: float | None) -> Served:
+        nonlocal served
+        served += 1
         t0 = time.monotonic()
         model = config.candidate.model
+        root = work_dir / f"config-{served}"
+        scratch(root, model, entries(model), config.serving())
         try:
-            with local_server(repository, model,  # type: ignore[arg-type]  (a location: a directory or s3://)
-                              log_dir, [*config.server_args(), *server_args], timeout=300) as server:
+            with local_server(root, model, work_dir, ["--device", "cpu", "--no-tuning"], timeout=300) as server:
                 load = LoadSpec(url=server.url, model=model, images_per_request=images_per_request, timeout=30)
                 spec = CapacitySpec(load, p99_ms, precision=0.1, start_rate=start_rate, max_steps=7, rule=rule)
                 found = run_capacity(spec, images)
@@ -372,3 +382,13 @@ def measure_served(
         return Served(config, record.get("capacity_images_per_s"), record, time.monotonic() - t0)
 
     return run
+
+
+def scratch(root: Path, model: str, entry: Any, serving: dict[str, Any]) -> None:
+    """A one-version repository at `root`: `entry`'s model file linked, its meta.json with `serving`."""
+    import json
+
+    d = root / model
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.onnx").symlink_to(entry.path.resolve())
+    (d / "meta.json").write_text(json.dumps({**entry.meta, "serving": serving}))

@@ -29,6 +29,7 @@ from saikyo.models import zoo
 from saikyo.models.errors import ModelNotExported, RepositoryError, VersionNotFound
 from saikyo.models.provenance import sha256_file
 from saikyo.models.tunings import MAX_TUNING_BYTES, MAX_TUNING_FILES, TUNINGS_DIR
+from saikyo.models.serving import SERVING_KEY, parse_serving
 
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
@@ -167,6 +168,28 @@ class Repository(abc.ABC):
         self._publish(name, number, files, _meta_bytes(with_digests(meta, files)))
         return number
 
+    def configure(self, name: str, serving: dict[str, Any]) -> int:
+        """Give the latest version of `name` the serving block `serving` (none when empty), checked
+        first: published as the next version, with the same files, since versions are never replaced.
+        Returns the version that has it. ServingConfigError, and nothing written, for a bad block."""
+        block = parse_serving(serving).overrides()
+        ref = self.resolve(name)
+        entry = self.fetch(ref)
+        try:
+            files = [entry.path.parent / f for f in sorted(file_digests(ref), key=lambda f: f != MODEL_FILE)]
+            meta = {**configured_meta(ref, block), "configured_from": f"version {ref.version}"}
+            return self.publish(name, files, meta)
+        finally:
+            entry.release()
+
+
+def configured_meta(ref: VersionMeta, serving: dict[str, Any]) -> dict[str, Any]:
+    """`ref`'s meta.json with `serving` as its block (none when empty), its file digests left to publish."""
+    meta = {k: v for k, v in ref.meta.items() if k not in ("files", SERVING_KEY)}
+    if serving:
+        meta[SERVING_KEY] = serving
+    return meta
+
 
 def with_digests(meta: dict[str, Any], files: Sequence[Path]) -> dict[str, Any]:
     """`meta` with `files`: each file's sha256 and size, what a downloader checks what it got against."""
@@ -294,6 +317,25 @@ class ModelRepository(Repository):
                 os.unlink(f.name)
             raise RepositoryError(f"cannot write {d / file}: {exc.strerror}") from None
         return str(d / file)
+    def configure(self, name: str, serving: dict[str, Any]) -> int:
+        """As Repository.configure, except for an unversioned export (version 1 as files at the model's
+        root, what `models export` writes and replaces): a build output, so its meta.json is rewritten
+        in place, in one rename. Its digest changes, which is how a polling server sees it."""
+        ref = self.resolve(name)
+        if ref.version != UNVERSIONED or Path(ref.where) != self.model_dir(name):
+            return super().configure(name, serving)
+        meta = {**configured_meta(ref, parse_serving(serving).overrides()), "files": ref.meta.get("files")}
+        if meta["files"] is None:
+            meta.pop("files")
+        fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", dir=ref.where)
+        os.close(fd)
+        staging = Path(tmp)
+        try:
+            staging.write_bytes(_meta_bytes(meta))
+            os.replace(staging, Path(ref.where) / META_FILE)
+        finally:
+            staging.unlink(missing_ok=True)
+        return UNVERSIONED
 
     def write(self, name: str, model_file: Path, meta: dict[str, Any], extra_files: Sequence[Path] = ()) -> Entry:
         """Move `model_file` (and `extra_files`, by their names) into <name>/ as its unversioned export,

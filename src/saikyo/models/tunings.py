@@ -8,10 +8,10 @@ holds the tunings of several instance types:
 Listings never see them as versions (a version directory is a number). `serve` applies the tuning of
 its own CPU only; tunings for other CPUs are ignored, and the log says so.
 
-Precedence of each serving option, highest first: a flag or SAIKYO_* variable the operator gave, the
-tuning for this CPU, the version's own `serving` block, the server's default. An explicit "auto" asks
-saikyo to choose, so the tuning applies over it. An explicit choice wins
-over a measurement; a measurement on this CPU wins over a guess written into the model.
+Precedence of each serving option, highest first: the tuning for this CPU, the version's own `serving`
+block (written for any CPU), the server's flags, SAIKYO_* variables and defaults (settings for every
+model). A measurement here wins over a value written for any CPU, as the block wins over the server's
+settings; `--no-tuning` serves without tunings (runtime/options.py:resolve_serving applies the chain).
 
 The file is read as hostile input: size-capped, known keys only, exact types, bounded values.
 """
@@ -26,22 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from saikyo.models.errors import RepositoryError
+from saikyo.models.serving import parse_serving
 
 SCHEMA = "saikyo.tuning/1"
 TUNINGS_DIR = "tunings"
 MAX_TUNING_BYTES = 64 * 1024
 MAX_TUNING_FILES = 256  # listed per model; more are ignored (a listing stays bounded)
-
-# The serving options a tuning may set, with the Settings field each overrides and its bounds: the keys
-# of a version's `serving` block that a measurement on one CPU can choose.
-OPTIONS: dict[str, tuple[str, type, Any]] = {
-    "backend": ("backend", str, ("onnxruntime", "openvino")),
-    "precision": ("precision", str, ("fp32", "bf16")),
-    "max_batch_size": ("max_batch_size", int, (1, 1024)),
-    "max_delay_ms": ("max_delay_ms", float, (0.0, 1000.0)),
-    "streams": ("openvino_streams", int, (1, 64)),
-    "threads": ("intra_op_threads", int, (0, 256)),
-}
 
 
 def cpu_slug(cpu_model: str, cores: int) -> str:
@@ -60,7 +50,7 @@ class Tuning:
     cpu_model: str
     cores: int
     tuned_at: str  # ISO 8601, UTC
-    serving: dict[str, Any]  # OPTIONS keys -> values
+    serving: dict[str, Any]  # a `serving` block (models/serving.py): what serve applies
     images_per_request: int
     p99_ms: float
     capacity_images_per_s: float
@@ -123,7 +113,8 @@ class Tuning:
             cpu_model=need("cpu_model", str),
             cores=need("cores", int),
             tuned_at=need("tuned_at", str),
-            serving=check_serving(need("serving", dict), where),
+            # The keys and checks of a version's `serving` block (models/serving.py).
+            serving=parse_serving(need("serving", dict), f"{where}: serving").overrides(),
             images_per_request=need("images_per_request", int),
             p99_ms=float(need("p99_ms", number)),
             capacity_images_per_s=float(need("capacity_images_per_s", number)),
@@ -140,33 +131,8 @@ class Tuning:
         return tuning
 
 
-def check_serving(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """A tuning's serving options: known keys, exact types, values in bounds."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in OPTIONS:
-            raise RepositoryError(f"{where}: unknown serving option {key!r} (known: {', '.join(OPTIONS)})")
-        _, kind, allowed = OPTIONS[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise RepositoryError(f"{where}: serving option {key!r} must be a {kind.__name__}, not {value!r:.40}")
-        if kind is str:
-            if value not in allowed:
-                raise RepositoryError(f"{where}: serving option {key!r} must be one of {', '.join(allowed)}, not {value!r:.40}")
-        elif not (allowed[0] <= value <= allowed[1]) or (kind is float and not math.isfinite(value)):
-            raise RepositoryError(f"{where}: serving option {key!r} must be within {allowed[0]}..{allowed[1]}, not {value!r}")
-        out[key] = value
-    return out
-
-
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def overrides(tuning: Tuning, explicit: set[str] | frozenset[str]) -> dict[str, Any]:
-    """Settings field -> value for every option the tuning sets and the operator did not set explicitly."""
-    return {OPTIONS[k][0]: v for k, v in tuning.serving.items() if OPTIONS[k][0] not in explicit}
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from saikyo.inference.predictions import softmax
 from saikyo.models import zoo
-from saikyo.models.location import entry_for
 from saikyo.models.repository import Entry
 from saikyo.runtime.base import Capabilities, RunnerError
-from saikyo.settings import Settings
+from saikyo.runtime.options import RunnerOptions
 from saikyo.inference.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -63,13 +62,13 @@ def with_pixel_front(model: onnx.ModelProto, pp: Preprocessing) -> onnx.ModelPro
     return model
 
 
-def session_options(settings: Settings, optimized_path: Path | None = None) -> ort.SessionOptions:
+def session_options(options: RunnerOptions, optimized_path: Path | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = settings.resolved_intra_op_threads()
+    so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
-    spin = "1" if settings.ort_spinning else "0"
+    spin = "1" if options.ort_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     if optimized_path is not None:
@@ -96,32 +95,32 @@ class OnnxRunner:
         name: str,
         model: onnx.ModelProto,
         meta: dict[str, Any],
-        settings: Settings,
+        options: RunnerOptions,
         model_file: Path | None = None,
     ) -> None:
-        if settings.precision == "bf16":
+        if options.precision == "bf16":
             raise RunnerError("ONNX Runtime runs fp32 here (and int8 files): bf16 needs --backend openvino")
         self.name = name
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.meta = dict(meta)
-        self._settings = settings
-        self._providers = providers_for(settings.device)
+        self._options = options
+        self._providers = providers_for(options.device)
         self._tensor_model = model
         self._tensor_session: ort.InferenceSession | None = None
         self._tensor_lock = threading.Lock()
 
         pixel_model = with_pixel_front(model, self.preprocessing)
         optimized = None
-        if settings.ort_cache_optimized and model_file is not None:
+        if options.ort_cache_optimized and model_file is not None:
             optimized = model_file.parent / OPTIMIZED_FILE
         try:
             if optimized is not None and optimized.is_file() and optimized.stat().st_mtime >= model_file.stat().st_mtime:
-                so = session_options(settings)
+                so = session_options(options)
                 # The cached graph is already optimised: skip the work at load.
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 self._session = ort.InferenceSession(str(optimized), so, providers=self._providers)
             else:
-                so = session_options(settings, optimized)
+                so = session_options(options, optimized)
                 self._session = ort.InferenceSession(pixel_model.SerializeToString(), so, providers=self._providers)
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             raise RunnerError(f"ONNX Runtime could not load model {name!r}: {exc}") from exc
@@ -132,18 +131,17 @@ class OnnxRunner:
             backend="onnxruntime",
             device="cuda" if self._session.get_providers()[0] != "CPUExecutionProvider" else "cpu",
             providers=self._session.get_providers(),
-            intra_op_threads=settings.resolved_intra_op_threads(),
+            intra_op_threads=options.threads,
             precision=meta.get("precision") or zoo.precision_of(name),
         )
 
     @classmethod
-    def load(cls, model: str | Entry, settings: Settings) -> "OnnxRunner":
-        entry = entry_for(model, settings)
+    def load(cls, entry: Entry, options: RunnerOptions) -> "OnnxRunner":
         try:
             graph = onnx.load(str(entry.path))
         except Exception as exc:
             raise RunnerError(f"model file for {entry.name!r} is unreadable: {exc}") from exc
-        return cls(entry.name, graph, entry.meta, settings, model_file=entry.path)
+        return cls(entry.name, graph, entry.meta, options, model_file=entry.path)
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run([self._output], {PIXELS_INPUT: pixels})
@@ -153,7 +151,7 @@ class OnnxRunner:
         # Built on first use: most deployments never receive preprocessed tensors.
         with self._tensor_lock:
             if self._tensor_session is None:
-                so = session_options(self._settings)
+                so = session_options(self._options)
                 self._tensor_session = ort.InferenceSession(
                     self._tensor_model.SerializeToString(), so, providers=self._providers
                 )

@@ -21,10 +21,10 @@ import numpy as np
 from saikyo.inference.predictions import softmax
 from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import zoo
-from saikyo.models.location import entry_for
 from saikyo.models.repository import Entry
 from saikyo.runtime.base import Capabilities, RunnerError
-from saikyo.settings import Settings, available_cores
+from saikyo.runtime.options import RunnerOptions
+from saikyo.settings import available_cores
 
 # `import openvino` runs openvino.tools.ovc's __init__, which reports the import to Google Analytics through
 # openvino-telemetry unless the user opted out beforehand (opt-out, not opt-in: no consent file counts as
@@ -72,19 +72,19 @@ def with_pixel_front(model: ov.Model, pp: Preprocessing) -> ov.Model:
 
 
 class OpenVinoRunner:
-    def __init__(self, name: str, model: ov.Model, meta: dict[str, Any], settings: Settings, core: ov.Core) -> None:
-        if settings.device not in ("cpu", "auto"):
-            raise RunnerError(f"the openvino backend runs on the CPU, not device {settings.device!r}")
+    def __init__(self, name: str, model: ov.Model, meta: dict[str, Any], options: RunnerOptions, core: ov.Core) -> None:
+        if options.device not in ("cpu", "auto"):
+            raise RunnerError(f"the openvino backend runs on the CPU, not device {options.device!r}")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise RunnerError(f"expected one input and one output, found {len(model.inputs)} and {len(model.outputs)}")
         self.name = name
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self._core = core
         self._tensor_model = model
-        self.precision = resolve_precision(settings.precision, core)
-        threads = settings.resolved_intra_op_threads()
+        self.precision = resolve_precision(options.precision, core)
+        threads = options.threads
         # Streams share the threads; more streams than threads would only queue.
-        self.streams = min(settings.openvino_streams, threads)
+        self.streams = min(options.streams, threads)
         self._config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
             "NUM_STREAMS": self.streams,
@@ -123,14 +123,13 @@ class OpenVinoRunner:
                  name, served, ran_at, self.streams, threads)  # fmt: skip
 
     @classmethod
-    def load(cls, model: str | Entry, settings: Settings) -> "OpenVinoRunner":
-        entry = entry_for(model, settings)
+    def load(cls, entry: Entry, options: RunnerOptions) -> "OpenVinoRunner":
         core = ov.Core()
         try:
             graph = core.read_model(str(entry.path))
         except Exception as exc:
             raise RunnerError(f"model file for {entry.name!r} is unreadable: {exc}") from exc
-        return cls(entry.name, graph, entry.meta, settings, core)
+        return cls(entry.name, graph, entry.meta, options, core)
 
     def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         return softmax(self._requests.run(pixels))

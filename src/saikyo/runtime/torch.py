@@ -34,14 +34,13 @@ from saikyo.inference import imaging
 from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import zoo
 from saikyo.models.errors import UnknownModel, WeightsUnavailable
-from saikyo.models.location import entry_for
 from saikyo.models.repository import WEIGHTS_FILE, Entry
 from saikyo.runtime import torch_imaging
 from saikyo.runtime.base import Capabilities, RunnerError
 from saikyo.runtime.decode_queue import DecodeQueue
+from saikyo.runtime.options import RunnerOptions
 from saikyo.runtime.pipelining import SlotPipeline
 from saikyo.runtime.torch_imaging import host_tensor, to_device
-from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -224,8 +223,7 @@ class TorchRunner:
 
     # ---- construction ----
     @classmethod
-    def load(cls, model: str | Entry, settings: Settings) -> "TorchRunner":
-        entry = entry_for(model, settings)
+    def load(cls, entry: Entry, options: RunnerOptions) -> "TorchRunner":
         name, meta = entry.name, entry.meta
         base = str(meta.get("base_model") or zoo.base_name(name))
         if zoo.precision_of(name) != "fp32" or meta.get("precision", "fp32") != "fp32":
@@ -243,14 +241,14 @@ class TorchRunner:
             model,
             Preprocessing.from_dict(meta["preprocessing"]),
             meta,
-            device=settings.device,
-            dtype=settings.torch_dtype,
-            max_batch_size=settings.max_batch_size,
-            buckets=settings.batch_buckets,
-            cuda_graphs=settings.cuda_graphs,
-            compile=settings.torch_compile,
-            device_decode=settings.device_decode,
-            in_flight=settings.torch_in_flight,
+            device=options.device,
+            dtype=options.torch_dtype,
+            max_batch_size=options.max_batch_size,
+            buckets=options.batch_buckets,
+            cuda_graphs=options.cuda_graphs,
+            compile=options.torch_compile,
+            device_decode=options.device_decode,
+            in_flight=options.in_flight,
         )
 
     # ---- the Runner protocol ----

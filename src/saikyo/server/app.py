@@ -18,6 +18,7 @@ from saikyo.server.routes.v2 import repository as v2_repository
 from saikyo.server.routes.v2 import routes as v2
 from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_keys
 from saikyo.server.errors import install_handlers
+from saikyo.server.middlewares import memory
 from saikyo.server.middlewares.limits import LimitsMiddleware
 from saikyo.server.served import ServedModels
 from saikyo.settings import Settings
@@ -72,7 +73,15 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
     demo.install(app)
     # The last added runs first: keys are checked before admission control and body limits, so an
     # unauthenticated flood takes no request slot.
-    app.add_middleware(LimitsMiddleware, settings=settings)
+    app.add_middleware(
+        LimitsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        request_timeout_ms=settings.request_timeout_ms,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
+        memory_budget=memory.body_budget(settings),
+    )
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys, public=settings.public_endpoints)
     # Outermost: every request is counted, including those refused by the middlewares above.

@@ -38,6 +38,7 @@ from saikyo.models import tunings
 from saikyo.runtime import Runner, RunnerError, auto_backend, create_runner
 from saikyo.runtime.cpu import this_cpu
 from saikyo.runtime.base import device_decoder
+from saikyo.runtime.options import RunnerOptions, ServingConfig, resolve_serving
 from saikyo.server.redact import redact_paths
 from saikyo.settings import Settings
 
@@ -65,6 +66,7 @@ class ServedModel:
     version: int | None = None  # None until the repository has said which
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
+    config: ServingConfig | None = None  # what it serves with, and where each value came from
     users: int = 0  # requests using it now (pipeline.serving)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -95,7 +97,7 @@ class ServedModel:
             return False
 
 
-RunnerFactory = Callable[[Entry, Settings], Runner]
+RunnerFactory = Callable[[Entry, RunnerOptions], Runner]
 
 
 class ServedModels:
@@ -273,10 +275,18 @@ class ServedModels:
         entry: Entry | None = None
         runner: Runner | None = None
         try:
-            s, tuning = await loop.run_in_executor(executor, self._tuned, model.name)
+            tuning = await loop.run_in_executor(executor, self._tuning, model.name)
+            # Checked before any download: a bad serving block fails this version with its reason.
+            config = resolve_serving(
+                ref.meta, self.settings, over=[("tuning", tuning.serving)] if tuning else (),
+                where=f"{model.name} version {ref.version}: meta.json serving",
+            )  # fmt: skip
+            tuned = self._tuning_line(model.name, tuning, config)
+            log.info("model %s: %s", model.name, tuned)
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
-            runner = await loop.run_in_executor(executor, self._runner_factory, entry, s)
-            await loop.run_in_executor(executor, self._warm_up, runner, s.max_batch_size)
+            options = config.runner_options(self.settings)
+            runner = await loop.run_in_executor(executor, self._runner_factory, entry, options)
+            await loop.run_in_executor(executor, self._warm_up, runner, config.max_batch_size)
         except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
             self._fail(model, str(exc), executor, entry, runner)
             return
@@ -285,7 +295,8 @@ class ServedModels:
             self._fail(model, f"{type(exc).__name__}: {exc}", executor, entry, runner)
             return
         pp = runner.preprocessing
-        runner.meta["tuning"] = tuning
+        s = self.settings
+        runner.meta["tuning"] = tuned
         in_flight = runner.capabilities.max_in_flight
         if in_flight > 1:
             # The runner runs that many forward passes at once: one executor thread for each.
@@ -302,8 +313,8 @@ class ServedModels:
             model.error = f"stopped serving: {reason}"
 
         common = dict(
-            max_batch_size=s.max_batch_size,
-            max_delay_ms=s.max_delay_ms,
+            max_batch_size=config.max_batch_size,
+            max_delay_ms=config.max_delay_ms,
             max_queue_images=s.max_queue_images,
             max_in_flight=in_flight,
             batch_timeout_s=s.batch_timeout_s,
@@ -331,6 +342,7 @@ class ServedModels:
         model.runner = runner
         model.executor = executor
         model.entry = entry
+        model.config = config
         model.meta = runner.meta
         model.state = ModelState.READY
         if runner.meta.get("weights") == "random":
@@ -342,33 +354,28 @@ class ServedModels:
         paths, this does not."""
         return redact_paths(error, *self._private_roots)
 
-    def _tuned(self, name: str) -> tuple[Settings, str]:
-        """The settings `name` runs with, and the line that says why: this CPU's tuning over the server's
-        settings, except those the operator gave (models/tunings.py), or the static rule when untuned."""
+    def _tuning(self, name: str) -> tunings.Tuning | None:
+        """This CPU's tuning of `name` (models/tunings.py), when the repository has one and --tuning is
+        on; tunings for other CPUs are never applied, and the log names them."""
+        if not self.settings.tuning:
+            return None
         cpu = this_cpu()
-        found = tunings.find(self.repository, name, cpu.model, cpu.cores) if self.settings.tuning else tunings.Found(None)
+        found = tunings.find(self.repository, name, cpu.model, cpu.cores)
         if found.others:
             log.warning("model %s: tuning(s) for other CPUs ignored (%s): this is %s", name, ", ".join(found.others), cpu)
         if found.problem:
             log.warning("model %s: its tuning for this CPU is not used: %s", name, found.problem)
-        if found.tuning is not None:
-            # "auto" given explicitly asks saikyo to choose: the tuning is that choice.
-            given = {n for n in self.settings.explicit if getattr(self.settings, n, None) != "auto"}
-            chosen = tunings.overrides(found.tuning, given)
-            line = found.tuning.describe()
-            kept = sorted(set(tunings.OPTIONS[k][0] for k in found.tuning.serving) - set(chosen))
-            if kept:
-                line += f"; given explicitly, kept: {', '.join(kept)}"
-            log.info("model %s: %s", name, line)
-            return self.settings.with_overrides(**chosen), line
+        return found.tuning
+
+    def _tuning_line(self, name: str, tuning: tunings.Tuning | None, config: ServingConfig) -> str:
+        """What the start-up log and /v2/models/{m} say of how the serving options were chosen."""
+        if tuning is not None:
+            return tuning.describe()
         line = "untuned: " if self.settings.tuning else "untuned (--no-tuning): "
-        if self.settings.backend == "auto":
-            backend, why = auto_backend(name, self.settings)
-            line += f"the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
-        else:
-            line += f"backend {self.settings.backend} as set"
-        log.info("model %s: %s", name, line)
-        return self.settings, line
+        if config["backend"] == "auto":
+            backend, why = auto_backend(name, config.runner_options(self.settings))
+            return line + f"the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
+        return line + f"backend {config['backend']} from the {config.values['backend'].source}"
 
     def _warm_up(self, runner: Runner, max_batch_size: int) -> None:
         size = runner.preprocessing.input_size

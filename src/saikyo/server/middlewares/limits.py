@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from saikyo.server.middlewares import deadline, memory
 from saikyo.server.middlewares.path_groups import endpoint_group
 from saikyo.server.errors import error_body
-from saikyo.settings import Settings
 
 
 log = logging.getLogger(__name__)
@@ -58,15 +57,25 @@ async def send_json(
 
 
 class LimitsMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        max_concurrent_requests: int,
+        request_timeout_ms: float,
+        max_decompressed_bytes: int,
+        memory_budget: tuple[int, str],  # bytes, and where that number came from (memory.body_budget)
+    ) -> None:
         self.app = app
-        self.max_body = settings.max_body_bytes
-        self.body_timeout = settings.body_timeout_s
-        self.max_in_flight = settings.max_concurrent_requests
-        self.default_timeout_ms = settings.request_timeout_ms
+        self.max_body = max_body_bytes
+        self.body_timeout = body_timeout_s
+        self.max_in_flight = max_concurrent_requests
+        self.default_timeout_ms = request_timeout_ms
+        self.max_decompressed = max_decompressed_bytes
         self.in_flight = 0  # only touched from the event loop: no lock needed
-        self.settings = settings
-        self.memory_budget, source = memory.body_budget(settings)
+        self.memory_budget, source = memory_budget
         self.bytes_reserved = 0
         log.info("request bodies may hold up to %.0f MiB at once (%s)", self.memory_budget / 2**20, source)
 
@@ -124,7 +133,7 @@ class LimitsMiddleware:
             return True
 
         try:
-            if not reserve(memory.request_cost(known, compressed, self.settings) if known else 0):
+            if not reserve(memory.request_cost(known, compressed, self.max_decompressed) if known else 0):
                 await send_json(
                     scope, receive, send, 503,
                     OVER_BUDGET, self._budget_detail(), headers={"Retry-After": "1", "Connection": "close"},
@@ -176,8 +185,8 @@ class LimitsMiddleware:
                     raise refused
                 # A body without a length (or longer than it said) is reserved for as it arrives.
                 if received > charged:
-                    extra = memory.request_cost(received, compressed, self.settings) - (
-                        memory.request_cost(charged, compressed, self.settings) if charged else 0
+                    extra = memory.request_cost(received, compressed, self.max_decompressed) - (
+                        memory.request_cost(charged, compressed, self.max_decompressed) if charged else 0
                     )
                     charged = received
                     if not reserve(extra):

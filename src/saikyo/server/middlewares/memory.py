@@ -49,7 +49,7 @@ def body_budget(settings: Settings, limit: int | None = None, physical: int | No
     return settings.max_concurrent_requests * settings.max_body_bytes, "max_concurrent_requests x max_body_bytes"
 
 
-def request_cost(body_bytes: int, compressed: bool, settings: Settings) -> int:
+def request_cost(body_bytes: int, compressed: bool, max_decompressed_bytes: int) -> int:
     """Bytes a request of `body_bytes` may hold while it is handled: the body, the parts sliced out of
     it, and for a gzip/deflate body its inflated copy (up to max_decompressed_bytes)."""
-    return 2 * body_bytes + (settings.max_decompressed_bytes if compressed else 0)
+    return 2 * body_bytes + (max_decompressed_bytes if compressed else 0)

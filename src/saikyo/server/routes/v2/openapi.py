@@ -78,6 +78,15 @@ MODEL_METADATA: dict[int | str, dict[str, Any]] = {
                             "type": "object",
                             "description": "provenance: family, weights, backend, device",
                         },
+                        "serving": {
+                            "type": "object",
+                            "description": "the effective serving configuration: per key its value and its source "
+                            "(model: the version's meta.json serving block; flag, env or default: the server's)",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {"value": {}, "source": {"type": "string"}},
+                            },
+                        },
                     },
                 },
                 "example": {
@@ -90,6 +99,11 @@ MODEL_METADATA: dict[int | str, dict[str, Any]] = {
                     ],
                     "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
                     "parameters": {"weights": "imagenet-pretrained", "backend": "onnxruntime", "device": "cpu"},
+                    "serving": {
+                        "max_batch_size": {"value": 32, "source": "model"},
+                        "max_delay_ms": {"value": 0.0, "source": "default"},
+                        "backend": {"value": "onnxruntime", "source": "flag"},
+                    },
                 },
             }
         },
