@@ -104,6 +104,8 @@ def test_stage1_measures_real_runners_and_the_guard_refuses_the_tiny_int8(tmp_pa
     settings = Settings(repository=str(repo.root))
     pre = Preprocessing.from_dict(repo.get("tiny").meta["preprocessing"])
     pixels = agreement_pixels(pre)
+    # An imported model's own photos (--calibration-dir) join the held-out ones, each with its mirror.
+    assert len(agreement_pixels(pre, [Path(__file__).parent / "data" / "cat.jpg"])) == len(pixels) + 2
     fp32 = load_candidate(repo.get("tiny"), settings, Candidate("tiny", "onnxruntime", "fp32"))
     reference = fp32.infer_pixels(pixels)
     fp32.close()
