@@ -14,10 +14,13 @@ import httpx
 import pytest
 from conftest import CAT
 from prometheus_client.parser import text_string_to_metric_families
+from s3server import BUCKET, S3Server
 from serverproc import ServerProcess, running_server
 from tinymodel import add_tiny_model
 
+from saikyo.models.cache import ModelCache
 from saikyo.models.repository import META_FILE, ModelRepository
+from saikyo.models.s3 import S3Repository
 from saikyo.models.serving import ServingConfigError, parse_serving
 from saikyo.runtime.options import resolve_serving
 from saikyo.settings import Settings
@@ -25,8 +28,8 @@ from saikyo.settings import Settings
 _CAT = CAT.read_bytes()
 
 
-def saikyo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "saikyo", *args], capture_output=True, text=True, timeout=120)
+def saikyo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "saikyo", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -224,3 +227,25 @@ def test_the_runner_gets_only_its_options(tmp_path: Path) -> None:
     runner = create_runner(entry, RunnerOptions(backend="onnxruntime", device="cpu", threads=1, max_batch_size=4))
     assert runner.meta["backend"] == "onnxruntime" and runner.meta["intra_op_threads"] == 1
     runner.close()
+
+
+def test_models_config_on_s3_publishes_the_next_version_there(
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    bucket = S3Repository(f"s3://{BUCKET}/configured", s3_server.url, ModelCache(tmp_path / "cache", 1 << 30))
+    entry = tiny_repository.get("tiny")
+    assert bucket.publish("tiny", [entry.path], entry.meta) == 1
+    env = {k: v for k, v in s3_server.env().items() if not k.startswith("SAIKYO_")}
+    args = ("--repository", bucket.location, "--s3-endpoint-url", s3_server.url)
+    refused = saikyo("models", "config", "tiny", "--streams", "0", *args, env=env)
+    assert refused.returncode == 2 and "streams" in refused.stderr and bucket.versions("tiny") == [1]
+    done = saikyo("models", "config", "tiny", "--max-batch-size", "8", "--backend", "onnxruntime", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert bucket.versions("tiny") == [1, 2]
+    second = bucket.resolve("tiny", 2)
+    assert second.meta["serving"] == {"max_batch_size": 8, "backend": "onnxruntime"}
+    assert second.meta["files"] == bucket.resolve("tiny", 1).meta["files"]  # the same files, checked on download
+    assert bucket.fetch(second).path.read_bytes() == entry.path.read_bytes()
