@@ -71,6 +71,19 @@ def test_the_search_picks_the_runner_shaped_for_the_traffic(k: int, winner: Shap
     assert {s.config.candidate for s in full.served} == set(candidates)  # both were served in stage 2
 
 
+def test_workers_are_measured_after_the_first_configuration_and_kept_out_of_the_tuning() -> None:
+    runners = (SMALL, LARGE)
+
+    def stage2(config: ServeConfig, _start: float | None) -> Served:
+        return Served(config, 1000.0 * config.workers if config.candidate == SMALL.candidate else 10.0, {})
+
+    result = tune("m", [r.candidate for r in runners], stage1_of(*runners), stage2, 1, 100, 600, cores=2)
+    assert result.served[1].config.workers == 2 and result.served[1].config.candidate == result.served[0].config.candidate
+    assert sum(s.config.workers == 2 for s in result.served) == 1
+    assert result.best("m").config.workers == 1  # type: ignore[union-attr]  # a tuning is one process's
+    assert result.with_workers() is result.served[1]
+
+
 def test_a_forward_pass_beyond_the_p99_target_is_not_a_front_runner() -> None:
     # At 8 images per request SMALL's pass takes 16 ms: over a 12 ms target, whatever its speed elsewhere.
     runners = front_runners([SMALL.screened([1, 8, 16]), LARGE.screened([1, 8, 16])], 8, 12.0, 0.99)

@@ -725,7 +725,7 @@ def tune_command(
         m = entry(c.model).meta
         return records.RunContext(
             hardware=hw, pricing=pricing, family=m.get("family"), backend=c.backend, device="cpu",
-            max_batch_size=config.max_batch_size, workers=1, weights=m.get("weights"), precision=c.precision,
+            max_batch_size=config.max_batch_size, workers=config.workers, weights=m.get("weights"), precision=c.precision,
             quantization=m.get("quantization"),
         )  # fmt: skip
 
@@ -762,13 +762,18 @@ def tune_command(
     if mine is None:
         raise _fail(f"no configuration of {model} met p99 <= {p99_ms:g} ms at any rate: raise --p99 or lower --images-per-request", 1)
     written = [(model, mine)] + ([(overall.config.candidate.model, overall)] if overall is not None and overall is not mine else [])
+    processes = result.with_workers()
+    # --workers is the whole server's setting, not one model's: advised beside the tuning, not applied.
+    advice = {}
+    if processes is not None and (processes.capacity_images_per_s or 0) > (mine.capacity_images_per_s or 0):
+        advice = {"workers": processes.config.workers, "workers_capacity_images_per_s": processes.capacity_images_per_s}
     for name, best in written:
         c = best.config.candidate
         tuning = tunings.Tuning(
             model=name, cpu_model=hw.cpu_model, cores=hw.cores or 1, tuned_at=tunings.now(), serving=best.config.serving(),
             images_per_request=images_per_request, p99_ms=p99_ms, capacity_images_per_s=float(best.capacity_images_per_s or 0),
             kimg_per_usd=best.record.get("capacity_cost_performance_kimg_per_usd"), agreement=result.agreement_of(c),
-            version=repo.resolve(name).version,
+            version=repo.resolve(name).version, extra=advice if name == model else {},
         )  # fmt: skip
         where = "not written (--no-write)"
         if write:
@@ -780,6 +785,9 @@ def tune_command(
     if overall is not None and overall is not mine:
         console.print(f"faster with accuracy kept: serve {overall.config.candidate.model} "
                       f"(top-1 agreement with fp32 {result.agreement_of(overall.config.candidate):.1%})", markup=False)  # fmt: skip
+    if advice:
+        console.print(f"faster in {advice['workers']} server processes: {advice['workers_capacity_images_per_s']:.1f} img/s "
+                      f"against {mine.capacity_images_per_s:.1f} in one; serve with --workers {advice['workers']}", markup=False)  # fmt: skip
     console.print(f"records: {out}", markup=False, highlight=False)
 
 

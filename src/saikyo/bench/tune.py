@@ -6,9 +6,10 @@
              than fp32 is eligible only if its top-1 agrees with fp32 on the held-out photos (and the
              --calibration-dir images) at least `min_agreement` of the time.
     stage 2  end to end over HTTP, for the front-runners: `saikyo serve` on a loopback port per
-             configuration (max batch size, batch delay, OpenVINO streams), the cost lab's capacity
-             search at the user's traffic shape (images per request) and p99 target. The score is the
-             capacity in images/s; thousand images per dollar beside it.
+             configuration (max batch size, batch delay, OpenVINO streams; then the best in one server
+             process per core, `--workers`, which is advised, not tuned: a setting of the whole server),
+             the cost lab's capacity search at the user's traffic shape (images per request) and p99
+             target. The score is the capacity in images/s; thousand images per dollar beside it.
 
 Stage 1 ranks by the images/s of the forward pass one request makes on its own (its k images): what
 a lightly loaded server runs, and what a 1-image request waits for. Whether cross-request batching pays
@@ -137,14 +138,18 @@ class ServeConfig:
     max_batch_size: int
     max_delay_ms: float
     streams: int = 1
+    # Server processes (`--workers`): a setting of the whole server, not of one model, so it is measured
+    # and advised but not part of the model's tuning.
+    workers: int = 1
 
     @property
     def label(self) -> str:
         streams = f", {self.streams} streams" if self.streams != 1 else ""
-        return f"{self.candidate.label}, max batch {self.max_batch_size}, delay {self.max_delay_ms:g} ms{streams}"
+        workers = f", {self.workers} workers" if self.workers != 1 else ""
+        return f"{self.candidate.label}, max batch {self.max_batch_size}, delay {self.max_delay_ms:g} ms{streams}{workers}"
 
     def serving(self) -> dict[str, Any]:
-        """The tuning's options (models/tunings.py OPTIONS)."""
+        """The options a tuning sets: a version's `serving` block (models/serving.py)."""
         out: dict[str, Any] = {"backend": self.candidate.backend, "max_batch_size": self.max_batch_size,
                                "max_delay_ms": self.max_delay_ms}  # fmt: skip
         if self.candidate.backend == "openvino":
@@ -194,10 +199,16 @@ class TuneResult:
     runners: list[Screened]
     served: list[Served]
 
-    def best(self, model: str | None = None) -> Served | None:
-        """The configuration with the highest capacity (of `model`'s own file when given)."""
-        passed = [s for s in self.served if s.capacity_images_per_s and (model is None or s.config.candidate.model == model)]
+    def best(self, model: str | None = None, workers: int = 1) -> Served | None:
+        """The configuration with the highest capacity (of `model`'s own file when given) among those
+        run in `workers` server processes (a tuning is one process's configuration)."""
+        passed = [s for s in self.served if s.capacity_images_per_s and s.config.workers == workers
+                  and (model is None or s.config.candidate.model == model)]  # fmt: skip
         return max(passed, key=lambda s: s.capacity_images_per_s or 0.0, default=None)
+
+    def with_workers(self) -> Served | None:
+        """The configuration measured in several server processes, when one was."""
+        return next((s for s in self.served if s.config.workers > 1), None)
 
     def agreement_of(self, candidate: Candidate) -> float | None:
         return next((s.agreement for s in self.screened if s.candidate == candidate), None)
@@ -240,18 +251,25 @@ def tune(
     # measures it; NAME-int8's configurations follow in turn.
     grid = configurations(sorted(runners, key=lambda s: s.candidate.model != model), k, cores)
     spent: list[float] = []
-    for i, config in enumerate(grid, 1):
+    i = 0
+    while i < len(grid):
+        config = grid[i]
+        i += 1
         left = budget_s - (clock() - started)
         expected = statistics.mean(spent) if spent else 0.0
         if spent and expected > left:
             say(f"stage 2: budget spent after {len(spent)} of {len(grid)} configurations (--budget raises it)")
             break
-        best = result.best()
+        best = result.best(workers=config.workers)
         start = 0.8 * best.capacity_images_per_s / k if best and best.capacity_images_per_s else None
         t0 = clock()
         served = stage2(config, start)
         spent.append(clock() - t0)
         result.served.append(served)
+        if i == 1 and cores >= 2 and served.capacity_images_per_s:
+            # Next, the same in one server process per core: on several cores the lever that is often
+            # largest (ONNX Runtime's threads wait at every operator's barrier; processes do not).
+            grid.insert(1, replace(config, workers=cores))
         best = result.best()
         got = f"{served.capacity_images_per_s:.1f} img/s" if served.capacity_images_per_s else "no rate met the target"
         shown = f"{best.config.candidate.model} {best.config.label}: {best.capacity_images_per_s:.1f} img/s" if best else "-"
@@ -372,7 +390,8 @@ def measure_served(
         root = work_dir / f"config-{served}"
         scratch(root, model, entries(model), config.serving())
         try:
-            with local_server(root, model, work_dir, ["--device", "cpu", "--no-tuning"], timeout=300) as server:
+            args = ["--device", "cpu", "--no-tuning", "--workers", str(config.workers)]
+            with local_server(root, model, work_dir, args, timeout=300) as server:
                 load = LoadSpec(url=server.url, model=model, images_per_request=images_per_request, timeout=30)
                 spec = CapacitySpec(load, p99_ms, precision=0.1, start_rate=start_rate, max_steps=7, rule=rule)
                 found = run_capacity(spec, images)
