@@ -94,11 +94,9 @@ def one(repo: ModelRepository, model: str, k: int, p99: float, budget: float, ru
     tune = subprocess.run(
         [sys.executable, "-m", "saikyo", "tune", model, "--repository", str(repo.root), "--images-per-request", str(k),
          "--p99", f"{p99}ms", "--budget", str(budget), "--out", str(out)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    print(tune.stdout[-3000:], flush=True)
+    )  # fmt: skip (its progress and tables go straight to this terminal)
     if tune.returncode != 0:
-        print(tune.stderr[-3000:], flush=True)
+        say(f"{model} x{k}: saikyo tune exited {tune.returncode}; 'tuned' below is what the repository held before")
     servers: dict[str, tuple[str, list[str] | str]] = {
         "tuned": (model, []),
         "untuned": (model, ["--no-tuning"]),
