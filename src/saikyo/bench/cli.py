@@ -673,7 +673,7 @@ def tune_command(
         tune,
     )
     from saikyo.inference.preprocessing import Preprocessing
-    from saikyo.models import tunings
+    from saikyo.models import tunings, zoo
     from saikyo.models.errors import ModelNotExported, RepositoryError
     from saikyo.models.location import open_repository
     from saikyo.runtime import openvino_installed
@@ -713,9 +713,13 @@ def tune_command(
         raise _fail(f"the photos to compare precisions on: {exc}") from None
     reference: list[Any] = []
 
+    # What agreement is measured against: fp32, i.e. NAME's file when MODEL is NAME-int8.
+    base = zoo.base_name(model)
+    reference_model = base if base != model and repo.has(base) else model
+
     def fp32() -> Any:
         if not reference:
-            runner = load_candidate(entry(model), settings, Candidate(model, "onnxruntime", "fp32"))
+            runner = load_candidate(entry(reference_model), settings, Candidate(reference_model, "onnxruntime", "fp32"))
             reference.append(runner.infer_pixels(pixels))
             runner.close()
         return reference[0]

@@ -299,8 +299,9 @@ def candidates_for(name: str, has: Callable[[str], bool], openvino: bool, bf16: 
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     engines = ["onnxruntime"] + (["openvino"] if openvino and x86 else [])
-    out = [Candidate(name, e, "fp32") for e in engines]
-    if "openvino" in engines and bf16:
+    own = zoo.precision_of(name)  # NAME-int8 tuned by its own name runs int8
+    out = [Candidate(name, e, own) for e in engines]
+    if "openvino" in engines and bf16 and own == "fp32":
         out.append(Candidate(name, "openvino", "bf16"))
     if zoo.split_variant(name)[1] is None:
         int8 = zoo.variant_name(name, "int8")
