@@ -18,6 +18,7 @@ from s3server import BUCKET, S3Server
 from serverproc import ServerProcess, running_server
 from tinymodel import add_tiny_model
 
+from saikyo.bench.records import server_info
 from saikyo.models.cache import ModelCache
 from saikyo.models.repository import META_FILE, ModelRepository
 from saikyo.models.s3 import S3Repository
@@ -128,6 +129,8 @@ def test_two_models_serve_with_their_own_batch_sizes(tmp_path: Path) -> None:
         assert serving(server.url, "small")["max_batch_size"] == {"value": 2, "source": "model"}
         assert serving(server.url, "large")["max_batch_size"] == {"value": 8, "source": "flag"}
         assert serving(server.url, "large")["max_delay_ms"] == {"value": 0.0, "source": "default"}
+        # What the cost lab records for each: the model's own.
+        assert (server_info(server.url, "small").max_batch_size, server_info(server.url, "large").max_batch_size) == (2, 8)
         for model in ("small", "large"):
             r = httpx.post(f"{server.url}/classify?model={model}", files=eight, timeout=60)
             assert r.status_code == 200 and len(r.json()) == 8, r.text

@@ -284,7 +284,10 @@ def server_info(url: str, model: str | None, timeout: float = 5.0, api_key: str 
         return ServerInfo()
     params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
     saikyo_meta = meta.get("saikyo") if isinstance(meta.get("saikyo"), dict) else {}
-    merged = {**params, **saikyo_meta}
+    # The model's effective serving configuration ({key: {"value", "source"}}): its own max batch size.
+    serving = meta.get("serving") if isinstance(meta.get("serving"), dict) else {}
+    effective = {k: v["value"] for k, v in serving.items() if isinstance(v, dict) and "value" in v}
+    merged = {**effective, **params, **saikyo_meta}
 
     def pick(*keys: str) -> Any:
         for k in keys:

@@ -64,7 +64,10 @@ def parse_serving(raw: Any, where: str = "serving") -> ServingBlock:
         return ServingBlock.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        problems = "; ".join(_describe(e) for e in errors)
+        # A hostile file may hold thousands of bad keys: the first few say enough.
+        problems = "; ".join(_describe(e) for e in errors[:_SHOWN])
+        if len(errors) > _SHOWN:
+            problems += f"; and {len(errors) - _SHOWN} more"
         if any(e["type"] == "extra_forbidden" for e in errors):
             problems += f" (known keys: {', '.join(SETTING_OF)})"
         raise ServingConfigError(f"{where}: {problems}") from None
@@ -75,8 +78,11 @@ def serving_of(meta: dict[str, Any], where: str = "serving") -> ServingBlock:
     return parse_serving(meta.get(SERVING_KEY), where)
 
 
+_SHOWN = 5
+
+
 def _describe(error: Any) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "serving"
+    key = ".".join(str(p) for p in error["loc"])[:40] or "serving"
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
     value = repr(error.get("input"))

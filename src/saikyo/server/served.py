@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import functools
 import gc
 import logging
 import time
@@ -276,11 +277,12 @@ class ServedModels:
         runner: Runner | None = None
         try:
             tuning = await loop.run_in_executor(executor, self._tuning, model.name)
-            # Checked before any download: a bad serving block fails this version with its reason.
-            config = resolve_serving(
-                ref.meta, self.settings, over=[("tuning", tuning.serving)] if tuning else (),
-                where=f"{model.name} version {ref.version}: meta.json serving",
-            )  # fmt: skip
+            # Checked before any download (off the loop: the block is as large as whoever wrote it made
+            # it); a bad block fails this version with its reason.
+            where = f"{model.name} version {ref.version}: meta.json serving"
+            over = [("tuning", tuning.serving)] if tuning else []
+            resolve = functools.partial(resolve_serving, ref.meta, self.settings, where=where, over=over)
+            config = await loop.run_in_executor(executor, resolve)
             tuned = self._tuning_line(model.name, tuning, config)
             log.info("model %s: %s", model.name, tuned)
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
