@@ -26,9 +26,10 @@ app = typer.Typer(help="saikyo: image classification inference, fast and measure
 models_app = typer.Typer(help="The model zoo and the model repository.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-from saikyo.bench.cli import bench_app  # noqa: E402  (light: typer and rich only until a command runs)
+from saikyo.bench.cli import bench_app, tune_command  # noqa: E402  (light: typer and rich only until a command runs)
 
 app.add_typer(bench_app, name="bench")
+app.command("tune")(tune_command)
 
 console = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)

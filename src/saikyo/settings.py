@@ -58,6 +58,9 @@ class Settings:
     # Triton's --exit-on-error: a server that cannot serve what it was asked to must not sit unready.
     exit_on_error: bool = setting(True, "exit non-zero when a model given at start cannot load; off: serve the rest")
     backend: str = setting("auto", "auto (the fastest installed for the device: README) | onnxruntime | openvino | torch")
+    # A model's tuning for this CPU model and core count (`saikyo tune`, models/tunings.py) sets its
+    # serving options over its meta.json block and these settings; off, those apply as they are.
+    tuning: bool = setting(True, "apply each model's tuning for this CPU (saikyo tune) where the repository has one")
     device: str = setting("auto", "cpu | cuda | auto (CUDA when present)")
     log_level: str = setting("info", "debug | info | warning")
 

@@ -623,3 +623,216 @@ def prices(
                       f"{r.price_per_hour:g}", r.region, r.as_of)  # fmt: skip
     console.print(table)
     console.print("sources: " + "; ".join(sorted({r.source for r in rows if r.source})))
+
+
+def tune_command(
+    model: Annotated[str, typer.Argument(help="model in the repository (NAME; NAME-int8 is compared too when present)")],
+    p99: Annotated[str, typer.Option(help="the latency target for p99, e.g. 100ms or 0.1s")] = "100ms",
+    images_per_request: Annotated[int, typer.Option(min=1, max=64, help="images in each request: the traffic shape")] = 1,
+    budget: Annotated[float, typer.Option(min=10, help="seconds to spend, about; more covers more configurations")] = 180.0,
+    min_agreement: Annotated[
+        float,
+        typer.Option(min=0, max=1, envvar="SAIKYO_TUNE_MIN_AGREEMENT",
+                     help="a precision other than fp32 is eligible only when its top-1 agrees with fp32 this often"),
+    ] = 0.99,  # fmt: skip
+    calibration_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="your own photos to compare precisions on as well (imported models)", exists=True, file_okay=False),
+    ] = None,
+    repository: Annotated[Optional[str], typer.Option(help="model repository: a directory or s3://bucket/prefix [env SAIKYO_REPOSITORY]")] = None,
+    out: Annotated[Path, typer.Option(help="append the benchmark records (one per configuration served) here")] = Path("tune-records.jsonl"),
+    write: Annotated[bool, typer.Option("--write/--no-write", help="store the tuning beside the model's versions")] = True,
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="make NAME-int8 from the calibration photos when missing (zoo models, local repository)")
+    ] = True,
+    instance_type: InstanceOpt = None,
+    price_per_hour: PriceOpt = None,
+    log_dir: Annotated[Optional[Path], typer.Option(help="the servers' logs and scratch repositories [default: a temporary dir]")] = None,
+) -> None:
+    """Measure the fastest accurate way to serve MODEL on this machine and store it for `serve`.
+
+    Stage 1 runs every installed engine x precision in process at a few batch sizes (a precision other
+    than fp32 must agree with fp32's top-1 on held-out photos); stage 2 serves the front-runners over HTTP
+    and searches each configuration's capacity at --p99 with --images-per-request images per request.
+    The best is written to MODEL/tunings/<cpu>-<N>core.json in the repository; `serve` applies it on
+    this CPU model and core count only."""
+    import contextlib
+    import tempfile
+
+    from saikyo.bench import records
+    from saikyo.bench.cost import default_instance_type
+    from saikyo.bench.hardware import describe
+    from saikyo.bench.load import read_images
+    from saikyo.bench.tune import (
+        Candidate,
+        agreement_pixels,
+        candidates_for,
+        load_candidate,
+        measure_forward,
+        measure_served,
+        tune,
+    )
+    from saikyo.inference.preprocessing import Preprocessing
+    from saikyo.models import tunings, zoo
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.models.location import open_repository
+    from saikyo.runtime import openvino_installed
+    from saikyo.settings import Settings
+
+    _need_bench_extra()
+    p99_ms = parse_ms(p99)
+    try:
+        settings = Settings.from_env(**({"repository": repository} if repository else {}))
+        repo = open_repository(settings)
+        repo.check()
+        ref = repo.resolve(model)
+        meta = ref.meta
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"{model}: unusable settings or meta.json ({exc})") from None
+    except (ModelNotExported, RepositoryError) as exc:
+        raise _fail(str(exc)) from None
+    hw = describe()
+    pricing = _pricing(instance_type or (None if price_per_hour else default_instance_type(hw.cores or 1)), price_per_hour, None)
+    bf16 = False
+    if openvino_installed():
+        from saikyo.runtime.openvino import cpu_has_native_bf16
+
+        bf16 = cpu_has_native_bf16()
+    entries: dict[str, Any] = {}
+
+    def entry(name: str) -> Any:
+        if name not in entries:
+            entries[name] = repo.get(name)
+        return entries[name]
+
+    try:
+        extra = sorted(p for p in calibration_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")) if calibration_dir else []
+        pixels = agreement_pixels(pre, extra[:200])
+    except Exception as exc:  # an unreadable photo, or scikit-image missing
+        raise _fail(f"the photos to compare precisions on: {exc}") from None
+    reference: list[Any] = []
+
+    # What agreement is measured against: fp32, i.e. NAME's file when MODEL is NAME-int8.
+    base = zoo.base_name(model)
+    reference_model = base if base != model and repo.has(base) else model
+
+    def fp32() -> Any:
+        if not reference:
+            runner = load_candidate(entry(reference_model), settings, Candidate(reference_model, "onnxruntime", "fp32"))
+            reference.append(runner.infer_pixels(pixels))
+            runner.close()
+        return reference[0]
+
+    def context(config: Any) -> Any:
+        c = config.candidate
+        m = entry(c.model).meta
+        return records.RunContext(
+            hardware=hw, pricing=pricing, family=m.get("family"), backend=c.backend, device="cpu",
+            max_batch_size=config.max_batch_size, workers=config.workers, weights=m.get("weights"), precision=c.precision,
+            quantization=m.get("quantization"),
+        )  # fmt: skip
+
+    say = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    if quantize:
+        _make_int8(repo, model, extra, say)
+    candidates = candidates_for(model, lambda n: repo.has(n), openvino_installed(), bf16)
+    say(f"tuning {model} on {hw.description}: {len(candidates)} engine x precision candidates, "
+        f"{images_per_request} image(s) per request, p99 <= {p99_ms:g} ms, budget {budget:g} s")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        work = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saikyo-tune-")))
+        stage2 = measure_served(entry, work, read_images(None), images_per_request, p99_ms, context)
+        try:
+            result = tune(
+                model, candidates, measure_forward(entry, settings, pixels, fp32), stage2, images_per_request,
+                p99_ms, budget, min_agreement, hw.cores or 1, say,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            raise _fail("interrupted: no tuning written", 130) from None
+        finally:
+            for e in entries.values():
+                e.release()
+    mine, overall = result.best(model), result.best()
+    stage1 = [s.summary() for s in result.screened]
+    for served in result.served:
+        if not served.record:
+            continue
+        c = served.config.candidate
+        rec = {**served.record, "tune_model": model, "tune_config": served.config.serving(), "tune_candidate": c.model,
+               "tune_agreement": result.agreement_of(c), "tune_chosen": served is mine,
+               "tune_p99_target_ms": p99_ms, "tune_stage1": stage1}  # fmt: skip
+        records.append(out, rec)
+    _print_tune(result, mine)
+    if mine is None:
+        raise _fail(f"no configuration of {model} met p99 <= {p99_ms:g} ms at any rate: raise --p99 or lower --images-per-request", 1)
+    written = [(model, mine)] + ([(overall.config.candidate.model, overall)] if overall is not None and overall is not mine else [])
+    processes = result.with_workers()
+    # --workers is the whole server's setting, not one model's: advised beside the tuning, not applied.
+    advice = {}
+    if processes is not None and (processes.capacity_images_per_s or 0) > (mine.capacity_images_per_s or 0):
+        advice = {"workers": processes.config.workers, "workers_capacity_images_per_s": processes.capacity_images_per_s}
+    for name, best in written:
+        c = best.config.candidate
+        tuning = tunings.Tuning(
+            model=name, cpu_model=hw.cpu_model, cores=hw.cores or 1, tuned_at=tunings.now(), serving=best.config.serving(),
+            images_per_request=images_per_request, p99_ms=p99_ms, capacity_images_per_s=float(best.capacity_images_per_s or 0),
+            kimg_per_usd=best.record.get("capacity_cost_performance_kimg_per_usd"), agreement=result.agreement_of(c),
+            version=repo.resolve(name).version, extra=advice if name == model else {},
+        )  # fmt: skip
+        where = "not written (--no-write)"
+        if write:
+            try:
+                where = repo.write_tuning(name, tunings.file_name(hw.cpu_model, hw.cores or 1), tuning.to_json())
+            except RepositoryError as exc:
+                raise _fail(f"the tuning could not be stored: {exc}", 1) from None
+        console.print(f"{name}: {tuning.describe()}\n  -> {where}", markup=False, highlight=False)
+    if overall is not None and overall is not mine:
+        console.print(f"faster with accuracy kept: serve {overall.config.candidate.model} "
+                      f"(top-1 agreement with fp32 {result.agreement_of(overall.config.candidate):.1%})", markup=False)  # fmt: skip
+    if advice:
+        console.print(f"faster in {advice['workers']} server processes: {advice['workers_capacity_images_per_s']:.1f} img/s "
+                      f"against {mine.capacity_images_per_s:.1f} in one; serve with --workers {advice['workers']}", markup=False)  # fmt: skip
+    console.print(f"records: {out}", markup=False, highlight=False)
+
+
+def _make_int8(repo: Any, model: str, calibration: list[Path], say: Any) -> None:
+    """NAME-int8 for a zoo model in a local repository that lacks it, calibrated on `calibration` (or the
+    bundled photos), so that stage 1 can weigh it; its agreement with fp32 decides whether it may win."""
+    from saikyo.models import zoo
+    from saikyo.models.errors import ExportError
+    from saikyo.models.repository import ModelRepository
+
+    base, variant = zoo.split_variant(model)
+    if variant is not None or base not in zoo.ZOO or not isinstance(repo, ModelRepository):
+        return
+    if repo.has(zoo.variant_name(model, "int8")):
+        return
+    from saikyo.models.quantize import quantize_int8
+
+    try:
+        quantize_int8(zoo.get(model), repo, calibration or None, progress=say)
+    except ExportError as exc:
+        say(f"no int8 variant: {str(exc).splitlines()[0]}")
+
+
+def _print_tune(result: Any, mine: Any) -> None:
+    from saikyo.bench.tune import eligible, stage1_score
+
+    k, p99 = result.images_per_request, result.p99_ms
+    one = Table(title=f"stage 1: {result.model}, forward passes in process (ms per batch)")
+    for col in ("file", "engine precision", "batch sizes", f"img/s at batch {k}", "top-1 agreement", "eligible"):
+        one.add_column(col)
+    for s in result.screened:
+        times = "error: " + s.error if s.error else ", ".join(f"{b}: {t * 1000:.1f}" for b, t in sorted(s.seconds.items()))
+        one.add_row(s.candidate.model, s.candidate.label, times, f"{stage1_score(s, k, p99):.1f}",
+                    "-" if s.agreement is None else f"{s.agreement:.1%}", "yes" if eligible(s, result.min_agreement) else "no")  # fmt: skip
+    console.print(one)
+    two = Table(title=f"stage 2: capacity at p99 <= {p99:g} ms, {k} image(s) per request (over HTTP)")
+    for col in ("file", "configuration", "img/s", "kimg/$", "chosen"):
+        two.add_column(col)
+    for s in result.served:
+        kimg = s.record.get("capacity_cost_performance_kimg_per_usd")
+        two.add_row(s.config.candidate.model, s.config.label,
+                    f"{s.capacity_images_per_s:.1f}" if s.capacity_images_per_s else s.record.get("error", "no rate passed"),
+                    f"{kimg:g}" if kimg else "-", "<-" if s is mine else "")  # fmt: skip
+    console.print(two)

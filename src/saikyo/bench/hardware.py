@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from saikyo.runtime.cpu import cpu_model
 from saikyo.settings import available_cores
 
 
@@ -38,7 +38,7 @@ class Hardware:
 def describe() -> Hardware:
     cpuinfo = _read("/proc/cpuinfo")
     return Hardware(
-        cpu_model=_cpu_model(cpuinfo),
+        cpu_model=cpu_model(cpuinfo),
         cores=available_cores(),
         memory_gib=_memory_gib(),
         accelerator=_gpus(),
@@ -51,14 +51,6 @@ def _read(path: str) -> str:
         return Path(path).read_text(errors="replace")
     except OSError:
         return ""
-
-
-def _cpu_model(cpuinfo: str) -> str:
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model", "cpu model") and value.strip():
-            return " ".join(value.split())
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _memory_gib() -> float | None:

@@ -14,6 +14,7 @@ directory, `models.s3.S3Repository` a bucket prefix (`models.location.open_repos
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 from saikyo.models import zoo
 from saikyo.models.errors import ModelNotExported, RepositoryError, VersionNotFound
 from saikyo.models.provenance import sha256_file
+from saikyo.models.tunings import MAX_TUNING_BYTES, MAX_TUNING_FILES, TUNINGS_DIR
 from saikyo.models.serving import SERVING_KEY, parse_serving
 
 MODEL_FILE = "model.onnx"
@@ -108,6 +110,19 @@ class Repository(abc.ABC):
     def fix(self, name: str) -> str:
         """The command that puts `name` here."""
         return export_command(name)
+
+    # ---- tunings (models/tunings.py): <name>/tunings/<cpu>.json, beside the versions ----
+    @abc.abstractmethod
+    def tuning_files(self, name: str) -> list[str]:
+        """The file names under <name>/tunings/ (at most tunings.MAX_TUNING_FILES)."""
+
+    @abc.abstractmethod
+    def read_tuning(self, name: str, file: str) -> bytes | None:
+        """One tuning file as stored (at most tunings.MAX_TUNING_BYTES + 1 bytes), None when absent."""
+
+    @abc.abstractmethod
+    def write_tuning(self, name: str, file: str, data: bytes) -> str:
+        """Write (or replace) one tuning file whole; returns where it went."""
 
     # ---- shared ----
     def names(self) -> list[str]:
@@ -285,6 +300,37 @@ class ModelRepository(Repository):
                 raise RepositoryError(f"{name} version {version} already exists in {self.location}") from None
             raise RepositoryError(f"cannot publish {name} version {version} in {self.location}: {exc.strerror}") from None
 
+    def tuning_files(self, name: str) -> list[str]:
+        d = self.model_dir(name) / TUNINGS_DIR
+        if not _plain_name(name) or not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.suffix == ".json" and p.is_file())[:MAX_TUNING_FILES]
+
+    def read_tuning(self, name: str, file: str) -> bytes | None:
+        path = self.model_dir(name) / TUNINGS_DIR / file
+        if not (_plain_name(name) and _plain_name(file)) or not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read(MAX_TUNING_BYTES + 1)
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path} in {self.location}: {exc.strerror}") from None
+
+    def write_tuning(self, name: str, file: str, data: bytes) -> str:
+        if not (_plain_name(name) and _plain_name(file)):
+            raise RepositoryError(f"not a plain file name: {name!r}/{file!r}")
+        d = self.model_dir(name) / TUNINGS_DIR
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            # Written beside, then renamed over: a reader sees the old tuning or the new one, whole.
+            with tempfile.NamedTemporaryFile(dir=d, prefix=f".{file}.", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, d / file)
+        except OSError as exc:
+            with contextlib.suppress(NameError, OSError):
+                os.unlink(f.name)
+            raise RepositoryError(f"cannot write {d / file}: {exc.strerror}") from None
+        return str(d / file)
     def configure(self, name: str, serving: dict[str, Any]) -> int:
         """As Repository.configure, except for an unversioned export (version 1 as files at the model's
         root, what `models export` writes and replaces): a build output, so its meta.json is rewritten

@@ -25,6 +25,7 @@ from typing import Any
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.errors import CorruptDownload, RepositoryError
+from saikyo.models.tunings import MAX_TUNING_BYTES, MAX_TUNING_FILES, TUNINGS_DIR
 from saikyo.models.repository import (
     META_FILE,
     MODEL_FILE,
@@ -258,6 +259,38 @@ class S3Repository(Repository):
             f"{what} from {self.location} did not match the sha256 in its meta.json in {DOWNLOAD_ATTEMPTS} "
             "downloads; it is not served"
         )
+
+    # ---- tunings ----
+    def tuning_files(self, name: str) -> list[str]:
+        prefix = f"{self.prefix}{name}/{TUNINGS_DIR}/"
+        files = []
+        for key, _size in self._keys(prefix):
+            rest = key[len(prefix) :]
+            if "/" not in rest and rest.endswith(".json"):
+                files.append(rest)
+                if len(files) >= MAX_TUNING_FILES:
+                    break
+        return sorted(files)
+
+    def read_tuning(self, name: str, file: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        key = f"{self.prefix}{name}/{TUNINGS_DIR}/{file}"
+        with self._errors(f"{name} tuning {file}"):
+            try:
+                # A ranged read: a huge object costs no more than the cap.
+                obj = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{MAX_TUNING_BYTES}")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return obj["Body"].read(MAX_TUNING_BYTES + 1)
+
+    def write_tuning(self, name: str, file: str, data: bytes) -> str:
+        key = f"{self.prefix}{name}/{TUNINGS_DIR}/{file}"
+        with self._errors(f"writing {name} tuning {file}"):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)  # one PUT: whole or absent
+        return f"s3://{self.bucket}/{key}"
 
     # ---- writing ----
     def _publish(self, name: str, version: int, files: Sequence[Path], meta: bytes) -> None:

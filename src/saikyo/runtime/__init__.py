@@ -23,7 +23,7 @@ def create_runner(entry: Entry, options: RunnerOptions) -> Runner:
     backend = options.backend
     if backend == "auto":
         backend, why = auto_backend(entry.name, options)
-        log.info("model %s: backend auto -> %s (%s)", entry.name, backend, why)
+        log.info("model %s: backend auto -> %s by the static rule, not a measurement (%s)", entry.name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner
 

@@ -1,9 +1,9 @@
 """What one model serves with: its effective serving configuration, each value with where it came from,
 and the small options object a runner receives instead of all of Settings.
 
-Precedence, highest first: the version's own `serving` block in meta.json ("model"), any further
-layers the caller passes (a measured tuning for this CPU, say), then the server's settings ("flag",
-"env" or "default"). `resolve_serving` is the one place that applies it.
+Precedence, highest first: this CPU's tuning ("tuning", models/tunings.py), the version's own
+`serving` block in meta.json ("model"), any further layers the caller passes, then the server's
+settings ("flag", "env" or "default"). `resolve_serving` is the one place that applies it.
 """
 
 from __future__ import annotations
@@ -92,12 +92,14 @@ def resolve_serving(
     layers: Sequence[tuple[str, Mapping[str, Any]]] = (),
     environ: Mapping[str, str] | None = None,
     where: str = "serving",
+    over: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> ServingConfig:
     """The effective serving values of a version whose meta.json is `meta`. `layers` are (source,
-    values) pairs checked after the model's own block and before the server's settings. Raises
-    ServingConfigError when the block is unusable or asks for what this server cannot give."""
+    values) pairs checked after the model's own block and before the server's settings; `over` ones
+    before the block (this CPU's tuning: a measurement here wins over a value written for any CPU).
+    Raises ServingConfigError when the block is unusable or asks for what this server cannot give."""
     environ = os.environ if environ is None else environ
-    chain = [("model", serving_of(dict(meta), where).overrides()), *layers]
+    chain = [*over, ("model", serving_of(dict(meta), where).overrides()), *layers]
     values: dict[str, Sourced] = {}
     for key, name in SETTING_OF.items():
         found = next(((source, layer[key]) for source, layer in chain if key in layer), None)

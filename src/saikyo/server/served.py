@@ -35,7 +35,9 @@ from saikyo.models.cache import default_cache_dir
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
 from saikyo.models.location import is_remote, open_repository
 from saikyo.models.repository import Entry, Repository, VersionMeta
-from saikyo.runtime import Runner, RunnerError, create_runner
+from saikyo.models import tunings
+from saikyo.runtime import Runner, RunnerError, auto_backend, create_runner
+from saikyo.runtime.cpu import this_cpu
 from saikyo.runtime.base import device_decoder
 from saikyo.runtime.options import RunnerOptions, ServingConfig, resolve_serving
 from saikyo.server.redact import redact_paths
@@ -298,11 +300,15 @@ class ServedModels:
         entry: Entry | None = None
         runner: Runner | None = None
         try:
+            tuning = await loop.run_in_executor(executor, self._tuning, model.name)
             # Checked before any download (off the loop: the block is as large as whoever wrote it made
             # it); a bad block fails this version with its reason.
             where = f"{model.name} version {ref.version}: meta.json serving"
-            resolve = functools.partial(resolve_serving, ref.meta, self.settings, where=where)
+            over = [("tuning", tuning.serving)] if tuning else []
+            resolve = functools.partial(resolve_serving, ref.meta, self.settings, where=where, over=over)
             config = await loop.run_in_executor(executor, resolve)
+            tuned = self._tuning_line(model.name, tuning, config)
+            log.info("model %s: %s", model.name, tuned)
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
             options = config.runner_options(self.settings)
             runner = await loop.run_in_executor(executor, self._runner_factory, entry, options)
@@ -316,6 +322,7 @@ class ServedModels:
             return
         pp = runner.preprocessing
         s = self.settings
+        runner.meta["tuning"] = tuned
         in_flight = runner.capabilities.max_in_flight
         if in_flight > 1:
             # The runner runs that many forward passes at once: one executor thread for each.
@@ -372,6 +379,29 @@ class ServedModels:
         """An error as clients may read it (503 detail, model metadata, the index): the log keeps the
         paths, this does not."""
         return redact_paths(error, *self._private_roots)
+
+    def _tuning(self, name: str) -> tunings.Tuning | None:
+        """This CPU's tuning of `name` (models/tunings.py), when the repository has one and --tuning is
+        on; tunings for other CPUs are never applied, and the log names them."""
+        if not self.settings.tuning:
+            return None
+        cpu = this_cpu()
+        found = tunings.find(self.repository, name, cpu.model, cpu.cores)
+        if found.others:
+            log.warning("model %s: tuning(s) for other CPUs ignored (%s): this is %s", name, ", ".join(found.others), cpu)
+        if found.problem:
+            log.warning("model %s: its tuning for this CPU is not used: %s", name, found.problem)
+        return found.tuning
+
+    def _tuning_line(self, name: str, tuning: tunings.Tuning | None, config: ServingConfig) -> str:
+        """What the start-up log and /v2/models/{m} say of how the serving options were chosen."""
+        if tuning is not None:
+            return tuning.describe()
+        line = "untuned: " if self.settings.tuning else "untuned (--no-tuning): "
+        if config["backend"] == "auto":
+            backend, why = auto_backend(name, config.runner_options(self.settings))
+            return line + f"the static rule chose {backend} ({why}); `saikyo tune {name}` measures instead"
+        return line + f"backend {config['backend']} from the {config.values['backend'].source}"
 
     def _warm_up(self, runner: Runner, max_batch_size: int) -> None:
         size = runner.preprocessing.input_size

@@ -76,12 +76,14 @@ MODEL_METADATA: dict[int | str, dict[str, Any]] = {
                         "outputs": {"type": "array", "items": _TENSOR_METADATA},
                         "parameters": {
                             "type": "object",
-                            "description": "provenance: family, weights, backend, device",
+                            "description": "provenance: family, weights, backend, device; tuning: how the serving "
+                            "options were chosen ('tuned on <cpu> at <date>: ...' or 'untuned: the static rule chose ...')",
                         },
                         "serving": {
                             "type": "object",
                             "description": "the effective serving configuration: per key its value and its source "
-                            "(model: the version's meta.json serving block; flag, env or default: the server's)",
+                            "(tuning: this CPU's tuning by saikyo tune; model: the version's meta.json serving block; "
+                            "flag, env or default: the server's)",
                             "additionalProperties": {
                                 "type": "object",
                                 "properties": {"value": {}, "source": {"type": "string"}},
@@ -98,7 +100,9 @@ MODEL_METADATA: dict[int | str, dict[str, Any]] = {
                         {"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]},
                     ],
                     "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
-                    "parameters": {"weights": "imagenet-pretrained", "backend": "onnxruntime", "device": "cpu"},
+                    "parameters": {"weights": "imagenet-pretrained", "backend": "onnxruntime", "device": "cpu",
+                                   "tuning": "untuned: the static rule chose onnxruntime (the CPU has no native bf16, "
+                                   "and OpenVINO's fp32 is no faster); `saikyo tune efficientnet_lite0` measures instead"},
                     "serving": {
                         "max_batch_size": {"value": 32, "source": "model"},
                         "max_delay_ms": {"value": 0.0, "source": "default"},

@@ -113,7 +113,7 @@ def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
     parameters = {
         key: runner.meta[key]
         for key in ("family", "weights", "backend", "device", "precision", "input_size", "intra_op_threads",
-                    "gpu", "in_flight", "cuda_graphs", "cuda_mps")  # fmt: skip
+                    "gpu", "in_flight", "cuda_graphs", "cuda_mps", "tuning")  # fmt: skip
         if isinstance(runner.meta.get(key), (str, int))
     }
     # What one serving process runs with (under --workers: the worker that answers; they are alike).
