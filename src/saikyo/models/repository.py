@@ -302,13 +302,13 @@ class ModelRepository(Repository):
 
     def tuning_files(self, name: str) -> list[str]:
         d = self.model_dir(name) / TUNINGS_DIR
-        if not _plain_name(name) or not d.is_dir():
+        if not plain_name(name) or not d.is_dir():
             return []
         return sorted(p.name for p in d.iterdir() if p.suffix == ".json" and p.is_file())[:MAX_TUNING_FILES]
 
     def read_tuning(self, name: str, file: str) -> bytes | None:
         path = self.model_dir(name) / TUNINGS_DIR / file
-        if not (_plain_name(name) and _plain_name(file)) or not path.is_file():
+        if not (plain_name(name) and plain_name(file)) or not path.is_file():
             return None
         try:
             with open(path, "rb") as f:
@@ -317,7 +317,7 @@ class ModelRepository(Repository):
             raise RepositoryError(f"cannot read {path} in {self.location}: {exc.strerror}") from None
 
     def write_tuning(self, name: str, file: str, data: bytes) -> str:
-        if not (_plain_name(name) and _plain_name(file)):
+        if not (plain_name(name) and plain_name(file)):
             raise RepositoryError(f"not a plain file name: {name!r}/{file!r}")
         d = self.model_dir(name) / TUNINGS_DIR
         try:
