@@ -156,8 +156,6 @@ def loopback_cluster(root: Path | None = None, **env: str) -> Iterator[LoopbackC
     own_root = root is None
     root = Path(tempfile.mkdtemp(prefix="saikyo-raycluster-")) if root is None else root
     root.mkdir(parents=True, exist_ok=True)
-    # Orphans of a node whose parent died stay below this process (and in the node's session).
-    processes.become_subreaper()
     ray_dir = Path(tempfile.mkdtemp(prefix="saikyo-rc-"))
     cluster = LoopbackCluster(root, ray_dir, {**os.environ, **loopback_environment(), **HEALTH_CHECK, **ROUTING, **env})
     try:
