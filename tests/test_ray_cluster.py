@@ -31,7 +31,9 @@ from saikyo.models.repository import ModelRepository
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed: pip install -e '.[ray]'"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed: pip install -e '.[ray]'"
+    ),
 ]
 
 REPLICA_SHARE = {"num_cpus": 0.5}  # two replicas fit on a node of one CPU
@@ -103,7 +105,8 @@ def _status(url: str) -> int:
 
 
 def classify(url: str) -> httpx.Response:
-    return httpx.post(f"{url}/classify", files=[("images", ("cat.jpg", CAT.read_bytes(), "image/jpeg"))], params={"model": "tiny"}, timeout=60)
+    files = [("images", ("cat.jpg", CAT.read_bytes(), "image/jpeg"))]
+    return httpx.post(f"{url}/classify", files=files, params={"model": "tiny"}, timeout=60)
 
 
 def replica_labels(text: str) -> set[str]:
@@ -287,6 +290,7 @@ def test_losing_the_worker_node_under_load(deployed: Deployed) -> None:
     )
     assert all(a.status != 0 for a in answers), [a for a in answers if a.status == 0]  # none hung or reset
     # Only requests the lost replica held may fail (at most one per client), as saikyo's JSON 502.
-    assert all(a.status == 502 and a.error == "the replica handling this request was lost, retry" for a in failed), failed
+    lost_error = "the replica handling this request was lost, retry"
+    assert all(a.status == 502 and a.error == lost_error for a in failed), failed
     assert len(failed) <= 3 and all(a.sent < back_at for a in failed), failed
     assert all(s == 200 for _, s in ready), ready

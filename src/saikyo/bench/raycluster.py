@@ -186,7 +186,8 @@ def serve_config(
         options.pop("autoscaling_config", None)
     elif "autoscaling_config" in deployment:
         options.pop("num_replicas", None)
-        deployment = {**deployment, "autoscaling_config": {**options.get("autoscaling_config", {}), **deployment["autoscaling_config"]}}
+        merged = {**options.get("autoscaling_config", {}), **deployment["autoscaling_config"]}
+        deployment = {**deployment, "autoscaling_config": merged}
     options.update(deployment)
     return config
 

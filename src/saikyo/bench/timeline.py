@@ -42,7 +42,8 @@ class Answer:
 
 class ClosedLoop:
     def __init__(self, url: str, model: str, image: Path, max_clients: int, timeout_s: float = 30.0) -> None:
-        doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image.read_bytes()).decode()]}]}
+        encoded = base64.b64encode(image.read_bytes()).decode()
+        doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [encoded]}]}
         self.body = json.dumps(doc).encode()
         self.url = f"{url}/v2/models/{model}/infer"
         self.timeout_s = timeout_s
@@ -84,7 +85,8 @@ class ClosedLoop:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as r:
                 doc = json.load(r)
-                return Answer(sent, self.now(), r.status, _replica(r.headers.get(REPLICA_HEADER)), str(doc.get("model_version", "")))
+                replica, version = _replica(r.headers.get(REPLICA_HEADER)), str(doc.get("model_version", ""))
+                return Answer(sent, self.now(), r.status, replica, version)
         except urllib.error.HTTPError as e:
             text = e.read().decode(errors="replace")
             try:
@@ -107,7 +109,8 @@ def per_second(answers: list[Answer], until: float) -> list[dict[str, float]]:
         batch = [a for a in answers if second <= a.done < second + 1]
         latencies = sorted((a.done - a.sent) * 1000 for a in batch if a.ok)
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")
-        rows.append({"t": float(second), "ok": float(len(latencies)), "failed": float(len(batch) - len(latencies)), "p99_ms": p99})
+        failed = float(len(batch) - len(latencies))
+        rows.append({"t": float(second), "ok": float(len(latencies)), "failed": failed, "p99_ms": p99})
     return rows
 
 
