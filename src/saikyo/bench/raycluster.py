@@ -76,19 +76,23 @@ class LoopbackCluster:
     ray_dir: Path  # Ray's temp dir: short, for the Unix socket paths in it (at most 107 bytes)
     env: dict[str, str]
     dashboard_port: int = 0
+    gcs_port: int = 0
     nodes: dict[str, RayNode] = field(default_factory=dict)
 
     @property
     def gcs_address(self) -> str:
-        return str(self.nodes["head"].info["gcs_address"])
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> RayNode:
-        """Start a node (the first one is the head) and wait until it has joined."""
-        head = not self.nodes
+    def add_node(
+        self, name: str, num_cpus: int, resources: dict[str, float] | None = None, head: bool | None = None
+    ) -> RayNode:
+        """Start a node (the first one is the head) and wait until it has joined. A head started again
+        (after its loss) takes the ports of the first one, where the other nodes look for it."""
+        head = not self.nodes if head is None else head
         ready = self.root / f"{name}.json"
         ready.unlink(missing_ok=True)
         cmd = [
@@ -97,8 +101,9 @@ class LoopbackCluster:
             "--temp-dir", str(self.ray_dir), "--ready-file", str(ready),
         ]  # fmt: skip
         if head:
-            self.dashboard_port = free_port()
-            cmd += ["--head", "--port", str(free_port()), "--dashboard-port", str(self.dashboard_port)]
+            self.gcs_port = self.gcs_port or free_port()
+            self.dashboard_port = self.dashboard_port or free_port()
+            cmd += ["--head", "--port", str(self.gcs_port), "--dashboard-port", str(self.dashboard_port)]
         else:
             cmd += ["--address", self.gcs_address]
         log = (self.root / f"{name}.log").open("ab")
