@@ -66,3 +66,17 @@ def test_orphans_stay_descendants_only_of_a_subreaper(tmp_path: Path, subreaper:
         if _alive(orphan):
             os.kill(orphan, 9)
 
+
+
+def test_kill_session_ends_every_process_of_a_session_and_nothing_else() -> None:
+    """What stops a node of a loopback Ray cluster (saikyo.bench.raycluster): its whole session."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 120 & sleep 120 & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(processes.in_session(proc.pid)) < 3:
+        assert time.monotonic() < deadline, processes.in_session(proc.pid)
+        time.sleep(0.05)
+    members = processes.in_session(proc.pid)
+    assert proc.pid in members and os.getpid() not in members
+    assert set(processes.kill_session(proc.pid)) == set(members)
+    proc.wait(10)
+    assert processes.in_session(proc.pid) == {}

@@ -49,6 +49,35 @@ def descendants(root: int) -> Tracked:
     return found
 
 
+def in_session(sid: int) -> Tracked:
+    """Every live process of session `sid`: what a process started with start_new_session and all its
+    descendants share, even those re-parented after their parent died."""
+    found: Tracked = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found[int(entry.name)] = int(fields[19])
+    return found
+
+
+def kill_session(sid: int, seconds: float = 5.0) -> list[int]:
+    """SIGKILL every process of session `sid`, scanning again until a scan finds none (or `seconds` pass)."""
+    killed: list[int] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        round_killed = kill(in_session(sid))
+        killed += round_killed
+        if not round_killed or time.monotonic() > deadline:
+            return killed
+        time.sleep(0.1)
+
+
 def alive(tracked: Tracked) -> Tracked:
     return {pid: started for pid, started in tracked.items() if (s := _stat(pid)) is not None and s[1] == started}
 

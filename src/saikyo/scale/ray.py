@@ -52,6 +52,7 @@ CONTROL_REFUSED = (
     "(saikyo models push) and --model-control poll loads it on every replica"
 )
 PROXY_CALLBACK = "saikyo.scale.ray:proxy_middlewares"
+LOST_REPLICA = "the replica stopped (its process or node died) before it answered; the request may or may not have run"
 # Set in the environment of a private Ray started by `start_local_ray`; its processes inherit it.
 LOOPBACK_FLAG = "SAIKYO_RAY_LOOPBACK"
 
@@ -252,10 +253,13 @@ def app_builder(args: dict[str, Any] | None = None) -> Application:
 
 # ---- Ray's proxy, answering in the app's error shape ----
 class JsonProxyErrors:
-    """Serve's proxy answers backpressure, timeouts and "no replica yet" itself, as text/plain.
+    """Serve's proxy answers backpressure, timeouts and "no replica yet" itself, as text/plain, and
+    answers nothing at all when the replica holding a request died (its node lost): the HTTP server
+    then sends a bare text 500.
 
-    Clients of saikyo expect {"error": ..., "detail": ...}: rewrite those few answers (the app's own
-    errors are JSON already and pass untouched; so does every other response, unbuffered).
+    Clients of saikyo expect {"error": ..., "detail": ...}: rewrite those few answers, and answer a
+    JSON 502 where the proxy gave none (the app's own errors are JSON already and pass untouched; so
+    does every other response, unbuffered).
     """
 
     STATUSES = (404, 408, 429, 500, 503, 504)
@@ -268,11 +272,13 @@ class JsonProxyErrors:
             await self.app(scope, receive, send)
             return
         held: Message | None = None
+        started = False
         body = bytearray()
 
         async def rewrite(message: Message) -> None:
-            nonlocal held
+            nonlocal held, started
             if message["type"] == "http.response.start":
+                started = True
                 headers = dict(message.get("headers", []))
                 if message["status"] in self.STATUSES and headers.get(b"content-type", b"").startswith(b"text/plain"):
                     held = dict(message)
@@ -285,7 +291,14 @@ class JsonProxyErrors:
                 return
             await send(message)
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception as exc:
+            if started:
+                raise
+            log.warning("Serve's proxy failed before answering: %r", exc)
+        if not started:
+            await _send_json_error(send, {"status": 502, "headers": []}, LOST_REPLICA)
 
 
 async def _send_json_error(send: Send, start: Message, text: str) -> None:
@@ -300,7 +313,11 @@ async def _send_json_error(send: Send, start: Message, text: str) -> None:
         summary = "not serving: the application is starting or shutting down, retry later"
         extra = [(b"retry-after", b"1")]
     else:
-        summary = {503: "service unavailable, retry later", 429: "too many requests, retry later"}.get(
+        summary = {
+            502: "the replica handling this request was lost, retry",
+            503: "service unavailable, retry later",
+            429: "too many requests, retry later",
+        }.get(
             status, "request failed in the serving layer"
         )
     payload = json.dumps({"error": summary, "detail": text.strip()}).encode()

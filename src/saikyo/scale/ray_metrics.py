@@ -57,13 +57,18 @@ class ActorBoard:
         self._board: Any = None
 
     async def _call(self, method: str, *args: Any) -> Any:
+        from ray.exceptions import ActorDiedError
+
         if self._board is None:
             self._board = board_for(self.app_name)
         try:
             return await asyncio.wait_for(getattr(self._board, method).remote(*args), CALL_TIMEOUT_S)
-        except Exception:
-            self._board = None  # the actor may have died: look it up (or create it) again next time
+        except ActorDiedError:
+            self._board = None  # look it up (or create it) again next time
             raise
+        # Any other failure (a timeout while the actor's process starts on a busy node) keeps the handle:
+        # dropping it would end the board if this replica created it (its references gone), and the
+        # next one would start as slowly: on a loaded two-node cluster, a board that never came up.
 
     async def publish(self, source: str, text: bytes) -> None:
         await self._call("publish", source, text)
