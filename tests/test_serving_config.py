@@ -208,7 +208,9 @@ def test_a_bad_block_at_load_fails_that_model_with_its_reason(tmp_path: Path) ->
     meta = json.loads(meta_file.read_text())
     meta["serving"] = {"max_batch_size": "lots", "turbo": True}
     meta_file.write_text(json.dumps(meta))
-    with running_server(repo.root, "good,bad", tmp_path / "logs", wait_ready=False) as server:
+    with running_server(
+        repo.root, "good,bad", tmp_path / "logs", "--no-exit-on-error", "--model-control", "explicit", wait_ready=False
+    ) as server:
         wait_for("both models tried", lambda: any(r["name"] == "bad" and r.get("reason") for r in index(server.url)), server)
         rows = {r["name"]: r for r in index(server.url)}
         assert rows["good"]["state"] == "READY"
