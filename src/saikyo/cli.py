@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from saikyo.models import zoo
 from saikyo.models.errors import ExportError, UnknownModel
-from saikyo.settings import Settings, cli_fields, flag_of
+from saikyo.settings import Settings, cli_fields, env_names, flag_of
 
 if TYPE_CHECKING:
     from saikyo.models.repository import Repository
@@ -69,22 +70,58 @@ def _repository(settings: Settings, location: str | None = None, check: bool = F
 
 
 def _serve_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give `command` one option per Settings field (settings.cli_fields), typed and documented from the
-    dataclass: a new setting is a new flag without touching this file. Unset flags arrive as None, so the
-    environment (SAIKYO_*) and the defaults still apply."""
+    """Give `command` one option per Settings field (settings.cli_fields), typed, documented and grouped
+    into help panels from the dataclass: a new setting is a new flag without touching this file. Unset
+    flags arrive as None, so the environment (SAIKYO_*, including renamed flags' old variables, which
+    Settings.from_env reads) and the defaults still apply.
+
+    A renamed flag's old name and a switch's --no- form are hidden options (named FIELD__N) folded into
+    the field's value: shown, they would make the help's flag columns too wide for 80 columns."""
     params, annotations = [], {}
+    negations: set[str] = set()  # hidden options whose flag sets False
+
+    def add(name: str, kind: type, option: Any) -> None:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+        annotations[name] = Optional[kind]
+
     for f in cli_fields():
         kind = _FLAG_TYPES.get(str(f.type), str)
-        decl = f"{flag_of(f)}/--no-{flag_of(f)[2:]}" if kind is bool else flag_of(f)
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        names = [flag_of(f), *f.metadata["aliases"]]
+        default = ", ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default  # wraps at 80
         default = str(default).lower() if isinstance(default, bool) else default
-        shown = f"default {default}, " if default not in (None, "") else ""
-        option = typer.Option(None, decl, help=f"{f.metadata['help']} ({shown}env SAIKYO_{f.name.upper()})")
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
-        annotations[f.name] = Optional[kind]
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = annotations
-    return command
+        off = [f"{_negative(names[0])} turns it off"] if kind is bool else []
+        shown = f" [default: {default}]" if default not in (None, "") else ""
+        help = escape("; ".join([f.metadata["help"], *off]) + shown)  # text, not rich markup
+        panel, envvar = f.metadata["panel"], env_names(f)[0]
+        add(f.name, kind, typer.Option(None, names[0], help=help, rich_help_panel=panel, envvar=envvar, show_envvar=True))
+        hidden = [(n, False) for n in names[1:]] + ([(_negative(n), True) for n in names] if kind is bool else [])
+        for i, (decl, negates) in enumerate(hidden):
+            add(f"{f.name}__{i}", kind, typer.Option(None, decl, hidden=True))
+            if negates:
+                negations.add(f"{f.name}__{i}")
+
+    def with_settings_flags(ctx: typer.Context, **given: Any) -> None:
+        # Typer names each variable in the help; Settings.from_env is what reads them (old names too),
+        # so that a flag given, a hidden --no- form included, always wins over a variable.
+        flags: dict[str, Any] = {}
+        for key, value in given.items():  # the shown flag first, then its hidden names
+            name = key.partition("__")[0]
+            if getattr(ctx.get_parameter_source(key), "name", None) == "ENVIRONMENT":
+                continue
+            if value is not None and flags.get(name) is None:
+                flags[name] = False if key in negations else value
+        command(**flags)
+
+    with_settings_flags.__name__ = command.__name__
+    with_settings_flags.__doc__ = command.__doc__
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    with_settings_flags.__signature__ = inspect.Signature([context, *params])  # type: ignore[attr-defined]
+    with_settings_flags.__annotations__ = {"ctx": typer.Context, **annotations}
+    return with_settings_flags
+
+
+def _negative(flag: str) -> str:
+    return f"--no-{flag[2:]}"
 
 
 # Flag value types by the field's declared type; tuples are comma-separated strings, as in SAIKYO_* variables.
