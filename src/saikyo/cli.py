@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,7 +33,12 @@ from saikyo.bench.cli import bench_app  # noqa: E402  (light: typer and rich onl
 app.add_typer(bench_app, name="bench")
 
 console = Console(width=shutil.get_terminal_size((160, 24)).columns)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message: greppable, copyable commands
+
+# Exit codes (README, "Exit codes"): 0 done; 1 the work failed (a port in use, a server or a measurement
+# that failed); 2 the command cannot work as given (a flag, a model, a repository, a missing extra);
+# 130 interrupted.
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 RepositoryOpt = Annotated[
     Optional[str],
@@ -44,11 +50,16 @@ EndpointOpt = Annotated[
 ]
 
 
+def _error(message: str) -> None:
+    """One line on stderr; the message is text, not markup (an exception's "saikyo[export]" stays)."""
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except ValueError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
 
 
@@ -64,7 +75,7 @@ def _repository(settings: Settings, location: str | None = None, check: bool = F
         if check:
             repo.check()
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     return repo
 
@@ -141,55 +152,56 @@ def serve(**flags: Any) -> None:
     settings = _settings(**flags)
     repo = _repository(settings, check=True)
     for name in settings.models:
-        # Repository entries describe themselves, so models outside the zoo serve too.
-        if zoo.base_name(name) not in zoo.ZOO and not _has(repo, name):
-            err.print(f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository})")
-            raise typer.Exit(2)
+        _known(repo, name)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if settings.engine == "ray":
         if settings.workers != "1":
-            err.print(
-                "[red]error:[/] --workers is for the plain engine; under --engine ray the Ray Serve replicas "
-                "are the workers: use --replicas"
-            )
+            _error("--workers is for the plain engine; under --engine ray the Ray Serve replicas are the workers: use --replicas")
             raise typer.Exit(2)
         _serve_on_ray(settings)
         return
     if settings.engine != "plain":
-        err.print(f"[red]error:[/] unknown engine {settings.engine!r}; choose plain or ray")
+        _error(f"unknown engine {settings.engine!r}; choose plain or ray")
         raise typer.Exit(2)
     from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
-    from saikyo.server.workers import serve_workers, worker_count
+    from saikyo.server.workers import listen, serve_workers, worker_count
 
     settings = settings.with_overrides(workers=str(worker_count(settings)))
     try:
         server_app = create_app(settings)
     except AuthConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
-    if settings.workers != "1":
-        # Each worker builds its own app; this one only checked the settings.
-        try:
-            status = serve_workers(settings, int(settings.workers))
-        except OSError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from None
-        raise typer.Exit(status)
+    try:
+        if settings.workers != "1":
+            # Each worker builds its own app; this one only checked the settings.
+            raise typer.Exit(serve_workers(settings, int(settings.workers)))
+        # Bound here, as the supervisor binds for its workers: a port in use is the same error (exit 1)
+        # in either mode, before any model loads.
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        _error(f"{exc}; stop what holds it, or choose another --port")
+        raise typer.Exit(EXIT_FAILED) from None
     # SIGTERM: readiness false, drain in-flight requests, exit 0 (server/shutdown.py).
-    serve_draining(server_app, settings)
+    serve_draining(server_app, settings, sock)
 
 
-def _has(repo: Repository, name: str) -> bool:
+def _known(repo: Repository, name: str) -> None:
+    """Exit 2 naming the zoo unless `name` is a zoo model or in the repository (whose entries describe
+    themselves, so models outside the zoo serve too)."""
     from saikyo.models.errors import RepositoryError
 
     try:
-        return repo.has(name)
+        if zoo.base_name(name) in zoo.ZOO or repo.has(name):
+            return
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _error(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    _error(f"{UnknownModel(name, list(zoo.ZOO))} (and not in the repository {repo.location}); saikyo models list shows them")
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _serve_on_ray(settings: Settings) -> None:
@@ -197,22 +209,22 @@ def _serve_on_ray(settings: Settings) -> None:
 
     # Only looked up, not imported: Ray reads some loopback switches at import time.
     if importlib.util.find_spec("ray") is None:
-        err.print("[red]error:[/] --engine ray needs Ray Serve: pip install 'saikyo[ray]'")
+        _error("--engine ray needs Ray Serve: pip install 'saikyo[ray]'")
         raise typer.Exit(2)
     from saikyo.scale.ray import deployment_options, serve_on_ray
 
     try:
         deployment_options(settings)
     except ValueError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     try:
         serve_on_ray(settings)
     except ValueError as exc:  # replicas that do not fit this machine
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(1) from None
 
 
@@ -226,11 +238,21 @@ def models_list(
     from saikyo.models.catalog import list_models
     from saikyo.models.errors import RepositoryError
 
+    from saikyo.models.location import is_remote
+    from saikyo.models.repository import export_command
+
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    if not is_remote(settings.repository) and not Path(settings.repository).is_dir():
+        # The zoo alone is a fair answer before the first export; a repository someone named must exist.
+        fix = export_command(zoo.DEFAULT_MODEL, settings.repository)
+        if repository is not None or "SAIKYO_REPOSITORY" in os.environ:
+            _error(f"no model repository at {settings.repository}; create it with: {fix}")
+            raise typer.Exit(EXIT_USAGE)
+        err.print(f"no model repository at {settings.repository} yet; the zoo only. Export one: {fix}", highlight=False)
     try:
         rows = list_models(_repository(settings, check=True))
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -273,7 +295,7 @@ def models_push(
     try:
         entry = source.get(name)
     except (ModelNotExported, RepositoryError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     files = sorted((p for p in entry.path.parent.iterdir() if p.is_file() and p.name in _PUBLISHED), key=lambda p: _PUBLISHED.index(p.name))
     # Where it came from; the digests of what is published are added by publish().
@@ -281,7 +303,7 @@ def models_push(
     try:
         number = target.publish(name, files, meta, version)
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
     finally:
         entry.release()
@@ -314,16 +336,16 @@ def models_export(
 
     settings = _settings(repository=repository)
     if is_remote(settings.repository):
-        err.print(f"[red]error:[/] export writes a local directory; export there, then: saikyo models push {name} --to {settings.repository}")
+        _error(f"export writes a local directory; export there, then: saikyo models push {name} --to {settings.repository}")
         raise typer.Exit(2)
     repo = ModelRepository(settings.repository)
     try:
         zoo.get(name)
     except UnknownModel as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     if quantize is not None and quantize not in zoo.VARIANTS:
-        err.print(f"[red]error:[/] unknown quantisation {quantize!r}; supported: {', '.join(zoo.VARIANTS)}")
+        _error(f"unknown quantisation {quantize!r}; supported: {', '.join(zoo.VARIANTS)}")
         raise typer.Exit(2)
     target = zoo.variant_name(name, quantize) if quantize else name
     if if_missing and repo.has(target):
@@ -332,7 +354,7 @@ def models_export(
     try:
         from saikyo.models.export import export_model
     except ImportError as exc:
-        err.print(f"[red]error:[/] exporting needs torch: pip install 'saikyo[export]' ({exc})")
+        _error(f"exporting needs torch: pip install 'saikyo[export]' ({exc})")
         raise typer.Exit(2) from None
     try:
         entry = export_model(
@@ -345,7 +367,7 @@ def models_export(
             progress=lambda m: err.print(m),
         )
     except ExportError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(1) from None
     console.print(f"exported {entry.name} -> {entry.path} ({entry.size_bytes / 1e6:.1f} MB, weights {entry.meta.get('weights')})")
 
@@ -366,10 +388,10 @@ def models_info(name: str, repository: RepositoryOpt = None, s3_endpoint_url: En
         if versions:
             info["meta"] = repo.resolve(name).meta
     except UnknownModel as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     print(json.dumps(info, indent=2))
 
@@ -393,17 +415,18 @@ def classify(
 
     name = model or zoo.DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
+    _known(_repository(settings), name)
     try:
         runner = create_runner(name, settings)
     except (ModelNotExported, RunnerError, UnknownModel) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     pixels = []
     for path in images:
         try:
             pixels.append(imaging.decode(path.read_bytes(), runner.preprocessing))
         except imaging.ImageError as exc:
-            err.print(f"[red]error:[/] {path}: {exc}")
+            _error(f"{path}: {exc}")
             raise typer.Exit(1) from None
     probs = runner.infer_pixels(np.stack(pixels))
     idx, vals = top_k(probs, topk)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from saikyo.models import zoo
+from saikyo.models.repository import DEFAULT_LOCATION
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; NAME-int8 is chosen by name
@@ -54,7 +55,7 @@ class Settings:
     # The first model is the default for requests that name none.
     models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default", panel="Models & repository")
     # A directory, or s3://bucket/prefix (credentials from the standard AWS chain, never a setting).
-    repository: str = setting("model-repository", "model repository: a directory or s3://bucket/prefix", panel="Models & repository")
+    repository: str = setting(DEFAULT_LOCATION, "model repository: a directory or s3://bucket/prefix", panel="Models & repository")
     s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint for s3:// repositories (SeaweedFS, MinIO, R2, Ceph); default AWS", panel="Models & repository")
     # Versions downloaded from an s3:// repository, keyed by digest and shared by every server on the host.
     model_cache_dir: Path | None = setting(None, "where s3:// downloads are cached; default ~/.cache/saikyo/models", panel="Models & repository")

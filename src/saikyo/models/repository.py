@@ -17,6 +17,7 @@ import abc
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.pt"
 # What an unversioned model directory counts as.
 UNVERSIONED = 1
+# Where models live unless a flag or SAIKYO_REPOSITORY says otherwise (Settings.repository's default).
+DEFAULT_LOCATION = "model-repository"
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class Repository(abc.ABC):
 
     def fix(self, name: str) -> str:
         """The command that puts `name` here."""
-        return export_command(name)
+        return export_command(name, self.location)
 
     # ---- shared ----
     def names(self) -> list[str]:
@@ -282,10 +285,14 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
-def export_command(name: str) -> str:
-    """The command that puts `name` in a repository: the fp32 export, or the variant's quantisation."""
+def export_command(name: str, location: str | None = None) -> str:
+    """The command that puts `name` in the local repository at `location` (default: the default one): the
+    fp32 export, or the variant's quantisation; for a name the zoo does not have, where to look."""
     base, variant = zoo.split_variant(name)
-    if variant is not None:
-        return f"saikyo models export {base} --quantize {variant}"
     spec = zoo.ZOO.get(base)
-    return f"saikyo models export {base} --weights {spec.default_weights if spec else 'random'}"
+    if spec is None:
+        return "saikyo models list (the zoo's names; no zoo model is called " + repr(base) + ")"
+    where = "" if location in (None, DEFAULT_LOCATION) else f" --repository {shlex.quote(str(location))}"
+    if variant is not None:
+        return f"saikyo models export {base} --quantize {variant}{where}"
+    return f"saikyo models export {base} --weights {spec.default_weights}{where}"
