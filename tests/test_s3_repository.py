@@ -139,7 +139,11 @@ def test_push_refuses_a_version_that_exists_and_the_cli_lists_versions(
 ) -> None:
     uri, env = f"s3://{BUCKET}/cli", s3_server.env()
     common = ("--repository", str(tiny_repository.root), "--s3-endpoint-url", s3_server.url)
-    assert saikyo("models", "push", "tiny", "--to", uri, *common, env=env).returncode == 0
+    first = saikyo("models", "push", "tiny", "--to", uri, *common, env=env)
+    assert first.returncode == 0
+    # Not a terminal: the transfer's progress is one plain line per file, with its size.
+    size = (tiny_repository.root / "tiny" / "model.onnx").stat().st_size
+    assert f"uploading tiny version 1 model.onnx: {size / 1e6:.1f} MB" in first.stderr.splitlines()
     assert saikyo("models", "push", "tiny", "--to", uri, "--version", "3", *common, env=env).returncode == 0
     again = saikyo("models", "push", "tiny", "--to", uri, "--version", "3", *common, env=env)
     assert again.returncode == 1 and "version 3 already exists" in " ".join(again.stderr.split())

@@ -292,6 +292,9 @@ def models_push(
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
     source = _repository(settings)
     target = _repository(settings, to, check=True)
+    for repo in (source, target):  # an s3:// source downloads, an s3:// target uploads
+        if hasattr(repo, "progress"):
+            repo.progress = _transfer_progress
     try:
         entry = source.get(name)
     except (ModelNotExported, RepositoryError) as exc:
@@ -309,6 +312,29 @@ def models_push(
         entry.release()
     size = sum(f.stat().st_size for f in files)
     console.print(f"published {name} version {number} to {target.location} ({size / 1e6:.1f} MB: {', '.join(f.name for f in files)}, {META_FILE} last)")
+
+
+def _transfer_progress(what: str, total: int) -> Callable[[int], None]:
+    """A byte bar for one file on a terminal; elsewhere (a log) one line as it starts."""
+    if not err.is_terminal:
+        err.print(f"{what}: {total / 1e6:.1f} MB", markup=False, highlight=False)
+        return lambda _n: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=err)  # fmt: skip
+    task = bar.add_task(escape(what), total=total or None)
+    bar.start()
+    moved = 0
+
+    def advance(n: int) -> None:  # boto3 calls it from its transfer threads
+        nonlocal moved
+        moved += n
+        bar.update(task, completed=moved)
+        if total and moved >= total:
+            bar.stop()
+
+    return advance
 
 
 # What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.

@@ -289,10 +289,10 @@ def export_command(name: str, location: str | None = None) -> str:
     """The command that puts `name` in the local repository at `location` (default: the default one): the
     fp32 export, or the variant's quantisation; for a name the zoo does not have, where to look."""
     base, variant = zoo.split_variant(name)
-    spec = zoo.ZOO.get(base)
-    if spec is None:
-        return "saikyo models list (the zoo's names; no zoo model is called " + repr(base) + ")"
     where = "" if location in (None, DEFAULT_LOCATION) else f" --repository {shlex.quote(str(location))}"
     if variant is not None:
         return f"saikyo models export {base} --quantize {variant}{where}"
+    spec = zoo.ZOO.get(base)
+    if spec is None:
+        return "saikyo models list (the zoo's names; no zoo model is called " + repr(base) + ")"
     return f"saikyo models export {base} --weights {spec.default_weights}{where}"

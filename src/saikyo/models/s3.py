@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 3
 MAX_META_BYTES = 1 << 20
 _CHUNK = 1 << 20
+
+# What shows a transfer's progress: called with what moves and its size in bytes at the start of each
+# file, it returns the function that hears each chunk's byte count (boto3's `Callback` shape).
+TransferProgress = Callable[[str, int], Callable[[int], None]]
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -67,6 +71,7 @@ class S3Repository(Repository):
         self.bucket, self.prefix = parse_uri(uri)
         self.endpoint_url = endpoint_url
         self.cache = cache
+        self.progress: TransferProgress | None = None  # the CLI sets one (a bar on a terminal)
         self._client: Any = None
 
     def fix(self, name: str) -> str:
@@ -209,11 +214,13 @@ class S3Repository(Repository):
             try:
                 with self._errors(what), open(dest, "wb") as out:
                     try:
-                        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                        for chunk in body.iter_chunks(_CHUNK):
+                        got = self.client.get_object(Bucket=self.bucket, Key=key)
+                        moved = self._progress(f"downloading {what}", int(got.get("ContentLength") or 0))
+                        for chunk in got["Body"].iter_chunks(_CHUNK):
                             sha.update(chunk)
                             out.write(chunk)
                             size += len(chunk)
+                            moved(len(chunk))
                     except (FlexibleChecksumError, IncompleteReadError, ResponseStreamingError) as exc:
                         # The store's own checksum or the transfer caught it: the same as a digest mismatch.
                         log.warning("%s from %s: %s (attempt %d of %d)", what, self.location, type(exc).__name__, attempt, DOWNLOAD_ATTEMPTS)
@@ -234,12 +241,17 @@ class S3Repository(Repository):
             "downloads; it is not served"
         )
 
+    def _progress(self, what: str, total: int) -> Callable[[int], None]:
+        return self.progress(what, total) if self.progress is not None else lambda _n: None
+
     # ---- writing ----
     def _publish(self, name: str, version: int, files: Sequence[Path], meta: bytes) -> None:
         prefix = f"{self.prefix}{name}/{version}/"
         for f in files:
+            what = f"{name} version {version} {Path(f).name}"
             with self._errors(f"uploading {name} version {version}"):
-                self.client.upload_file(str(f), self.bucket, prefix + Path(f).name)
+                moved = self._progress(f"uploading {what}", Path(f).stat().st_size)
+                self.client.upload_file(str(f), self.bucket, prefix + Path(f).name, Callback=moved)
         from botocore.exceptions import ClientError
 
         with self._errors(f"publishing {name} version {version}"):
