@@ -253,7 +253,7 @@ def sweep(
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
     workers: Annotated[str, typer.Option(help="comma-separated server --workers counts (processes)")] = "1",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
-    concurrency: Annotated[str, typer.Option(help="closed-mode levels")] = "1,2,4,8",
+    concurrency: Annotated[str, typer.Option(help="closed-mode levels (where the throughput-p99 curve bends)")] = "1,2,4,8,16",
     rates: Annotated[str, typer.Option(help="open-mode levels, requests/s")] = "",
     requests: Annotated[int, typer.Option(min=1, help="seed mode: measured requests per cell")] = 10,
     warmup: Annotated[int, typer.Option(min=0)] = 1,

@@ -90,7 +90,7 @@ class SweepConfig:
     max_batch_sizes: Sequence[int] = (16,)
     workers: Sequence[int] = (1,)  # server processes, `saikyo serve --workers`
     modes: Sequence[str] = ("seed",)
-    concurrency: Sequence[int] = (1, 2, 4, 8)  # closed-mode levels
+    concurrency: Sequence[int] = (1, 2, 4, 8, 16)  # closed-mode levels: enough for the knee to show
     rates: Sequence[float] = ()  # open-mode levels, requests/s
     requests: int = 10  # seed mode
     warmup: int = 1
