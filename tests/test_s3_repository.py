@@ -66,6 +66,9 @@ def test_push_then_serve_from_s3_classifies_the_cat_and_a_restart_hits_the_cache
             assert int(max(r.json()[0], key=r.json()[0].get)) in CAT_CLASSES
             index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
             assert {"name": "efficientnet_lite0", "version": "1", "state": "READY", "reason": ""} in index
+            # The download's progress in the server's log: one line per file with its size, first start only.
+            started = "downloading efficientnet_lite0 version 1 model.onnx: "
+            assert (started in server.log()) == (start == 1), server.log_tail(20)
         assert proxy.count("GET", model_key) == 1, (start, proxy.requests)  # downloaded once, by the first start
     assert proxy.count("GET", "/efficientnet_lite0/1/meta.json") >= 2  # each start reads meta.json
 

@@ -242,7 +242,10 @@ class S3Repository(Repository):
         )
 
     def _progress(self, what: str, total: int) -> Callable[[int], None]:
-        return self.progress(what, total) if self.progress is not None else lambda _n: None
+        if self.progress is not None:
+            return self.progress(what, total)
+        log.info("%s: %.1f MB", what, total / 1e6)  # a server's log: one line per file, as it starts
+        return lambda _n: None
 
     # ---- writing ----
     def _publish(self, name: str, version: int, files: Sequence[Path], meta: bytes) -> None:
