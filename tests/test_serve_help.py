@@ -19,11 +19,11 @@ from saikyo.settings import PANELS, Settings, cli_fields, env_names, flag_of
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _help_at(columns: int) -> str:
+def _help_at(columns: int, *command: str) -> str:
     env = {**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(SRC), "TERM": "dumb", "NO_COLOR": "1"}
     env.pop("TERMINAL_WIDTH", None)
-    out = subprocess.run([sys.executable, "-m", "saikyo", "serve", "--help"], env=env, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "saikyo", *(command or ("serve",)), "--help"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
     return out
 
 
@@ -39,6 +39,13 @@ def test_help_at_80_columns_shows_every_flag_whole_under_its_panel() -> None:
         shown = re.findall(r"^│ (--[a-z0-9-]+) ", sections[f.metadata["panel"]], re.M)
         assert flag_of(f) in shown, f"{flag_of(f)} is not whole in the {f.metadata['panel']} panel"
         assert env_names(f)[0] in text
+
+
+@pytest.mark.parametrize("command", [("bench", "sweep"), ("bench", "capacity"), ("bench", "run"),
+                                     ("models", "push"), ("models", "export"), ("classify",)])
+def test_other_commands_help_is_whole_at_80_columns(command: tuple[str, ...]) -> None:
+    text = _help_at(80, *command)
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
 
 
 def test_every_setting_names_a_known_panel() -> None:

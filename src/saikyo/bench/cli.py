@@ -249,7 +249,7 @@ def sweep(
     models: Annotated[str, typer.Option(help="comma-separated models, or 'all' for the zoo")] = "all",
     images_per_request: Annotated[str, typer.Option(help="comma-separated sizes")] = "1,4,8",
     precisions: Annotated[str, typer.Option(help="fp32,bf16,int8 (int8 serves NAME-int8; bf16 on openvino targets)")] = "fp32",
-    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,openvino/cpu,torch/cuda")] = "onnxruntime/cpu",
+    targets: Annotated[str, typer.Option(help="comma-separated backend/device pairs, e.g. onnxruntime/cpu, openvino/cpu, torch/cuda")] = "onnxruntime/cpu",
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
     workers: Annotated[str, typer.Option(help="comma-separated server --workers counts (processes)")] = "1",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
