@@ -162,7 +162,7 @@ class Settings:
     workers: str = setting(
         "1",
         "server processes on one port, each with its share of the cores: N, or auto = on the CPU one per core "
-        "up to 8 (one-thread processes keep the cores busier than one process's threads), on GPUs two per GPU",
+        "up to 8, on GPUs two per GPU (README: --workers)",
         panel="Workers & Ray",
     )
 
