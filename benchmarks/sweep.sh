@@ -22,7 +22,7 @@ REPOSITORY=${SAIKYO_REPOSITORY:-model-repository}
     --out "$OUT/sweep.jsonl" \
     --models all --precisions fp32,bf16,int8 --images-per-request 1,4,8 \
     --targets onnxruntime/cpu,openvino/cpu --max-batch-sizes 16 \
-    --modes seed,closed --requests 10 --concurrency 1,4 --seconds 5 \
+    --modes seed,closed --requests 10 --concurrency 1,2,4,8,16 --seconds 5 \
     --repository "$REPOSITORY" --export-missing --export-weights random \
     --log-dir "${TMPDIR:-/tmp}/saikyo-sweep-logs" \
     ${INSTANCE:+--instance-type "$INSTANCE"} "$@"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -100,6 +101,11 @@ def test_capacity_finds_the_known_capacity_of_a_single_worker_server(slow_server
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     rec = json.loads(result.stdout)
+    # Each step says it is in progress before it runs (stderr, one plain line), then its verdict.
+    started = re.findall(r"^  step (\d+) of at most 10: (\w+) at ([0-9.]+) req/s for \d+ s", result.stderr, re.M)
+    assert [(int(n), phase, float(rate)) for n, phase, rate in started] == [
+        (i, s["phase"], pytest.approx(s["rate"], abs=1e-3)) for i, s in enumerate(rec["capacity_steps"], 1)
+    ]
     assert json.loads(out.read_text().splitlines()[-1]) == rec
     steps = rec["capacity_steps"]
     capacity, upper = rec["capacity_rate"], rec["capacity_upper_rate"]

@@ -13,6 +13,7 @@ from saikyo.bench.cost import cost_performance
 from saikyo.bench.plot import (
     accuracy_front,
     accuracy_points,
+    best_buy,
     cost_points,
     pareto_front,
     plot_accuracy,
@@ -89,7 +90,7 @@ def test_pareto_frontier() -> None:
     assert {p.label for p in points if p.pareto} == set(front)
 
 
-def test_figure_plots_exactly_the_points_with_log_time_axis() -> None:
+def test_cost_figure_plots_every_point_and_names_the_frontier_and_the_best_buy() -> None:
     import matplotlib.pyplot as plt
 
     points = cost_points(RECORDS)
@@ -97,21 +98,31 @@ def test_figure_plots_exactly_the_points_with_log_time_axis() -> None:
     try:
         ax = fig.axes[0]
         assert ax.get_xscale() == "log"
-        assert plotted(ax) == sorted((p.time_ms, p.cost_performance) for p in points)
-        assert sorted(t.get_text() for t in ax.texts) == sorted(p.label for p in points)
-        # Colour by family: every point of a family has the same face colour, families differ.
-        colours = {}
-        for c in ax.collections:
-            fam = c.get_label().split(" / ")[0]
-            colours.setdefault(fam, set()).add(tuple(c.get_facecolor()[0]))
-        assert all(len(v) == 1 for v in colours.values()) and len(colours) == 2
-        # Marker by hardware: two instance types, two legend entries in the hardware legend.
-        hw_legend = ax.get_legend()
-        assert {t.get_text() for t in hw_legend.get_texts()} >= {"c7i.large", "g4dn.xlarge", "Pareto frontier (bold labels)"}
-        step = [line for line in ax.lines if line.get_linestyle() == "--"]
-        assert len(step) == 1
-        xs = list(step[0].get_xdata())
-        assert xs == [p.time_ms for p in pareto_front(points)]
+        marks = [c for c in ax.collections if c.get_label() != "best buy"]
+        assert sorted(tuple(map(float, xy)) for c in marks for xy in c.get_offsets()) == sorted(
+            (p.time_ms, p.cost_performance) for p in points
+        )
+        # Colour by network, not family: resnet50 and resnet152 (both ResNet) differ; a network's points agree.
+        colours: dict[str, set] = {}
+        for c in marks:
+            face, edge = tuple(c.get_facecolor()[0][:3]), tuple(c.get_edgecolor()[0][:3])
+            colours.setdefault(c.get_label().split(" / ")[0], set()).add(edge if face == (1.0, 1.0, 1.0) else face)
+        assert {"resnet50", "resnet152"} <= set(colours) and all(len(v) == 1 for v in colours.values())
+        assert colours["resnet50"] != colours["resnet152"]
+        # Only the frontier is labelled, in words ("images/request", never "bs"); the best buy is ringed.
+        front = pareto_front(points)
+        best = best_buy(points)
+        assert best in front and best == max(points, key=lambda p: p.cost_performance)
+        texts = [t.get_text() for t in ax.texts]
+        assert len(texts) == len(front) and not any("bs=" in t for t in texts)
+        assert all("image" in t and "/request" in t for t in texts)
+        assert sum(t.startswith("best buy: ") for t in texts) == 1
+        (ring,) = [c for c in ax.collections if c.get_label() == "best buy"]
+        assert tuple(map(float, ring.get_offsets()[0])) == (best.time_ms, best.cost_performance)
+        (line,) = [line for line in ax.lines if line.get_label() == "frontier"]
+        assert list(line.get_xdata()) == [p.time_ms for p in front]
+        titles = {leg.get_title().get_text() for leg in ax.artists + [ax.get_legend()] if hasattr(leg, "get_title")}
+        assert {"network", "images per request", "hardware and marks"} <= titles
     finally:
         plt.close(fig)
 

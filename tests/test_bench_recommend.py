@@ -166,3 +166,23 @@ def test_min_top1_keeps_networks_whose_published_accuracy_is_high_enough(tmp_pat
     assert table.exit_code == 0 and "80.9" in table.stdout and "squeezenet1_1" not in table.stdout
     bad = runner.invoke(app, ["bench", "recommend", str(path), "--p99", "200ms", "--qps", "100", "--min-top1", "175"])
     assert bad.exit_code == 2 and "percentage" in bad.output
+
+
+def test_the_report_tells_machines_apart_and_keeps_a_margin() -> None:
+    import re
+
+    from saikyo.bench.report import machines
+
+    page = build_report(RECORDS)
+    named = machines(RECORDS)
+    assert list(named) == list(dict.fromkeys(r["hardware"] for r in RECORDS)) and len(named) >= 3
+    assert f"These records come from {len(named)} machines" in page
+    for hw, letter in named.items():
+        assert f"{letter} = {hw}" in page
+    # Every row of the records table starts with its machine's letter, as many rows per letter as records.
+    body = page.split("<h2>All records</h2>", 1)[1]
+    letters = re.findall(r'<tr><td class="l">([A-Z])</td>', body)
+    assert sorted(letters) == sorted(named[r["hardware"]] for r in RECORDS)
+    assert "padding: 0 2rem" in page and 'class="scroll"' in page
+    one = build_report([r for r in RECORDS if r["hardware"] == "c7i.large box"])
+    assert "These records come from" not in one  # one machine: nothing to warn about

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,11 @@ def test_sweep_measures_skips_unexported_and_resumes(repo: ModelRepository, tmp_
     assert (first.ran, first.missing_model, first.failed) == (4, 4, 0)
     assert sum("serving at" in m for m in said) == 2  # one server per model setting
     assert any("tiny-int8" in m and "saikyo models export" in m and "--export-missing" in m for m in said)
+    # Progress, one plain line per cell: k of N (the int8 cells, not exported, are not counted), and an ETA
+    # from the second cell on.
+    counted = [m.split(":")[0] for m in said if m.startswith("cell ")]
+    assert [c.split(", ETA")[0] for c in counted] == [f"cell {k} of 4" for k in (1, 2, 3, 4)]
+    assert "ETA" not in counted[0] and all(re.search(r", ETA \d+s$", c) for c in counted[1:])
     recs = records.read(out)
     assert len(recs) == 4
     assert {(r["model"], r["images_per_request"]) for r in recs} == {("tiny", 1), ("tiny", 2), ("tiny2", 1), ("tiny2", 2)}

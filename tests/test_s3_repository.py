@@ -66,6 +66,9 @@ def test_push_then_serve_from_s3_classifies_the_cat_and_a_restart_hits_the_cache
             assert int(max(r.json()[0], key=r.json()[0].get)) in CAT_CLASSES
             index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
             assert {"name": "efficientnet_lite0", "version": "1", "state": "READY", "reason": ""} in index
+            # The download's progress in the server's log: one line per file with its size, first start only.
+            started = "downloading efficientnet_lite0 version 1 model.onnx: "
+            assert (started in server.log()) == (start == 1), server.log_tail(20)
         assert proxy.count("GET", model_key) == 1, (start, proxy.requests)  # downloaded once, by the first start
     assert proxy.count("GET", "/efficientnet_lite0/1/meta.json") >= 2  # each start reads meta.json
 
@@ -139,7 +142,11 @@ def test_push_refuses_a_version_that_exists_and_the_cli_lists_versions(
 ) -> None:
     uri, env = f"s3://{BUCKET}/cli", s3_server.env()
     common = ("--repository", str(tiny_repository.root), "--s3-endpoint-url", s3_server.url)
-    assert saikyo("models", "push", "tiny", "--to", uri, *common, env=env).returncode == 0
+    first = saikyo("models", "push", "tiny", "--to", uri, *common, env=env)
+    assert first.returncode == 0
+    # Not a terminal: the transfer's progress is one plain line per file, with its size.
+    size = (tiny_repository.root / "tiny" / "model.onnx").stat().st_size
+    assert f"uploading tiny version 1 model.onnx: {size / 1e6:.1f} MB" in first.stderr.splitlines()
     assert saikyo("models", "push", "tiny", "--to", uri, "--version", "3", *common, env=env).returncode == 0
     again = saikyo("models", "push", "tiny", "--to", uri, "--version", "3", *common, env=env)
     assert again.returncode == 1 and "version 3 already exists" in " ".join(again.stderr.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -13,11 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from saikyo.models import zoo
 from saikyo.models.errors import ExportError, UnknownModel
-from saikyo.settings import Settings, cli_fields, flag_of
+from saikyo.settings import Settings, cli_fields, env_names, flag_of
 
 if TYPE_CHECKING:
     from saikyo.models.repository import Repository
@@ -32,7 +34,12 @@ app.add_typer(bench_app, name="bench")
 app.command("tune")(tune_command)
 
 console = Console(width=shutil.get_terminal_size((160, 24)).columns)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message: greppable, copyable commands
+
+# Exit codes (README, "Exit codes"): 0 done; 1 the work failed (a port in use, a server or a measurement
+# that failed); 2 the command cannot work as given (a flag, a model, a repository, a missing extra);
+# 130 interrupted.
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 RepositoryOpt = Annotated[
     Optional[str],
@@ -44,11 +51,16 @@ EndpointOpt = Annotated[
 ]
 
 
+def _error(message: str) -> None:
+    """One line on stderr; the message is text, not markup (an exception's "saikyo[export]" stays)."""
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except ValueError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
 
 
@@ -64,28 +76,64 @@ def _repository(settings: Settings, location: str | None = None, check: bool = F
         if check:
             repo.check()
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     return repo
 
 
 def _serve_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give `command` one option per Settings field (settings.cli_fields), typed and documented from the
-    dataclass: a new setting is a new flag without touching this file. Unset flags arrive as None, so the
-    environment (SAIKYO_*) and the defaults still apply."""
+    """Give `command` one option per Settings field (settings.cli_fields), typed, documented and grouped
+    into help panels from the dataclass: a new setting is a new flag without touching this file. Unset
+    flags arrive as None, so the environment (SAIKYO_*, including renamed flags' old variables, which
+    Settings.from_env reads) and the defaults still apply.
+
+    A renamed flag's old name and a switch's --no- form are hidden options (named FIELD__N) folded into
+    the field's value: shown, they would make the help's flag columns too wide for 80 columns."""
     params, annotations = [], {}
+    negations: set[str] = set()  # hidden options whose flag sets False
+
+    def add(name: str, kind: type, option: Any) -> None:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+        annotations[name] = Optional[kind]
+
     for f in cli_fields():
         kind = _FLAG_TYPES.get(str(f.type), str)
-        decl = f"{flag_of(f)}/--no-{flag_of(f)[2:]}" if kind is bool else flag_of(f)
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        names = [flag_of(f), *f.metadata["aliases"]]
+        default = ", ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default  # wraps at 80
         default = str(default).lower() if isinstance(default, bool) else default
-        shown = f"default {default}, " if default not in (None, "") else ""
-        option = typer.Option(None, decl, help=f"{f.metadata['help']} ({shown}env SAIKYO_{f.name.upper()})")
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
-        annotations[f.name] = Optional[kind]
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = annotations
-    return command
+        off = [f"{_negative(names[0])} turns it off"] if kind is bool else []
+        shown = f" [default: {default}]" if default not in (None, "") else ""
+        help = escape("; ".join([f.metadata["help"], *off]) + shown)  # text, not rich markup
+        panel, envvar = f.metadata["panel"], env_names(f)[0]
+        add(f.name, kind, typer.Option(None, names[0], help=help, rich_help_panel=panel, envvar=envvar, show_envvar=True))
+        hidden = [(n, False) for n in names[1:]] + ([(_negative(n), True) for n in names] if kind is bool else [])
+        for i, (decl, negates) in enumerate(hidden):
+            add(f"{f.name}__{i}", kind, typer.Option(None, decl, hidden=True))
+            if negates:
+                negations.add(f"{f.name}__{i}")
+
+    def with_settings_flags(ctx: typer.Context, **given: Any) -> None:
+        # Typer names each variable in the help; Settings.from_env is what reads them (old names too),
+        # so that a flag given, a hidden --no- form included, always wins over a variable.
+        flags: dict[str, Any] = {}
+        for key, value in given.items():  # the shown flag first, then its hidden names
+            name = key.partition("__")[0]
+            if getattr(ctx.get_parameter_source(key), "name", None) == "ENVIRONMENT":
+                continue
+            if value is not None and flags.get(name) is None:
+                flags[name] = False if key in negations else value
+        command(**flags)
+
+    with_settings_flags.__name__ = command.__name__
+    with_settings_flags.__doc__ = command.__doc__
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    with_settings_flags.__signature__ = inspect.Signature([context, *params])  # type: ignore[attr-defined]
+    with_settings_flags.__annotations__ = {"ctx": typer.Context, **annotations}
+    return with_settings_flags
+
+
+def _negative(flag: str) -> str:
+    return f"--no-{flag[2:]}"
 
 
 # Flag value types by the field's declared type; tuples are comma-separated strings, as in SAIKYO_* variables.
@@ -105,57 +153,58 @@ def serve(**flags: Any) -> None:
     settings = _settings(**flags)
     repo = _repository(settings, check=True)
     for name in settings.models:
-        # Repository entries describe themselves, so models outside the zoo serve too.
-        if zoo.base_name(name) not in zoo.ZOO and not _has(repo, name):
-            err.print(f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository})")
-            raise typer.Exit(2)
+        _known(repo, name)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if settings.engine == "ray":
         if settings.workers != "1":
-            err.print(
-                "[red]error:[/] --workers is for the plain engine; under --engine ray the Ray Serve replicas "
-                "are the workers: use --replicas"
-            )
+            _error("--workers is for the plain engine; under --engine ray the Ray Serve replicas are the workers: use --replicas")
             raise typer.Exit(2)
         _serve_on_ray(settings)
         return
     if settings.engine != "plain":
-        err.print(f"[red]error:[/] unknown engine {settings.engine!r}; choose plain or ray")
+        _error(f"unknown engine {settings.engine!r}; choose plain or ray")
         raise typer.Exit(2)
     from saikyo.server.http_protocol import raise_fd_limit
     from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
-    from saikyo.server.workers import serve_workers, worker_count
+    from saikyo.server.workers import listen, serve_workers, worker_count
 
     settings = settings.with_overrides(workers=str(worker_count(settings)))
     raise_fd_limit(settings)  # before workers start: they inherit it
     try:
         server_app = create_app(settings)
     except AuthConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
-    if settings.workers != "1":
-        # Each worker builds its own app; this one only checked the settings.
-        try:
-            status = serve_workers(settings, int(settings.workers))
-        except OSError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from None
-        raise typer.Exit(status)
+    try:
+        if settings.workers != "1":
+            # Each worker builds its own app; this one only checked the settings.
+            raise typer.Exit(serve_workers(settings, int(settings.workers)))
+        # Bound here, as the supervisor binds for its workers: a port in use is the same error (exit 1)
+        # in either mode, before any model loads.
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        _error(f"{exc}; stop what holds it, or choose another --port")
+        raise typer.Exit(EXIT_FAILED) from None
     # SIGTERM: readiness false, drain in-flight requests, exit 0 (server/shutdown.py).
-    serve_draining(server_app, settings)
+    serve_draining(server_app, settings, sock)
 
 
-def _has(repo: Repository, name: str) -> bool:
+def _known(repo: Repository, name: str) -> None:
+    """Exit 2 naming the zoo unless `name` is a zoo model or in the repository (whose entries describe
+    themselves, so models outside the zoo serve too)."""
     from saikyo.models.errors import RepositoryError
 
     try:
-        return repo.has(name)
+        if zoo.base_name(name) in zoo.ZOO or repo.has(name):
+            return
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _error(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    _error(f"{UnknownModel(name, list(zoo.ZOO))} (and not in the repository {repo.location}); saikyo models list shows them")
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _serve_on_ray(settings: Settings) -> None:
@@ -163,22 +212,22 @@ def _serve_on_ray(settings: Settings) -> None:
 
     # Only looked up, not imported: Ray reads some loopback switches at import time.
     if importlib.util.find_spec("ray") is None:
-        err.print("[red]error:[/] --engine ray needs Ray Serve: pip install 'saikyo[ray]'")
+        _error("--engine ray needs Ray Serve: pip install 'saikyo[ray]'")
         raise typer.Exit(2)
     from saikyo.scale.ray import deployment_options, serve_on_ray
 
     try:
         deployment_options(settings)
     except ValueError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     try:
         serve_on_ray(settings)
     except ValueError as exc:  # replicas that do not fit this machine
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(1) from None
 
 
@@ -192,11 +241,21 @@ def models_list(
     from saikyo.models.catalog import list_models
     from saikyo.models.errors import RepositoryError
 
+    from saikyo.models.location import is_remote
+    from saikyo.models.repository import export_command
+
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    if not is_remote(settings.repository) and not Path(settings.repository).is_dir():
+        # The zoo alone is a fair answer before the first export; a repository someone named must exist.
+        fix = export_command(zoo.DEFAULT_MODEL, settings.repository)
+        if repository is not None or "SAIKYO_REPOSITORY" in os.environ:
+            _error(f"no model repository at {settings.repository}; create it with: {fix}")
+            raise typer.Exit(EXIT_USAGE)
+        err.print(f"no model repository at {settings.repository} yet; the zoo only. Export one: {fix}", highlight=False)
     try:
         rows = list_models(_repository(settings, check=True))
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -236,10 +295,13 @@ def models_push(
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
     source = _repository(settings)
     target = _repository(settings, to, check=True)
+    for repo in (source, target):  # an s3:// source downloads, an s3:// target uploads
+        if hasattr(repo, "progress"):
+            repo.progress = _transfer_progress
     try:
         entry = source.get(name)
     except (ModelNotExported, RepositoryError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     files = sorted((p for p in entry.path.parent.iterdir() if p.is_file() and p.name in _PUBLISHED), key=lambda p: _PUBLISHED.index(p.name))
     # Where it came from; the digests of what is published are added by publish().
@@ -247,7 +309,7 @@ def models_push(
     try:
         number = target.publish(name, files, meta, version)
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
     finally:
         entry.release()
@@ -284,7 +346,7 @@ def models_config(
     given = {k: v for k, v in given.items() if v is not None}
     if not given and not reset:
         flags = ", ".join("--" + k.replace("_", "-") for k in SETTING_OF)
-        err.print(f"[red]error:[/] nothing to set: give at least one of {flags}, or --reset", soft_wrap=True)
+        _error(f"nothing to set: give at least one of {flags}, or --reset")
         raise typer.Exit(2)
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
     repo = _repository(settings, check=True)
@@ -295,12 +357,35 @@ def models_config(
         serving = {**current, **given}
         number = repo.configure(name, serving)
     except ServingConfigError as exc:
-        err.print(f"[red]error:[/] {exc}; nothing was written", highlight=False, soft_wrap=True)
+        _error(f"{exc}; nothing was written")
         raise typer.Exit(2) from None
     except (ModelNotExported, RepositoryError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         raise typer.Exit(2) from None
     console.print(f"{name} version {number} in {repo.location} serves with {json.dumps(serving) if serving else 'the server defaults'}", highlight=False)
+
+
+def _transfer_progress(what: str, total: int) -> Callable[[int], None]:
+    """A byte bar for one file on a terminal; elsewhere (a log) one line as it starts."""
+    if not err.is_terminal:
+        err.print(f"{what}: {total / 1e6:.1f} MB", markup=False, highlight=False)
+        return lambda _n: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=err)  # fmt: skip
+    task = bar.add_task(escape(what), total=total or None)
+    bar.start()
+    moved = 0
+
+    def advance(n: int) -> None:  # boto3 calls it from its transfer threads
+        nonlocal moved
+        moved += n
+        bar.update(task, completed=moved)
+        if total and moved >= total:
+            bar.stop()
+
+    return advance
 
 
 # What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.
@@ -328,16 +413,16 @@ def models_export(
 
     settings = _settings(repository=repository)
     if is_remote(settings.repository):
-        err.print(f"[red]error:[/] export writes a local directory; export there, then: saikyo models push {name} --to {settings.repository}")
+        _error(f"export writes a local directory; export there, then: saikyo models push {name} --to {settings.repository}")
         raise typer.Exit(2)
     repo = ModelRepository(settings.repository)
     try:
         zoo.get(name)
     except UnknownModel as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     if quantize is not None and quantize not in zoo.VARIANTS:
-        err.print(f"[red]error:[/] unknown quantisation {quantize!r}; supported: {', '.join(zoo.VARIANTS)}")
+        _error(f"unknown quantisation {quantize!r}; supported: {', '.join(zoo.VARIANTS)}")
         raise typer.Exit(2)
     target = zoo.variant_name(name, quantize) if quantize else name
     if if_missing and repo.has(target):
@@ -346,7 +431,7 @@ def models_export(
     try:
         from saikyo.models.export import export_model
     except ImportError as exc:
-        err.print(f"[red]error:[/] exporting needs torch: pip install 'saikyo[export]' ({exc})")
+        _error(f"exporting needs torch: pip install 'saikyo[export]' ({exc})")
         raise typer.Exit(2) from None
     try:
         entry = export_model(
@@ -359,7 +444,7 @@ def models_export(
             progress=lambda m: err.print(m),
         )
     except ExportError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(1) from None
     console.print(f"exported {entry.name} -> {entry.path} ({entry.size_bytes / 1e6:.1f} MB, weights {entry.meta.get('weights')})")
 
@@ -380,10 +465,10 @@ def models_info(name: str, repository: RepositoryOpt = None, s3_endpoint_url: En
         if versions:
             info["meta"] = repo.resolve(name).meta
     except UnknownModel as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     except RepositoryError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     print(json.dumps(info, indent=2))
 
@@ -408,17 +493,18 @@ def classify(
 
     name = model or zoo.DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
+    _known(_repository(settings), name)
     try:
         runner = load_runner(name, settings)
     except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     pixels = []
     for path in images:
         try:
             pixels.append(imaging.decode(path.read_bytes(), runner.preprocessing))
         except imaging.ImageError as exc:
-            err.print(f"[red]error:[/] {path}: {exc}")
+            _error(f"{path}: {exc}")
             raise typer.Exit(1) from None
     probs = runner.infer_pixels(np.stack(pixels))
     idx, vals = top_k(probs, topk)

@@ -253,6 +253,9 @@ def run_capacity(
 
     def measure(rate: float, phase: str) -> Step:
         load = step_spec(spec, rate, index=len(taken))
+        # The step in progress: a step lasts up to minutes, and its verdict line comes only at its end.
+        say(f"  step {len(taken) + 1} of at most {spec.max_steps}: {phase} at {rate:.3f} req/s for "
+            f"{load.warmup_seconds + load.seconds:.0f} s ({load.warmup_seconds:g} s warm-up) ...")  # fmt: skip
         result = asyncio.run(run_load(load, images))
         passed, why = judge(result, spec.p99_ms)
         step = Step(phase, rate, passed, why, result)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 bench_app = typer.Typer(
@@ -45,7 +46,7 @@ ImagesOpt = Annotated[
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/] {msg}")
+    err.print(f"[red]error:[/] {escape(msg)}", highlight=False)  # the message is text: [bench] stays
     return typer.Exit(code)
 
 
@@ -114,11 +115,13 @@ TimeoutOpt = Annotated[float, typer.Option(help="per-request timeout, seconds")]
 RecordOutOpt = Annotated[Optional[Path], typer.Option(help="append the record (one JSON line) to this file")]
 
 
-def _need_bench_extra() -> None:
+def _need_bench_extra(module: str = "aiohttp", what: str = "the load generator") -> None:
+    import importlib
+
     try:
-        import aiohttp  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        raise _fail("the load generator needs aiohttp: pip install 'saikyo[bench]'") from None
+        raise _fail(f"{what} needs {module}: pip install 'saikyo[bench]'") from None
 
 
 @bench_app.command()
@@ -246,11 +249,11 @@ def sweep(
     models: Annotated[str, typer.Option(help="comma-separated models, or 'all' for the zoo")] = "all",
     images_per_request: Annotated[str, typer.Option(help="comma-separated sizes")] = "1,4,8",
     precisions: Annotated[str, typer.Option(help="fp32,bf16,int8 (int8 serves NAME-int8; bf16 on openvino targets)")] = "fp32",
-    targets: Annotated[str, typer.Option(help="backend/device pairs, e.g. onnxruntime/cpu,openvino/cpu,torch/cuda")] = "onnxruntime/cpu",
+    targets: Annotated[str, typer.Option(help="comma-separated backend/device pairs, e.g. onnxruntime/cpu, openvino/cpu, torch/cuda")] = "onnxruntime/cpu",
     max_batch_sizes: Annotated[str, typer.Option(help="comma-separated server --max-batch-size values")] = "16",
     workers: Annotated[str, typer.Option(help="comma-separated server --workers counts (processes)")] = "1",
     modes: Annotated[str, typer.Option(help="seed,closed,open")] = "seed",
-    concurrency: Annotated[str, typer.Option(help="closed-mode levels")] = "1,2,4,8",
+    concurrency: Annotated[str, typer.Option(help="closed-mode levels (where the throughput-p99 curve bends)")] = "1,2,4,8,16",
     rates: Annotated[str, typer.Option(help="open-mode levels, requests/s")] = "",
     requests: Annotated[int, typer.Option(min=1, help="seed mode: measured requests per cell")] = 10,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
@@ -475,6 +478,8 @@ def plot(
     from dataclasses import asdict
 
     from saikyo.bench import records
+
+    _need_bench_extra("matplotlib", "plotting")
     from saikyo.bench.plot import render
 
     recs = records.read(records_files)
@@ -580,6 +585,8 @@ def report(
     """One self-contained HTML page: hardware, the plots inline, the tables, a recommendation."""
     from saikyo.bench import records
     from saikyo.bench.recommend import recommend as plan
+
+    _need_bench_extra("matplotlib", "the report's plots")
     from saikyo.bench.report import write_report
 
     recs = records.read(records_files)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import random
 import time
 import uuid
@@ -267,8 +268,15 @@ class _Client:
                             f"warm-up request to {self.url} answered {resp.status}: "
                             f"{payload[:500].decode(errors='replace')}"
                         )
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise LoadError(f"warm-up request to {self.url} failed: {exc!r}") from None
+            except aiohttp.ClientConnectorError as exc:
+                raise LoadError(
+                    f"nothing answers at {exc.host}:{exc.port} ({os.strerror(exc.os_error.errno or 0)}): "
+                    "start the server (saikyo serve) or pass the --url of a running one"
+                ) from None
+            except asyncio.TimeoutError:
+                raise LoadError(f"warm-up request to {self.url} had no answer within the --timeout") from None
+            except aiohttp.ClientError as exc:
+                raise LoadError(f"warm-up request to {self.url} failed: {type(exc).__name__}: {exc}") from None
         self.finished = 0
 
 

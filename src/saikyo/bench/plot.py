@@ -321,28 +321,55 @@ def _frontier_handle() -> Any:
     return Line2D([], [], color="0.35", linestyle="--", label="Pareto frontier (bold labels)")
 
 
+def best_buy(points: Sequence[CostPoint]) -> CostPoint | None:
+    """What to pay for: the most images per dollar (the faster of equals). It is on the frontier."""
+    return max(points, key=lambda p: (p.cost_performance, -p.time_ms), default=None)
+
+
+def _model_colours(models: Iterable[str]) -> dict[str, str]:
+    """One colour per network (base model: NAME and NAME-int8 share it), so that resnet50 and resnet152
+    are told apart; int8 is drawn hollow instead."""
+    import matplotlib
+
+    palette = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
+    return {m: palette[i % len(palette)] for i, m in enumerate(sorted(set(models)))}
+
+
+def _point_text(p: CostPoint, single_hw: bool) -> str:
+    """"squeezenet1_1 int8, 4 images/request": the legend's network name, the precision, the size."""
+    base, variant = zoo.split_variant(p.model)
+    images = f"{p.images_per_request} image{'s' if p.images_per_request > 1 else ''}/request"
+    return f"{base}{' ' + variant if variant else ''}, {images}" + ("" if single_hw else f", {p.hardware}")
+
+
+# Marker area by images per request: a request of 8 images reads as a bigger dot than one of 1.
+def _marker_area(n: int) -> float:
+    return 30 + 18 * n
+
+
 def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) -> Any:
-    fig, ax, colours, markers = _scatter_figure(points)
+    """The 2018 figure made to answer "which network, precision and images per request do I pay for on
+    this machine": colour = network, hollow = int8, size = images per request, marker = hardware; the
+    frontier drawn solid with its points labelled, the rest faded, the best buy ringed and named."""
+    from matplotlib.lines import Line2D
+
+    fig, ax, _, markers = _scatter_figure(points)
+    colours = _model_colours(zoo.base_name(p.model) for p in points)
     hardware = list(markers)
-    for hw in hardware:
-        for fam in sorted(colours):
-            sel = [p for p in points if p.hardware == hw and p.family == fam]
-            if not sel:
-                continue
-            ax.scatter(
-                [p.time_ms for p in sel],
-                [p.cost_performance for p in sel],
-                c=colours[fam],
-                marker=markers[hw],
-                s=70,
-                edgecolors="black",
-                linewidths=0.6,
-                zorder=3,
-                label=f"{fam} / {hw}",
-            )
+    for p in points:
+        colour = colours[zoo.base_name(p.model)]
+        int8 = zoo.split_variant(p.model)[1] is not None
+        ax.scatter(
+            [p.time_ms], [p.cost_performance], marker=markers[p.hardware], s=_marker_area(p.images_per_request),
+            facecolors="white" if int8 else colour, edgecolors=colour if int8 else "black",
+            linewidths=1.6 if int8 else 0.6, alpha=1.0 if p.pareto else 0.4, zorder=4 if p.pareto else 3,
+            label=f"{zoo.base_name(p.model)} / {p.hardware}",
+        )  # fmt: skip
     front = sorted((p for p in points if p.pareto), key=lambda p: p.time_ms)
     # Faster is better here: the best value within a time holds until the next frontier point.
-    _draw_frontier(ax, [(p.time_ms, p.cost_performance) for p in front], where="post")
+    if len(front) > 1:
+        ax.step([p.time_ms for p in front], [p.cost_performance for p in front], where="post", color="0.15",
+                linewidth=2.0, zorder=2, label="frontier")  # fmt: skip
     ax.set_xscale("log")
     ys = [p.cost_performance for p in points]
     if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
@@ -350,23 +377,50 @@ def plot_cost(points: Sequence[CostPoint], records: Sequence[dict[str, Any]]) ->
         _plain_ticks(ax.yaxis, max(ys) / min(ys))
     xs = [p.time_ms for p in points]
     _plain_ticks(ax.xaxis, max(xs) / min(xs))
-    ax.margins(y=0.08)
-    ax.set_xlabel("processing time per request (ms, mean of sequential requests; log scale)")
-    ax.set_ylabel("cost performance (thousand images per $)")
-    ax.set_title("Cost performance vs processing time (the 2018 method)", fontsize=13)
+    ax.margins(y=0.12)
+    ax.set_xlabel("processing time per request (ms, mean of sequential requests; log scale)  \u2190 faster")
+    ax.set_ylabel("cost performance (thousand images per $)  cheaper \u2192")
+    ax.set_title("What to pay for: images per dollar against time per request", fontsize=13)
     sub = _subtitle(records)
     if sub:
         fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="0.3")
     ax.grid(True, which="both", alpha=0.25)
-    _legends(ax, colours, markers, [_frontier_handle()] if front else [])
-    # Room on the right for the labels of the slowest points.
-    ax.set_xlim(min(xs) / 1.25, max(xs) * 2.2)
+    # Legends outside the axes: network (colour), images per request (size), hardware and the rest.
+    net = [Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="black", markersize=8, label=m)
+           for m, c in colours.items()]  # fmt: skip
+    sizes = sorted({p.images_per_request for p in points})
+    size = [Line2D([], [], marker="o", linestyle="", color="0.6", markeredgecolor="black",
+                   markersize=_marker_area(n) ** 0.5, label=str(n)) for n in sizes]  # fmt: skip
+    other = [Line2D([], [], marker=m, linestyle="", color="0.6", markeredgecolor="black", markersize=8, label=hw)
+             for hw, m in markers.items()]  # fmt: skip
+    other += [Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="0.3",
+                     markeredgewidth=1.6, markersize=8, label="int8 (hollow)")]  # fmt: skip
+    if front:
+        other.append(Line2D([], [], color="0.15", linewidth=2, label="frontier: nothing is both faster and cheaper"))
+    leg = ax.legend(handles=net, title="network", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.add_artist(leg)
+    leg = ax.legend(handles=size, title="images per request", loc="center left", bbox_to_anchor=(1.01, 0.42),
+                    fontsize=8, labelspacing=1.2)  # fmt: skip
+    ax.add_artist(leg)
+    ax.legend(handles=other, title="hardware and marks", loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8)
+    ax.set_xlim(min(xs) / 1.3, max(xs) * 1.6)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    # One hardware: the legend names it, so labels drop it; the data keep the full 2018 label.
     single_hw = len(hardware) == 1
+    best = best_buy(points)
+    if best is not None:
+        ax.scatter([best.time_ms], [best.cost_performance], s=_marker_area(best.images_per_request) * 4.5,
+                   facecolors="none", edgecolors="#d62728", linewidths=2.2, zorder=5, label="best buy")  # fmt: skip
+        ax.annotate(
+            f"best buy: {_point_text(best, single_hw)}\n{best.cost_performance:,.0f} thousand images per $, "
+            f"{best.time_ms:.0f} ms per request", (best.time_ms, best.cost_performance), textcoords="offset points",
+            xytext=(34, 14), ha="left", va="bottom", fontsize=8.5, fontweight="bold", color="#8b1a1a", zorder=6,
+            bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#d62728", "alpha": 0.95},
+            arrowprops={"arrowstyle": "-", "color": "#d62728", "lw": 1.0},
+        )  # fmt: skip
+    # Only the frontier is labelled (bold): the choices worth paying for; the legend names the rest.
     _place_labels(fig, ax, [
-        Label(p.time_ms, p.cost_performance, p.label.rsplit(", ", 1)[0] if single_hw else p.label, p.pareto)
-        for p in sorted(points, key=lambda p: (not p.pareto, -p.cost_performance))
+        Label(p.time_ms, p.cost_performance, _point_text(p, single_hw), True)
+        for p in sorted(front, key=lambda p: -p.cost_performance) if p is not best
     ])  # fmt: skip
     return fig
 
@@ -503,7 +557,7 @@ def plot_curves(curves: Sequence[Curve], records: Sequence[dict[str, Any]]) -> A
 
     sizes = sorted({c.images_per_request for c in curves})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes) + 2.6, 5.8), dpi=110, squeeze=False)
-    colours = _colour_map(c.family for c in curves)
+    colours = _model_colours(zoo.base_name(c.model) for c in curves)
     models = sorted({zoo.base_name(c.model) for c in curves})
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
     short = _short_labels(curves)
@@ -512,7 +566,7 @@ def plot_curves(curves: Sequence[Curve], records: Sequence[dict[str, Any]]) -> A
         for c in (c for c in curves if c.images_per_request == n):
             (line,) = ax.plot(
                 [p.images_per_s for p in c.points], [p.p99_ms for p in c.points],
-                color=colours[c.family], marker=markers[zoo.base_name(c.model)],
+                color=colours[zoo.base_name(c.model)], marker=markers[zoo.base_name(c.model)],
                 linestyle="--" if c.precision == "int8" else "-", label=short[c.label], markersize=5,
             )  # fmt: skip
             handles.setdefault(short[c.label], line)

@@ -15,7 +15,9 @@ from saikyo.bench.plot import AccuracyPoint, render
 from saikyo.bench.recommend import Recommendation
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1300px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 2rem; max-width: 1300px; color: #222;
+       line-height: 1.45; }
+.scroll { overflow-x: auto; } .machine { font-weight: bold; color: #8b1a1a; }
 h1 { margin-bottom: 0.2rem; } .sub { color: #666; margin-top: 0; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }
@@ -37,7 +39,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1,
         cls = f' class="{classes[j]}"' if j < len(classes) and classes[j] else ""
         cells = "".join(f'<td class="{"l" if i < left else ""}">{_esc(v)}</td>' for i, v in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # Wide tables scroll inside the page's margins instead of running past them.
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -70,7 +73,8 @@ def build_report(
         f"<h1>{_esc(title)}</h1>",
         f'<p class="sub">{len(records)} records from {_esc(", ".join(sources) or "-")}; generated '
         f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by saikyo {__version__}</p>",
-        "<h2>Hardware and prices</h2>",
+        "<h2>Machines and prices</h2>",
+        _machines_note(records),
         _hardware_table(records),
         "<p>Cost performance = images/s &times; 3600 / price per hour / 1000: thousand images per dollar "
         "(the 2018 metric). Latency percentiles are nearest-rank over successful requests; open-loop latency "
@@ -93,7 +97,7 @@ def build_report(
                   _accuracy_table(plots.accuracy_points)]  # fmt: skip
     capacities = [r for r in records if r.get("search") == "capacity"]
     if capacities:
-        parts += ["<h2>Capacity at a latency target</h2>", _CAPACITY_NOTE, _capacity_table(capacities)]
+        parts += ["<h2>Capacity at a latency target</h2>", _CAPACITY_NOTE, _capacity_table(capacities, machines(records))]
     if plots.curves:
         parts += ["<h2>Throughput vs p99</h2>", figures.get("throughput-p99", "")]
     if recommendation is not None:
@@ -136,46 +140,72 @@ def _accuracy_table(points: Sequence[AccuracyPoint]) -> str:
     return _table(headers, rows, left=1, classes=["pareto" if p.pareto else "" for p in points])
 
 
-def _capacity_table(capacities: Sequence[dict[str, Any]]) -> str:
+def _capacity_table(capacities: Sequence[dict[str, Any]], named: dict[str, str]) -> str:
     rows = []
     for r in sorted(capacities, key=lambda r: (r["model"], r["p99_target_ms"])):
         upper = r.get("capacity_upper_rate")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", r["images_per_request"], _fmt(r["p99_target_ms"], 0),
+            named[_machine_of(r)] + ": " + _machine_of(r), r["model"], f"{r.get('backend')}/{r.get('device')}", r["images_per_request"], _fmt(r["p99_target_ms"], 0),
             _fmt(r.get("capacity_rate"), 2), "-" if upper is None else _fmt(upper, 2),
             _fmt(r.get("capacity_images_per_s"), 2), _fmt(r.get("capacity_cost_performance_kimg_per_usd")),
             _fmt(r.get("peak_images_per_s"), 2), _fmt(r.get("peak_cost_performance_kimg_per_usd")),
             len(r.get("capacity_steps") or []), r.get("instance_type"),
         ])  # fmt: skip
-    headers = ["model", "backend/device", "images/req", "p99 target ms", "capacity req/s", "lowest failing req/s",
+    headers = ["machine", "model", "backend/device", "images/req", "p99 target ms", "capacity req/s", "lowest failing req/s",
                "images/s at target", "k images/$ at target", "peak images/s", "peak k images/$", "steps",
                "priced as"]  # fmt: skip
-    return _table(headers, rows, left=2)
+    return _table(headers, rows, left=3)
 
 
 _HARDWARE_KEYS = ("hardware", "instance_type", "price_per_hour", "price_source", "client_colocated")
 
 
+def machines(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """A letter per machine the records were measured on (A, B, ...), in order of first appearance: every
+    table names the machine of each row, so numbers from different machines are never read as one."""
+    names: dict[str, str] = {}
+    for r in records:
+        names.setdefault(_machine_of(r), chr(ord("A") + len(names) % 26))
+    return names
+
+
+def _machine_of(r: dict[str, Any]) -> str:
+    return str(r.get("hardware") or "unknown machine")
+
+
+def _machines_note(records: Sequence[dict[str, Any]]) -> str:
+    named = machines(records)
+    if len(named) < 2:
+        return ""
+    return (f'<p class="machine">These records come from {len(named)} machines ('
+            + ", ".join(f"{k} = {_esc(hw)}" for hw, k in named.items())
+            + "): compare numbers within one machine; each table names the machine of each row.</p>")
+
+
 def _hardware_table(records: Sequence[dict[str, Any]]) -> str:
+    named = machines(records)
     seen: dict[tuple, int] = {}
     for r in records:
         key = tuple(r.get(k) for k in _HARDWARE_KEYS)
         seen[key] = seen.get(key, 0) + 1
     rows = [
-        [hw, it, "-" if p is None else f"${p}/h", src, "yes" if co else "no", n]
+        [named[str(hw or "unknown machine")], hw, it, "-" if p is None else f"${p}/h", src, "yes" if co else "no", n]
         for (hw, it, p, src, co), n in seen.items()
     ]
-    headers = ["measured on", "priced as", "price", "price source", "client colocated", "records"]
-    return _table(headers, rows, left=2)
+    headers = ["machine", "measured on", "priced as", "price", "price source", "client colocated", "records"]
+    return _table(headers, rows, left=3)
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> str:
-    headers = ["model", "backend/device", "precision", "top-1 % (published)", "max batch", "workers", "images/req",
+    headers = ["machine", "model", "backend/device", "precision", "top-1 % (published)", "max batch", "workers", "images/req",
                "mode", "load", "requests", "errors", "mean ms", "p50 ms", "p90 ms", "p99 ms", "images/s",
                "k images/$"]  # fmt: skip
     rows = []
+    named = machines(records)
+
     def order(r: dict[str, Any]) -> tuple:
-        return (r["model"], r["images_per_request"], r["mode"], r.get("concurrency") or 0, r.get("rate") or 0)
+        return (named[_machine_of(r)], r["model"], r["images_per_request"], r["mode"], r.get("concurrency") or 0,
+                r.get("rate") or 0)  # fmt: skip
 
     for r in sorted(records, key=order):
         load = {"closed": f"c={r.get('concurrency')}", "open": f"{r.get('rate')}/s"}.get(r["mode"], "sequential")
@@ -183,13 +213,14 @@ def _records_table(records: Sequence[dict[str, Any]]) -> str:
             load += f" (capacity at p99 <= {r['p99_target_ms']:g} ms)"
         top1 = _fmt(r.get("published_top1"), 1) + (" (speed only)" if r.get("speed_only") else "")
         rows.append([
-            r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("precision"), top1, r.get("max_batch_size"),
+            named[_machine_of(r)], r["model"], f"{r.get('backend')}/{r.get('device')}", r.get("precision"), top1,
+            r.get("max_batch_size"),
             r.get("workers") or 1, r["images_per_request"],
             r["mode"], load, r["requests"], r["errors"], _fmt(r.get("latency_mean_ms")), _fmt(r.get("latency_p50_ms")),
             _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_p99_ms")), _fmt(r.get("images_per_s"), 2),
             _fmt(r.get("cost_performance_kimg_per_usd")),
         ])  # fmt: skip
-    return _table(headers, rows, left=2)
+    return _table(headers, rows, left=3)
 
 
 def _recommendation_html(rec: Recommendation) -> str:

@@ -1,26 +1,26 @@
 """Latency statistics.
 
-Percentiles use the nearest-rank method: the p-th percentile of n sorted samples is the sample at
-rank ceil(p/100 * n) (1-based). It is always a latency that was actually observed, never an
-interpolation between two, and it never understates the tail: with 10 samples p99 is the maximum.
-(numpy calls this method "inverted_cdf".)
+Percentiles use the nearest-rank method (numpy's method="inverted_cdf"): the p-th percentile of n
+samples is the sample at rank ceil(p/100 * n) (1-based). It is always a latency that was actually
+observed, never an interpolation between two, and it never understates the tail: with 10 samples p99 is
+the maximum.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of already sorted values; 0 < p <= 100."""
-    if not sorted_values:
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of `values` (sorted or not); 0 < p <= 100."""
+    if len(values) == 0:
         raise ValueError("percentile of no samples")
     if not 0 < p <= 100:
         raise ValueError(f"percentile must be in (0, 100], not {p}")
-    rank = math.ceil(p / 100 * len(sorted_values))
-    return float(sorted_values[max(rank, 1) - 1])
+    return float(np.percentile(values, p, method="inverted_cdf"))
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,16 @@ class LatencySummary:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> "LatencySummary":
-        if not values:
+        if len(values) == 0:
             raise ValueError("no latencies to summarise")
-        s = sorted(values)
+        a = np.asarray(values, dtype=np.float64)
+        p50, p90, p99 = np.percentile(a, (50, 90, 99), method="inverted_cdf")
         return cls(
-            count=len(s),
-            mean=math.fsum(s) / len(s),
-            p50=percentile(s, 50),
-            p90=percentile(s, 90),
-            p99=percentile(s, 99),
-            min=float(s[0]),
-            max=float(s[-1]),
+            count=len(a),
+            mean=float(np.mean(a)),
+            p50=float(p50),
+            p90=float(p90),
+            p99=float(p99),
+            min=float(a.min()),
+            max=float(a.max()),
         )

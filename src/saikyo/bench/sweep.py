@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ class SweepConfig:
     max_batch_sizes: Sequence[int] = (16,)
     workers: Sequence[int] = (1,)  # server processes, `saikyo serve --workers`
     modes: Sequence[str] = ("seed",)
-    concurrency: Sequence[int] = (1, 2, 4, 8)  # closed-mode levels
+    concurrency: Sequence[int] = (1, 2, 4, 8, 16)  # closed-mode levels: enough for the knee to show
     rates: Sequence[float] = ()  # open-mode levels, requests/s
     requests: int = 10  # seed mode
     warmup: int = 1
@@ -221,6 +222,36 @@ class SweepSummary:
         )
 
 
+class CellCounter:
+    """"cell k of N" and an ETA from the cells measured so far (server starts included): the progress a
+    sweep of hours prints, one plain line per cell, readable in a log as on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.started, self.measured = total, 0, 0
+        self._begun = time.monotonic()
+
+    def next(self) -> str:
+        self.started += 1
+        eta = ""
+        if self.measured:
+            left = (time.monotonic() - self._begun) / self.measured * (self.total - self.started + 1)
+            eta = f", ETA {_duration(left)}"
+        return f"cell {self.started} of {self.total}{eta}:"
+
+    def finished(self) -> None:
+        self.measured += 1
+
+    def skipped(self, n: int) -> None:
+        """Cells that will not run (model missing, server failed): out of the count, not the ETA."""
+        self.total -= n
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
     hw = cfg.hardware or describe()
     settings = Settings(repository=cfg.repository, s3_endpoint_url=cfg.s3_endpoint_url, model_cache_dir=cfg.model_cache_dir)
@@ -240,19 +271,25 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
     if "bf16" in cfg.precisions and not all(runs_at(t.partition("/")[0], "bf16") for t in cfg.targets):
         say(f"bf16 is measured on {', '.join(PRECISION_BACKENDS)} targets only")
 
+    todos = {s: [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done] for s, cells in groups.items()}
+    # Models first (exporting the missing ones if asked), so that "cell k of N" counts what will run.
+    problems = {s: _ensure_exported(s.model, repo, cfg, say) for s, todo in todos.items() if todo}
+    counter = CellCounter(sum(len(todo) for s, todo in todos.items() if todo and not problems[s]))
     for setting, cells in groups.items():
-        todo = [c for c in cells if identity_key(cell_identity(c, cfg, hw)) not in done]
+        todo = todos[setting]
         summary.already_done += len(cells) - len(todo)
         if not todo:
             say(f"{setting.describe()}: all {len(cells)} cells already in {cfg.out}")
             continue
-        problem = _ensure_exported(setting.model, repo, cfg, say)
+        problem = problems[setting]
         try:
             meta = {} if problem else repo.resolve(setting.model).meta  # meta.json only: servers download
         except RepositoryError as exc:
             problem = str(exc)
         if problem:
             summary.missing_model += len(todo)
+            if problems[setting] is None:  # its meta.json could not be read
+                counter.skipped(len(todo))
             summary.messages.append(problem)
             say(f"skip {setting.describe()} ({len(todo)} cells): {problem}")
             continue
@@ -266,9 +303,12 @@ def run_sweep(cfg: SweepConfig, say: Say = print) -> SweepSummary:
                 say(f"{setting.describe()}: serving at {server.url}{f' in {precision}' if precision else ''}; "
                     f"{len(todo)} cells")  # fmt: skip
                 for cell in todo:
+                    say(f"{counter.next()} {cell.server.model} x{cell.images_per_request} {cell.load.describe()}")
                     _run_cell(cell, server.url, cfg, hw, meta, precision, summary, say)
+                    counter.finished()
         except ServerStartError as exc:
             summary.failed += len(todo)
+            counter.skipped(len(todo))  # raised as the server starts: none of them ran
             summary.messages.append(f"{setting.describe()}: {exc}")
             say(f"[failed] {setting.describe()}: the server did not start:\n{exc}")
     say(f"sweep done: {summary.line()}; records in {cfg.out}")

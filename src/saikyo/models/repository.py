@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,6 +38,8 @@ META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.pt"
 # What an unversioned model directory counts as.
 UNVERSIONED = 1
+# Where models live unless a flag or SAIKYO_REPOSITORY says otherwise (Settings.repository's default).
+DEFAULT_LOCATION = "model-repository"
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Repository(abc.ABC):
 
     def fix(self, name: str) -> str:
         """The command that puts `name` here."""
-        return export_command(name)
+        return export_command(name, self.location)
 
     # ---- tunings (models/tunings.py): <name>/tunings/<cpu>.json, beside the versions ----
     @abc.abstractmethod
@@ -392,10 +395,14 @@ def plain_name(name: str) -> bool:
     )
 
 
-def export_command(name: str) -> str:
-    """The command that puts `name` in a repository: the fp32 export, or the variant's quantisation."""
+def export_command(name: str, location: str | None = None) -> str:
+    """The command that puts `name` in the local repository at `location` (default: the default one): the
+    fp32 export, or the variant's quantisation; for a name the zoo does not have, where to look."""
     base, variant = zoo.split_variant(name)
+    where = "" if location in (None, DEFAULT_LOCATION) else f" --repository {shlex.quote(str(location))}"
     if variant is not None:
-        return f"saikyo models export {base} --quantize {variant}"
+        return f"saikyo models export {base} --quantize {variant}{where}"
     spec = zoo.ZOO.get(base)
-    return f"saikyo models export {base} --weights {spec.default_weights if spec else 'random'}"
+    if spec is None:
+        return "saikyo models list (the zoo's names; no zoo model is called " + repr(base) + ")"
+    return f"saikyo models export {base} --weights {spec.default_weights}{where}"

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 3
 MAX_META_BYTES = 1 << 20
 _CHUNK = 1 << 20
+
+# What shows a transfer's progress: called with what moves and its size in bytes at the start of each
+# file, it returns the function that hears each chunk's byte count (boto3's `Callback` shape).
+TransferProgress = Callable[[str, int], Callable[[int], None]]
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -88,6 +92,7 @@ class S3Repository(Repository):
         self.endpoint_url = endpoint_url
         self.cache = cache
         self.limits = limits
+        self.progress: TransferProgress | None = None  # the CLI sets one (a bar on a terminal)
         self._client: Any = None
 
     def fix(self, name: str) -> str:
@@ -235,11 +240,13 @@ class S3Repository(Repository):
             try:
                 with self._errors(what), open(dest, "wb") as out:
                     try:
-                        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                        for chunk in body.iter_chunks(_CHUNK):
+                        got = self.client.get_object(Bucket=self.bucket, Key=key)
+                        moved = self._progress(f"downloading {what}", int(got.get("ContentLength") or 0))
+                        for chunk in got["Body"].iter_chunks(_CHUNK):
                             sha.update(chunk)
                             out.write(chunk)
                             size += len(chunk)
+                            moved(len(chunk))
                     except (FlexibleChecksumError, IncompleteReadError, ResponseStreamingError) as exc:
                         # The store's own checksum or the transfer caught it: the same as a digest mismatch.
                         log.warning("%s from %s: %s (attempt %d of %d)", what, self.location, type(exc).__name__, attempt, DOWNLOAD_ATTEMPTS)
@@ -292,12 +299,20 @@ class S3Repository(Repository):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data)  # one PUT: whole or absent
         return f"s3://{self.bucket}/{key}"
 
+    def _progress(self, what: str, total: int) -> Callable[[int], None]:
+        if self.progress is not None:
+            return self.progress(what, total)
+        log.info("%s: %.1f MB", what, total / 1e6)  # a server's log: one line per file, as it starts
+        return lambda _n: None
+
     # ---- writing ----
     def _publish(self, name: str, version: int, files: Sequence[Path], meta: bytes) -> None:
         prefix = f"{self.prefix}{name}/{version}/"
         for f in files:
+            what = f"{name} version {version} {Path(f).name}"
             with self._errors(f"uploading {name} version {version}"):
-                self.client.upload_file(str(f), self.bucket, prefix + Path(f).name)
+                moved = self._progress(f"uploading {what}", Path(f).stat().st_size)
+                self.client.upload_file(str(f), self.bucket, prefix + Path(f).name, Callback=moved)
         from botocore.exceptions import ClientError
 
         with self._errors(f"publishing {name} version {version}"):

@@ -108,11 +108,12 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run `app` until a signal, then drain; raises SystemExit(1) if a second signal cut the drain short."""
+def serve(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run `app` until a signal, then drain; raises SystemExit(1) if a second signal cut the drain short.
+    `sock`: the listening socket, bound by the caller (so that a port in use is an error before startup)."""
     config = uvicorn_config(app, settings)
     server = DrainingServer(config, on_drain=lambda: mark_draining(app), delay_s=settings.shutdown_delay_s)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     if server.force_exit:
         raise SystemExit(1)
     if server.exit_code:
