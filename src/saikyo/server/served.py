@@ -63,7 +63,7 @@ class ServedModel:
     version: int | None = None  # None until the repository has said which
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
-    users: int = 0  # requests using it now (pipeline.serving)
+    users: int = 0  # requests using it now (pipeline.held)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
