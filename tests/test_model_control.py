@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from PIL import Image
-from s3server import BUCKET, S3Server
-from serverproc import ServerProcess, running_server
-from stress import rss_mib
-from tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
+from support.s3server import BUCKET, S3Server
+from support.serverproc import ServerProcess, running_server
+from support.stress import rss_mib
+from support.tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.repository import ModelRepository
@@ -283,6 +283,7 @@ def test_ray_refuses_explicit_control_and_replicas_refuse_load_and_unload() -> N
 
 
 # ---- poll, against S3 ----
+@pytest.mark.slow  # S3
 def test_poll_follows_new_versions_and_survives_a_failing_one(
     tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
