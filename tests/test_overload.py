@@ -13,7 +13,6 @@ import pytest
 from support.serverproc import ServerProcess, running_server
 from support.stress import encode, flood, noise_image, peak_rss_mib, rss_mib
 
-from saikyo.models.repository import ModelRepository
 
 QUEUE_IMAGES = 32
 MAX_IN_FLIGHT = 24
