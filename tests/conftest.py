@@ -1,23 +1,18 @@
+"""The suite's shared fixtures; what tests import is in tests/support/."""
+
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.faultmodels import slow_classifier
+from support.paths import ROOT
+from support.s3server import S3Server, running_s3, unavailable
+from support.serverproc import ServerProcess, running_server
+from support.tinymodel import add_model, add_tiny_model, add_tiny_models
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from s3server import S3Server, running_s3, unavailable  # noqa: E402
-from serverproc import ServerProcess, running_server  # noqa: E402
-from tinymodel import add_tiny_model  # noqa: E402
-
-from saikyo.models.repository import ModelRepository  # noqa: E402
-
-DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).parent.parent
-CAT = DATA / "cat.jpg"
-CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+from saikyo.models.repository import ModelRepository
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +24,17 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
-    repo = ModelRepository(tmp_path_factory.mktemp("tiny-repository"))
-    repo.root.mkdir(parents=True, exist_ok=True)
+    """`tiny` (32 px) and `tiny2` (48 px): microseconds per image. Shared: a test that adds to a repository
+    copies this one (support.tinymodel.copy_repository)."""
+    return add_tiny_models(ModelRepository(tmp_path_factory.mktemp("tiny-repository")))
+
+
+@pytest.fixture(scope="session")
+def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    """`slow` (64 px, about 10 ms per image on two cores: requests queue and share batches) and `tiny`."""
+    repo = ModelRepository(tmp_path_factory.mktemp("slow-repository"))
     add_tiny_model(repo, "tiny", input_size=32, seed=0)
-    add_tiny_model(repo, "tiny2", input_size=48, seed=1)
+    add_model(repo, "slow", slow_classifier(input_size=64, layers=8), input_size=64)
     return repo
 
 
@@ -64,7 +66,7 @@ def pretrained_server(
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS on loopback (tests/s3server.py), bucket `models`; skipped, with the reason, where it cannot run."""
+    """SeaweedFS on loopback (tests/support/s3server.py), bucket `models`; skipped, with the reason, where it cannot run."""
     reason = unavailable()
     if reason:
         pytest.skip(reason)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import CAT
-from serverproc import ServerProcess, free_port, running_server
+from support.paths import CAT
+from support.serverproc import ServerProcess, free_port, running_server
 
 ENV_KEYS = ("env-key-one-7f3a9c", "env-key-two-0b8e21")
 FILE_KEY = "file-key-3c9d5e7a41"

@@ -1,6 +1,6 @@
 """`saikyo bench capacity`: the search finds the known capacity of a deliberately slow server.
 
-tests/slowserver.py is an M/D/1 queue (one worker, a fixed service time per image), so the rate at which
+tests/support/slowserver.py is an M/D/1 queue (one worker, a fixed service time per image), so the rate at which
 its p99 latency reaches a target follows from Erlang's formula for the M/D/1 waiting time. The search
 must land near that rate, bracketed by a passing and a failing step within the asked precision.
 """
@@ -17,7 +17,7 @@ from decimal import Decimal, getcontext
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.paths import ROOT
 from typer.testing import CliRunner
 
 from saikyo.bench.capacity import CapacitySpec, Step, StepRule, judge, search
@@ -73,7 +73,7 @@ def test_the_queueing_formula_matches_known_values() -> None:
 @pytest.fixture
 def slow_server() -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "slowserver.py"), "--service-ms", str(SERVICE_MS_PER_IMAGE)],
+        [sys.executable, str(ROOT / "tests" / "support" / "slowserver.py"), "--service-ms", str(SERVICE_MS_PER_IMAGE)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from aiohttp import web
-from conftest import ROOT
+from support.paths import ROOT
 
 from saikyo.bench.localserver import free_port
 from saikyo.bench.load import LoadError, LoadSpec, multipart_body, poisson_schedule, run_load

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from tinymodel import add_tiny_model
+from support.paths import ROOT
 
 from saikyo.bench import records
 from saikyo.bench.cost import resolve_pricing
@@ -24,12 +23,8 @@ from saikyo.runtime import openvino_installed
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> ModelRepository:
-    r = ModelRepository(tmp_path / "repo")
-    r.root.mkdir()
-    add_tiny_model(r, "tiny", input_size=32, seed=0)
-    add_tiny_model(r, "tiny2", input_size=48, seed=1)
-    return r
+def repo(tiny_repository: ModelRepository) -> ModelRepository:
+    return tiny_repository  # read only: the sweeps here export nothing
 
 
 def config(repo: ModelRepository, out: Path, **kw) -> SweepConfig:

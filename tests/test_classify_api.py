@@ -9,7 +9,7 @@ import subprocess
 
 import httpx
 import pytest
-from conftest import CAT, CAT_CLASSES, DATA, ROOT
+from support.paths import CAT, CAT_CLASSES, DATA, ROOT
 
 PHOTOS = [DATA / "cat.jpg", DATA / "coffee.jpg", DATA / "astronaut.jpg"]
 
@@ -91,21 +91,16 @@ def test_second_model_by_name_and_unknown_route(tiny_server) -> None:
     assert r.status_code == 404 and r.json() == {"error": "not found"}
 
 
-def test_many_concurrent_requests_share_batches(tmp_path_factory) -> None:
+def test_many_concurrent_requests_share_batches(slow_repository, tmp_path_factory) -> None:
     """Every concurrent request gets its own image's answer; the server ran batches larger than one.
 
     The model takes milliseconds per image so that requests arrive while a batch runs, as under real load
     (a microsecond model would finish each batch before the next request lands)."""
-    from faultmodels import add_model, slow_classifier
-    from serverproc import running_server
+    from support.serverproc import running_server
 
-    from saikyo.models.repository import ModelRepository
-
-    repo = ModelRepository(tmp_path_factory.mktemp("slow-repository"))
-    add_model(repo, "slow", slow_classifier(input_size=64, layers=6), input_size=64)
     singles = {}
     with running_server(
-        repo.root, "slow", tmp_path_factory.mktemp("logs"), "--log-level", "debug", "--max-batch-size", "16",
+        slow_repository.root, "slow", tmp_path_factory.mktemp("logs"), "--log-level", "debug", "--max-batch-size", "16",
     ) as server:  # fmt: skip
         for p in PHOTOS:
             singles[p] = post(server.url, p).json()[0]
@@ -123,7 +118,7 @@ def test_many_concurrent_requests_share_batches(tmp_path_factory) -> None:
 
 
 def test_readiness_waits_for_models_and_liveness_does_not(tmp_path_factory, tiny_repository) -> None:
-    from serverproc import running_server
+    from support.serverproc import running_server
 
     with running_server(tiny_repository.root, "tiny,resnet50", tmp_path_factory.mktemp("logs"),
                         "--no-exit-on-error", wait_ready=False) as server:  # fmt: skip

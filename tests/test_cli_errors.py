@@ -71,8 +71,7 @@ def test_the_suggested_export_names_the_repository_unless_it_is_the_default() ->
 
 
 def test_a_port_in_use_is_exit_1_with_one_or_several_workers(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tinymodel import add_tiny_model
+    from support.tinymodel import add_tiny_model
 
     repo = ModelRepository(tmp_path / "repo")
     repo.root.mkdir()

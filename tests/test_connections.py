@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import CAT
-from serverproc import ServerProcess, running_server
+from support.paths import CAT
+from support.serverproc import ServerProcess, running_server
 
 from saikyo.models.repository import ModelRepository
 

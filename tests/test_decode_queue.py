@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from support.paths import DATA
 from PIL import Image
 
 from saikyo.inference import imaging

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import httpx
-from browser import browser_page
-from conftest import CAT, DATA
+import pytest
+from support.browser import browser_page
+from support.paths import CAT, DATA
 
 COFFEE = DATA / "coffee.jpg"
 CAT_LABELS = {"tiger cat", "tabby", "Egyptian cat"}
@@ -25,6 +26,7 @@ def test_page_and_assets_are_served_locally(tiny_server) -> None:
     assert httpx.get(f"{tiny_server.url}/static/nope.js", timeout=10).status_code == 404
 
 
+@pytest.mark.slow  # a browser
 def test_upload_and_drop_show_top5_with_bars_and_time(pretrained_server, artifacts_dir) -> None:
     with browser_page() as (page, blocked):
         page.goto(f"{pretrained_server.url}/")
@@ -71,6 +73,7 @@ def test_upload_and_drop_show_top5_with_bars_and_time(pretrained_server, artifac
         assert blocked == [], f"the page tried to reach other hosts: {blocked}"
 
 
+@pytest.mark.slow  # a browser
 def test_a_bad_file_shows_the_servers_error(tiny_server) -> None:
     with browser_page() as (page, blocked):
         page.goto(f"{tiny_server.url}/")

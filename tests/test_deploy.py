@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT
+from support.paths import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

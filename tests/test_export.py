@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import CAT, CAT_CLASSES, DATA
+from support.paths import CAT, CAT_CLASSES, DATA
 from PIL import Image
 
 from saikyo.inference import imaging

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import CAT
-from faultmodels import add_model, narrow_classifier, poison_classifier, slow_classifier
-from serverproc import ServerProcess, running_server
-from stress import encode, noise_image, wait_settled, white_png
+from support.paths import CAT
+from support.faultmodels import add_model, narrow_classifier, poison_classifier, slow_classifier
+from support.serverproc import ServerProcess, running_server
+from support.stress import encode, noise_image, wait_settled, white_png
 
 from saikyo.models.repository import ModelRepository
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
-from stress import every_format, png_claiming
+from support.stress import every_format, png_claiming
 
 from saikyo.inference import imaging
 from saikyo.inference.preprocessing import Preprocessing
@@ -40,6 +40,7 @@ def decode_checked(data: bytes) -> None:
 
 
 @settings(FUZZ, max_examples=300)
+@pytest.mark.slow  # fuzz
 @given(st.binary(max_size=2048))
 def test_random_bytes(data: bytes) -> None:
     decode_checked(data)
@@ -65,6 +66,7 @@ def mutated(draw) -> bytes:
 
 
 @settings(FUZZ, max_examples=1000)
+@pytest.mark.slow  # fuzz
 @given(mutated())
 def test_mutated_images_of_every_format(data: bytes) -> None:
     decode_checked(data)
@@ -121,6 +123,7 @@ def no_pixel_decoding(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @settings(FUZZ, max_examples=300)
+@pytest.mark.slow  # fuzz
 @given(kind=st.sampled_from(sorted(HEADERS)), data=st.data())
 def test_claimed_sizes_over_the_limit_are_refused_before_decoding(kind: str, data: st.DataObject) -> None:
     side = SIDE[kind]
@@ -145,6 +148,7 @@ def test_claimed_sizes_over_the_limit_are_refused_before_decoding(kind: str, dat
 
 
 @settings(FUZZ, max_examples=150)
+@pytest.mark.slow  # fuzz
 @given(kind=st.sampled_from(sorted(HEADERS)), w=st.integers(1, 1000), h=st.integers(1, 1000))
 def test_claimed_sizes_under_the_limit_decode_or_fail_cleanly(kind: str, w: int, h: int) -> None:
     decode_checked(HEADERS[kind](w, h))
@@ -160,9 +164,10 @@ def test_the_50000_square_png_bomb_is_refused_from_its_header(no_pixel_decoding)
 
 
 # ---- atheris: coverage-guided, when it is installed ----
-HARNESS = Path(__file__).parent / "fuzz_decode_harness.py"
+HARNESS = Path(__file__).parent / "support" / "fuzz_decode_harness.py"
 
 
+@pytest.mark.slow  # fuzz
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 def test_atheris_coverage_guided_fuzzing(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"

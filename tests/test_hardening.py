@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serverproc import ServerProcess, running_server
-from stress import png_claiming, raw_exchange
+from support.serverproc import ServerProcess, running_server
+from support.stress import png_claiming, raw_exchange
 
 MAX_REQUEST_PIXELS = 3_000_000
 MAX_DECOMPRESSED = 1_000_000
@@ -235,6 +235,7 @@ _requests = st.fixed_dictionaries(
 )  # fmt: skip
 
 
+@pytest.mark.slow  # fuzz
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=_requests, nesting=st.integers(0, 3000), compress=st.sampled_from([None, "gzip", "deflate"]))
 def test_fuzzed_v2_bodies_are_never_a_server_error(server, request, nesting, compress) -> None:

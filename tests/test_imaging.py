@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import CAT, DATA
+from support.paths import CAT, DATA
 from PIL import Image
 
 from saikyo.inference import imaging

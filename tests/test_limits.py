@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serverproc import ServerProcess, running_server
-from stress import encode, every_format, noise_image, png_claiming, raw_exchange
+from support.serverproc import ServerProcess, running_server
+from support.stress import encode, every_format, noise_image, png_claiming, raw_exchange
 
 MAX_BODY = 200_000
 MAX_IMAGES = 4
@@ -222,6 +222,7 @@ def multipart_bodies(draw) -> bytes:
     return body
 
 
+@pytest.mark.slow  # fuzz
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=multipart_bodies(), topk=st.one_of(st.none(), st.integers(-5, 2000), st.text(max_size=5)))
 def test_malformed_multipart_is_never_a_server_error(limited, body, topk) -> None:
@@ -320,6 +321,7 @@ _v2_body = st.fixed_dictionaries({}, optional={
 })  # fmt: skip
 
 
+@pytest.mark.slow  # fuzz
 @settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=_v2_body)
 def test_fuzzed_v2_json_is_never_a_server_error(limited, body) -> None:

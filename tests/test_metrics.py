@@ -6,7 +6,7 @@ import asyncio
 import base64
 
 import httpx
-from conftest import CAT, DATA
+from support.paths import CAT, DATA
 from prometheus_client.parser import text_string_to_metric_families
 
 from saikyo.server import create_app

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +21,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from PIL import Image
-from s3server import BUCKET, S3Server
-from serverproc import ServerProcess, free_port, running_server
-from stress import rss_mib
-from tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
+from support.s3server import BUCKET, S3Server
+from support.serverproc import ServerProcess, free_port, running_server
+from support.stress import rss_mib
+from support.tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.repository import ModelRepository
@@ -134,6 +136,38 @@ def test_a_new_version_takes_over_under_load_without_a_failed_request(explicit: 
     assert infer(explicit.url, version="2").status_code == 200
     gone = infer(explicit.url, version="1")
     assert gone.status_code == 404 and "loaded: ['2']" in gone.json()["error"]
+
+
+def test_a_slow_upload_holds_no_version_until_its_body_is_read(explicit: ServerProcess, repo: ModelRepository) -> None:
+    """The model is picked once the body is read: an upload still arriving while its version is replaced
+    does not keep that version loaded, and is answered by the version that serves when it is complete."""
+    publish(repo, "tiny", tiny_classifier(seed=1))
+    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(_CAT).decode()]}]}
+    body = json.dumps(doc).encode()
+    host, port = explicit.url.removeprefix("http://").split(":")
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=120) as upload:
+        upload.sendall(head + body[: len(body) // 2])
+        assert infer(explicit.url).json()["model_version"] == "1"
+        # Version 2 takes over and version 1 is unloaded while the upload is half sent: nothing holds it.
+        assert load(explicit.url, "tiny").json() == {"name": "tiny", "version": "2", "state": "READY"}
+        assert row(index(explicit.url), "tiny", "1") == {"name": "tiny", "version": "1"}
+        upload.sendall(body[len(body) // 2 :])
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = upload.recv(65536)
+            assert chunk, data
+            data += chunk
+    status_line, _, _ = data.partition(b"\r\n")
+    answer = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert b" 200 " in status_line, data
+    assert answer["model_version"] == "2"
+
+
+def _content_length(response: bytes) -> int:
+    head = response.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
 
 
 def test_a_failed_load_keeps_the_old_version_serving_and_the_index_says_why(
@@ -336,6 +370,7 @@ def test_ray_refuses_explicit_control_and_replicas_refuse_load_and_unload() -> N
 
 
 # ---- poll, against S3 ----
+@pytest.mark.slow  # S3
 def test_poll_follows_new_versions_and_survives_a_failing_one(
     tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from serverproc import ServerProcess, free_port, running_server
+from support.serverproc import ServerProcess, free_port, running_server
 
 from saikyo.models.repository import ModelRepository
 

@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 import schemathesis
-from browser import browser_page
+from support.browser import browser_page
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -105,6 +105,7 @@ def test_docs_and_their_assets_load_from_this_server(tiny_server) -> None:
     assert "/openapi.json" in page.text
 
 
+@pytest.mark.slow  # a browser
 def test_docs_render_in_a_browser_offline(tiny_server, openapi, artifacts_dir) -> None:
     operations = sum(len(ops) for ops in openapi["paths"].values())
     with browser_page() as (page, blocked):
@@ -135,6 +136,7 @@ CHECKS = [
 ]
 
 
+@pytest.mark.slow  # fuzz
 @schema.parametrize()
 @settings(
     max_examples=40,

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CAT, DATA, ROOT
-from serverproc import running_server
-from tinymodel import add_tiny_int8_model, add_tiny_model
+from support.paths import CAT, DATA, ROOT
+from support.serverproc import running_server
+from support.tinymodel import add_tiny_int8_model, copy_repository
 
 from saikyo.bench.localserver import local_server
 from saikyo.inference import imaging
@@ -44,10 +44,8 @@ needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no nativ
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
-    repository = ModelRepository(tmp_path_factory.mktemp("openvino-repository"))
-    add_tiny_model(repository, "tiny", input_size=32, seed=0)
-    add_tiny_model(repository, "tiny2", input_size=48, seed=1)
+def repo(tiny_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    repository = copy_repository(tiny_repository, tmp_path_factory.mktemp("openvino") / "repository")
     add_tiny_int8_model(repository, "tiny-int8", input_size=32, seed=0)
     return repository
 

@@ -10,11 +10,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from faultmodels import add_model, slow_classifier
-from serverproc import ServerProcess, running_server
-from stress import encode, flood, noise_image, peak_rss_mib, rss_mib
+from support.serverproc import ServerProcess, running_server
+from support.stress import encode, flood, noise_image, peak_rss_mib, rss_mib
 
-from saikyo.models.repository import ModelRepository
 
 QUEUE_IMAGES = 32
 MAX_IN_FLIGHT = 24
@@ -26,13 +24,6 @@ PEAK_GROWTH_MIB = 300
 
 PNG = encode(noise_image(64, 48, seed=5), "PNG")
 FILES = [("images", (f"n{i}.png", PNG, "image/png")) for i in range(IMAGES_PER_REQUEST)]
-
-
-@pytest.fixture(scope="module")
-def slow_repository(tmp_path_factory) -> ModelRepository:
-    repo = ModelRepository(tmp_path_factory.mktemp("slow-repository"))
-    add_model(repo, "slow", slow_classifier(layers=6))
-    return repo
 
 
 @pytest.fixture(scope="module")

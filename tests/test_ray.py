@@ -26,14 +26,15 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from conftest import CAT, DATA
-from serverproc import ServerProcess, running_server
+from support.paths import CAT, DATA
+from support.serverproc import ServerProcess, running_server
 
 from saikyo.models.repository import ModelRepository
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed: pip install -e '.[ray]'"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed: pip install -e '.[ray]'"),
+]
 
 REPLICA_HEADER = "x-saikyo-replica"
 CAT_BYTES = CAT.read_bytes()

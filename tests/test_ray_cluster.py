@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
-from tinymodel import add_model, add_tiny_model, tiny_classifier
+from support.tinymodel import add_model, add_tiny_model, tiny_classifier
 
 from saikyo.bench.localserver import free_port
 from saikyo.bench.timeline import ClosedLoop, per_second, steady_rate

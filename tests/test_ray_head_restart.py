@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CAT
-from tinymodel import add_tiny_model
+from support.paths import CAT
+from support.tinymodel import add_tiny_model
 
 from saikyo.bench.localserver import free_port
 from saikyo.models.repository import ModelRepository

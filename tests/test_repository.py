@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tinymodel import add_tiny_model
+from support.tinymodel import add_tiny_model
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.catalog import list_models

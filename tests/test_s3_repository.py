@@ -1,4 +1,4 @@
-"""s3:// model repositories against a real S3-compatible server (SeaweedFS on loopback, tests/s3server.py):
+"""s3:// model repositories against a real S3-compatible server (SeaweedFS on loopback, tests/support/s3server.py):
 push, serve, the cache, digests, and start-up errors that name the location and never the credentials."""
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CAT, CAT_CLASSES
-from s3server import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
-from serverproc import free_port, running_server
+from support.paths import CAT, CAT_CLASSES
+from support.s3server import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
+from support.serverproc import free_port, running_server
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.errors import CorruptDownload
 from saikyo.models.repository import Entry, ModelRepository
 from saikyo.models.s3 import DOWNLOAD_ATTEMPTS, S3Repository
+
+pytestmark = pytest.mark.slow
 
 
 def saikyo(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -105,7 +107,7 @@ def test_a_served_model_whose_object_is_corrupt_is_never_served(
     args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache2"), "--no-exit-on-error")
     uri = f"s3://{BUCKET}/corrupt-serve"
     with running_server(uri, "tiny", tmp_path / "logs", *args, env=s3_server.env(), wait_ready=False) as server:  # type: ignore[arg-type]
-        from stress import wait_settled
+        from support.stress import wait_settled
 
         assert wait_settled(server.url) == {"tiny": "failed"}
         r = httpx.post(f"{server.url}/classify", files={"images": ("cat.jpg", CAT.read_bytes())}, timeout=30)

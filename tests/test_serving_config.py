@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CAT
+from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
-from s3server import BUCKET, S3Server
-from serverproc import ServerProcess, running_server
-from tinymodel import add_tiny_model
+from support.s3server import BUCKET, S3Server
+from support.serverproc import ServerProcess, running_server
+from support.tinymodel import add_tiny_model
 
 from saikyo.bench.records import server_info
 from saikyo.models.cache import ModelCache

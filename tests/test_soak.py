@@ -8,9 +8,10 @@ import threading
 import time
 
 import httpx
-from conftest import DATA
-from serverproc import running_server
-from stress import FloodResult, encode, every_format, flood_requests, multipart_request, noise_image, rss_mib
+import pytest
+from support.paths import DATA
+from support.serverproc import running_server
+from support.stress import FloodResult, encode, every_format, flood_requests, multipart_request, noise_image, rss_mib
 
 WARM_UP_S = 12
 SOAK_S = 45
@@ -18,6 +19,8 @@ CLIENTS = 8
 # Stated margin: RSS after the soak may exceed RSS after warm-up by at most this much. One cat.jpg
 # (35 kB) kept per request would be ~35 kB x thousands of requests: hundreds of MiB, far over it.
 MARGIN_MIB = 16.0
+
+pytestmark = pytest.mark.slow
 
 
 def mixed_requests(url: str) -> tuple[list[bytes], set[int]]:

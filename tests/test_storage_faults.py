@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CAT
-from s3server import BUCKET, S3Server
-from serverproc import running_server
+from support.paths import CAT
+from support.s3server import BUCKET, S3Server
+from support.serverproc import running_server
 from test_s3_repository import aws_env, with_tiny  # noqa: F401  (aws_env is a fixture)
 
 from saikyo.models.cache import ModelCache
@@ -70,7 +70,7 @@ def test_a_store_that_stops_answering_stalls_neither_inference_nor_the_index(
 def test_debug_logs_never_carry_the_s3_credentials(
     library_debug: bool, tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
 ) -> None:
-    from s3server import ACCESS_KEY, SECRET_KEY
+    from support.s3server import ACCESS_KEY, SECRET_KEY
 
     with_tiny(s3_server, f"logs-{library_debug}", tmp_path / "seed-cache", tiny_repository)
     args = ["--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache"), "--log-level", "debug"]

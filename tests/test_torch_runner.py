@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import CAT, CAT_CLASSES, DATA
+from support.paths import CAT, CAT_CLASSES, DATA
 from PIL import Image
-from serverproc import running_server
+from support.serverproc import running_server
 
 from saikyo.runtime import torch_imaging
 from saikyo.inference import imaging

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serverproc import running_server
-from tinymodel import add_tiny_int8_model, add_tiny_model
+from support.serverproc import running_server
+from support.tinymodel import add_tiny_int8_model, add_tiny_model
 
 from saikyo.bench.tune import (
     Candidate,
@@ -174,7 +174,7 @@ def test_tunings_live_beside_the_versions_and_listings_ignore_them(tmp_path: Pat
 
 
 def test_s3_tunings_live_beside_the_versions(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from s3server import BUCKET
+    from support.s3server import BUCKET
 
     from saikyo.models.cache import ModelCache
     from saikyo.models.s3 import S3Repository

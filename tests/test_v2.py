@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from conftest import CAT, CAT_CLASSES, DATA
+from support.paths import CAT, CAT_CLASSES, DATA
 from tritonclient.utils import InferenceServerException
 
 from saikyo.inference import imaging

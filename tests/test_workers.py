@@ -21,11 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CAT
-from faultmodels import add_model, slow_classifier
+from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import ServerProcess, free_port, running_server
-from tinymodel import add_tiny_model, tiny_classifier
+from support.serverproc import ServerProcess, free_port, running_server
+from support.tinymodel import add_tiny_model, tiny_classifier
 
 from saikyo.models.repository import ModelRepository
 from saikyo.server.worker_board import WorkerBoard, WorkerState
@@ -159,16 +158,8 @@ def test_a_port_in_use_fails_at_once_with_the_address(tiny_repository: ModelRepo
 
 # ---- a real server with two workers ----
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
-    repo = ModelRepository(tmp_path_factory.mktemp("workers-repository"))
-    add_tiny_model(repo, "tiny", input_size=32, seed=0)
-    add_model(repo, "slow", slow_classifier(input_size=64, layers=8), input_size=64)  # ~10 ms per image
-    return repo
-
-
-@pytest.fixture(scope="module")
-def two_workers(repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
+def two_workers(slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(slow_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
         yield server
 
 
@@ -279,7 +270,7 @@ def test_each_worker_runs_its_share_of_the_threads(two_workers: ServerProcess) -
         assert f"{share} intra-op and {share} decode threads" in log
 
 
-def test_the_limits_are_per_worker(repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_limits_are_per_worker(slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
     body = (
         b'--b\r\nContent-Disposition: form-data; name="images"; filename="c.jpg"\r\n'
         b"Content-Type: image/jpeg\r\n\r\n" + _CAT + b"\r\n--b--\r\n"
@@ -303,7 +294,7 @@ def test_the_limits_are_per_worker(repository: ModelRepository, tmp_path_factory
         return response.status, worker_of(response)[0]
 
     with running_server(
-        repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2", "--max-concurrent-requests", "1"
+        slow_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2", "--max-concurrent-requests", "1"
     ) as server:  # fmt: skip
         # Two held requests, one on each worker (a connection goes to the worker holding fewer; right
         # after start-up a readiness probe's connection may still count, hence another try).
@@ -322,9 +313,9 @@ def test_the_limits_are_per_worker(repository: ModelRepository, tmp_path_factory
 
 
 def test_a_killed_worker_is_replaced_while_the_load_goes_on(
-    repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+    slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    with running_server(repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
+    with running_server(slow_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
         url = server.url
         victim = worker_pids(url)["1"]
         outcomes: list[str] = []
@@ -366,8 +357,8 @@ def test_a_killed_worker_is_replaced_while_the_load_goes_on(
         print(f"\nkill -9 of worker 1 under load: {dict(counts)}")
 
 
-def test_readiness_waits_for_every_worker(repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
-    with running_server(repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
+def test_readiness_waits_for_every_worker(slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
+    with running_server(slow_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
         url = server.url
         os.kill(worker_pids(url)["0"], signal.SIGKILL)
         # Worker 1 is ready itself, and says not ready until worker 0's replacement is.
@@ -396,10 +387,10 @@ def _admitted(url: str, model: str) -> float:
 
 
 def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
-    repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+    slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with running_server(
-        repository.root, "slow", tmp_path_factory.mktemp("logs"), "--workers", "2", "--max-batch-size", "4",
+        slow_repository.root, "slow", tmp_path_factory.mktemp("logs"), "--workers", "2", "--max-batch-size", "4",
         "--max-queue-images", "512",
     ) as server:  # fmt: skip
         host, port = server.url.removeprefix("http://").split(":")
@@ -446,9 +437,9 @@ def _running(pid: int) -> bool:
 
 
 def test_workers_whose_supervisor_dies_drain_and_exit(
-    repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+    slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    with running_server(repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
+    with running_server(slow_repository.root, "tiny", tmp_path_factory.mktemp("logs"), "--workers", "2") as server:
         pids = worker_pids(server.url)
         assert all(_running(pid) for pid in pids.values())
         server.proc.kill()
@@ -475,7 +466,7 @@ def _is_worker(pid: int) -> bool:
 
 
 def test_workers_that_cannot_start_make_the_supervisor_give_up(
-    repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+    slow_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Every worker dies before its models load (killed on sight here, as an out-of-memory kill would):
     the supervisor retries with a back-off, then exits 1 saying so, instead of restarting forever."""
@@ -486,7 +477,7 @@ def test_workers_that_cannot_start_make_the_supervisor_give_up(
     with open(logs / "server.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "saikyo", "serve", "--workers", "2", "--port", str(port),
-             "--repository", str(repository.root), "--models", "tiny"],
+             "--repository", str(slow_repository.root), "--models", "tiny"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     killed: set[int] = set()

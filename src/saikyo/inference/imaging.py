@@ -182,6 +182,6 @@ def normalize(pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
 
     Used for the v2 FP32 tensor path in tests and by callers that want the network's raw input.
     """
-    x = pixels.astype(np.float32) / 255.0
-    x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    scale, shift = pp.pixel_affine()
+    x = pixels.astype(np.float32) * scale + shift
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

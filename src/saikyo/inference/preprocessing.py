@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -28,6 +30,14 @@ class Preprocessing:
     def resize_size(self) -> int:
         """Shorter side after resizing, before the centre crop (timm's convention)."""
         return int(math.floor(self.input_size / self.crop_pct))
+
+    def pixel_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """The normalisation of uint8 pixels as one multiply-add per channel, float32 [3] each:
+        (x / 255 - mean) / std = x * scale + shift. The one definition every network front computes
+        (imaging.normalize, the ONNX Runtime and torch runners, OpenVINO's PrePostProcessor)."""
+        std = np.asarray(self.std, np.float64)
+        mean = np.asarray(self.mean, np.float64)
+        return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -39,10 +39,7 @@ def with_pixel_front(model: onnx.ModelProto, pp: Preprocessing) -> onnx.ModelPro
     tensor_name = graph.input[0].name
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     batch = batch_dim.dim_param or "N"
-    std = np.asarray(pp.std, np.float32)
-    mean = np.asarray(pp.mean, np.float32)
-    scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)
-    shift = (-mean / std).reshape(1, 3, 1, 1).astype(np.float32)
+    scale, shift = (a.reshape(1, 3, 1, 1) for a in pp.pixel_affine())
     graph.initializer.extend(
         [numpy_helper.from_array(scale, "pixels_scale"), numpy_helper.from_array(shift, "pixels_shift")]
     )

@@ -64,10 +64,9 @@ def with_pixel_front(model: ov.Model, pp: Preprocessing) -> ov.Model:
     inp = ppp.input()
     inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
     inp.model().set_layout(ov.Layout("NCHW"))
-    # (x / 255 - mean) / std = (x - 255 mean) / (255 std)
-    inp.preprocess().convert_element_type(ov.Type.f32).mean([255.0 * m for m in pp.mean]).scale(
-        [255.0 * s for s in pp.std]
-    )
+    # x * scale + shift (Preprocessing.pixel_affine) as OpenVINO's (x - m) / s: s = 1 / scale, m = -shift / scale
+    scale, shift = pp.pixel_affine()
+    inp.preprocess().convert_element_type(ov.Type.f32).mean((-shift / scale).tolist()).scale((1.0 / scale).tolist())
     return ppp.build()
 
 

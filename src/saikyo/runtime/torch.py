@@ -172,11 +172,10 @@ class TorchRunner:
         if compile:
             self._model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
 
-        std = torch.tensor(preprocessing.std, dtype=torch.float32)
-        mean = torch.tensor(preprocessing.mean, dtype=torch.float32)
-        # x_norm = (x / 255 - mean) / std = x * scale + shift, in float32 before the cast.
-        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
-        self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
+        # x * scale + shift, in float32 before the cast.
+        scale, shift = preprocessing.pixel_affine()
+        self._scale = torch.from_numpy(scale).view(1, 3, 1, 1).to(self.device)
+        self._shift = torch.from_numpy(shift).view(1, 3, 1, 1).to(self.device)
         self._slots = [self._new_slot() for _ in range(self.in_flight)]
         self._pipeline: SlotPipeline[int] | None = (
             SlotPipeline(_SlotDevice(self), self.in_flight, name=name) if self._static else None

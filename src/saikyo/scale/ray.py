@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from saikyo.scale import processes
 from saikyo.scale.ray_metrics import ReplicaMetrics
 from saikyo.server.middlewares.response_header import ResponseHeader
-from saikyo.server.middlewares.limits import send_json
+from saikyo.server.errors import send_json
 from saikyo.settings import Settings
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,32 @@ def error_body(error: str, detail: Any = None) -> dict[str, Any]:
     if detail is not None:
         body["detail"] = detail
     return body
+
+
+# The body of every error, as the OpenAPI schema documents it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "detail": {}},
+}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry for an error status."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+
+
+async def send_json(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    error: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """The error body, sent from a pure ASGI middleware (where ApiError's handler does not reach)."""
+    await JSONResponse(error_body(error, detail), status_code=status, headers=headers)(scope, receive, send)
 
 
 # nginx's "client closed request": nobody receives it, but access logs and /metrics show what happened.

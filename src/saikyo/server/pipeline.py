@@ -1,9 +1,12 @@
-"""What one request does with a model, step by step, as the routes call it:
+"""One request pipeline; /classify and v2 infer are adapters of their wire formats over it.
 
-    pick the model --> decode its images (CPU pool, or the runner's device) --> the model's
-    DynamicBatcher --> runner thread --> probabilities
+    read     (the adapter: body -> Images or Tensor, checked against the limits; no model held yet)
+    pick     hold the model version only now, so a slow upload holds no version that may be retiring
+    decode   per request, in the decode pool or on the runner's device, under the pixel budget and deadline
+    batch    the model's DynamicBatcher: images of many requests in one forward pass on the runner thread
+    encode   (the adapter: top-k JSON, or v2 tensors), class names from `class_names`
 
-Each step maps its failures onto the HTTP error a client should see (400, 404, 503, 504).
+Each step maps its failures onto the HTTP error a client should see (400, 404, 413, 503, 504).
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Request
 
 from saikyo.inference import imaging
+from saikyo.inference import labels as imagenet_labels
 from saikyo.models.repository import version_number
 from saikyo.inference.batching import BatcherClosed, BatcherFailed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
 from saikyo.server.middlewares import deadline as deadlines
@@ -26,30 +31,63 @@ from saikyo.runtime.base import device_decoder
 from saikyo.server.served import ModelState, ServedModel, ServedModels
 
 
+# ---- read: what an adapter hands the pipeline ----
+@dataclass(frozen=True)
+class Images:
+    """Encoded images from one request, with the names its errors use ("image 0 ('cat.jpg')")."""
+
+    blobs: list[bytes]
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A preprocessed, normalised float32 batch [N, 3, H, W], named as the client named it."""
+
+    name: str
+    batch: np.ndarray
+
+
+def too_many_images(limit: int, count: int | None = None) -> ApiError:
+    got = f": {count}" if count is not None else ""
+    return ApiError(413, f"too many images{got}; the limit is {limit} per request (setting max_images_per_request)")
+
+
+def check_image_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise too_many_images(limit, count)
+
+
+def check_image_size(index: int, name: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise ApiError(413, f"image {index} ({name!r}) is {size} bytes; the limit is {limit} (setting max_image_bytes)")
+
+
+# ---- pick ----
 def models_of(request: Request) -> ServedModels:
     return request.app.state.models
 
 
-def known_model(served: ServedModels, name: str, version: str | None = None) -> ServedModel:
+def known_model(models: ServedModels, name: str, version: str | None = None) -> ServedModel:
     """The model (and version: a loaded one, as "2"; None = the one serving) a request names, in whatever
     state it is; else 404."""
     model: ServedModel | None = None
     if version is None:
-        model = served.find(name)
+        model = models.find(name)
     elif (number := version_number(version)) is not None:
-        model = served.find(name, number)
+        model = models.find(name, number)
     if model is None or model.state in (ModelState.UNLOADING, ModelState.UNLOADED):
-        if version is not None and (name in served.models or name in served.versions):
-            loaded = [str(v) for v in served.loaded_versions(name)]
+        if version is not None and (name in models.models or name in models.versions):
+            loaded = [str(v) for v in models.loaded_versions(name)]
             raise ApiError(404, f"model {name!r} has no loaded version {version!r}; loaded: {loaded}")
-        raise ApiError(404, f"unknown model {name!r}", {"models": list(served.models)})
+        raise ApiError(404, f"unknown model {name!r}", {"models": list(models.models)})
     return model
 
 
-def served_model(served: ServedModels, name: str | None, version: str | None = None) -> ServedModel:
+def ready_model(models: ServedModels, name: str | None, version: str | None = None) -> ServedModel:
     """The model a request names (or the default), ready to serve; else 404 or 503."""
-    name = name or served.settings.default_model
-    model = known_model(served, name, version)
+    name = name or models.settings.default_model
+    model = known_model(models, name, version)
     if model.state is ModelState.LOADING:
         raise ApiError(503, f"model {name!r} is still loading", headers={"Retry-After": "2"})
     if model.state is ModelState.FAILED:
@@ -58,11 +96,63 @@ def served_model(served: ServedModels, name: str | None, version: str | None = N
 
 
 @contextlib.contextmanager
-def serving(served: ServedModels, name: str | None, version: str | None = None) -> Iterator[ServedModel]:
-    """served_model(), held for the request's inference: a version being replaced or unloaded closes
-    only after the requests holding it have their results (served.py)."""
-    with served_model(served, name, version).hold() as model:
+def held(models: ServedModels, name: str | None, version: str | None = None) -> Iterator[ServedModel]:
+    """ready_model(), held for the request's inference: a version being replaced or unloaded closes
+    only after the requests holding it have their results (served.py). Pick it once the body is read."""
+    with ready_model(models, name, version).hold() as model:
         yield model
+
+
+# ---- the sequence ----
+@dataclass(frozen=True)
+class Prediction:
+    model: ServedModel  # the version that answered (released: its name and version stay readable)
+    probs: np.ndarray  # [N, classes]
+
+
+async def predict(
+    request: Request,
+    name: str | None,
+    version: str | None,
+    inputs: Images | Tensor,
+    timer: Timer,
+    deadline: float | None = None,
+) -> Prediction:
+    """pick -> decode -> batch for what an adapter has read; `deadline` (monotonic seconds) as run_batch."""
+    models = models_of(request)
+    with held(models, name, version) as model:
+        if isinstance(inputs, Images):
+            pixels = await decode_or_400(models, model, inputs, request)
+            timer.mark("decode")
+            probs = await run_batch(_batcher(model.image_batcher), pixels, deadline)
+        else:
+            _check_tensor_shape(model, inputs)
+            probs = await run_batch(_batcher(model.tensor_batcher), list(inputs.batch), deadline)
+        timer.mark("infer")
+    return Prediction(model, probs)
+
+
+def _batcher(batcher: DynamicBatcher | None) -> DynamicBatcher:
+    if batcher is None:  # a READY model has both; a version that closed meanwhile has none
+        raise ApiError(503, "model not available: it was unloaded", headers={"Retry-After": "1"})
+    return batcher
+
+
+def _check_tensor_shape(model: ServedModel, tensor: Tensor) -> None:
+    assert model.runner is not None
+    size = model.runner.preprocessing.input_size
+    shape = list(tensor.batch.shape)
+    if shape[1:] != [3, size, size]:
+        raise ApiError(
+            400, f"input {tensor.name!r} of model {model.name!r} must have shape [N, 3, {size}, {size}], not {shape}"
+        )
+
+
+# ---- encode ----
+def class_names(model: ServedModel, classes: int) -> Callable[[int], str] | None:
+    """How the answers name class `i` for this model, or None when it has no names: ImageNet's for a
+    1000-class output. The one place both APIs take labels from."""
+    return imagenet_labels.name if classes == len(imagenet_labels.NAMES) else None
 
 
 async def run_batch(
@@ -97,7 +187,7 @@ async def run_batch(
 
 
 async def decode(
-    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], budget: imaging.RequestBudget
+    models: ServedModels, model: ServedModel, blobs: Sequence[bytes], budget: imaging.RequestBudget
 ) -> list[Any]:
     """Decode every blob into an item for `model.image_batcher`; a failure is returned in place (an
     ImageError) so the caller can name the file. The request's `budget` stops it as a whole.
@@ -107,11 +197,11 @@ async def decode(
     """
     assert model.runner is not None
     pp = model.runner.preprocessing
-    limit = served.settings.max_image_pixels
+    limit = models.settings.max_image_pixels
     loop = asyncio.get_running_loop()
     decoder = device_decoder(model.runner)
     if decoder is not None:
-        return await loop.run_in_executor(served.decode_pool, decoder.decode_images, blobs, limit, budget)
+        return await loop.run_in_executor(models.decode_pool, decoder.decode_images, blobs, limit, budget)
 
     def one(data: bytes) -> np.ndarray | imaging.ImageError:
         try:
@@ -119,7 +209,7 @@ async def decode(
         except imaging.ImageError as exc:
             return exc
 
-    futures = [loop.run_in_executor(served.decode_pool, one, b) for b in blobs]
+    futures = [loop.run_in_executor(models.decode_pool, one, b) for b in blobs]
     try:
         return list(await asyncio.gather(*futures))
     finally:
@@ -127,17 +217,15 @@ async def decode(
             f.cancel()
 
 
-async def decode_or_400(
-    served: ServedModels, model: ServedModel, blobs: Sequence[bytes], names: Sequence[str], request: Request
-) -> list[Any]:
+async def decode_or_400(models: ServedModels, model: ServedModel, images: Images, request: Request) -> list[Any]:
     """decode(), with the first unusable image answered as a 400 that names every bad file, a request
     over its pixel budget as a 413, and one whose deadline passed meanwhile as a 504."""
     check_deadline("decoding")
     request_deadline = deadlines.current.get()
-    budget = imaging.RequestBudget(served.settings.max_request_pixels, request_deadline.at if request_deadline else None)
+    budget = imaging.RequestBudget(models.settings.max_request_pixels, request_deadline.at if request_deadline else None)
     try:
         async with _watch_client(request, budget):
-            decoded = await decode(served, model, blobs, budget)
+            decoded = await decode(models, model, images.blobs, budget)
     except imaging.BudgetExceeded as exc:
         raise ApiError(
             413,
@@ -149,7 +237,7 @@ async def decode_or_400(
             raise ClientGone() from None
         raise _deadline_error("inference") from None
     bad = [
-        {"index": i, "filename": names[i], "reason": str(r)}
+        {"index": i, "filename": images.names[i], "reason": str(r)}
         for i, r in enumerate(decoded)
         if isinstance(r, imaging.ImageError)
     ]

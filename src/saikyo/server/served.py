@@ -69,7 +69,7 @@ class ServedModel:
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
     config: ServingConfig | None = None  # what it serves with, and where each value came from
-    users: int = 0  # requests using it now (pipeline.serving)
+    users: int = 0  # requests using it now (pipeline.held)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property

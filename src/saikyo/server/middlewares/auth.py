@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from saikyo.server.middlewares.path_groups import GROUPS, endpoint_group, is_control
-from saikyo.server.middlewares.limits import send_json
+from saikyo.server.errors import send_json
 from saikyo.settings import Settings
 
 REALM = "saikyo"

@@ -21,12 +21,11 @@ import time
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from saikyo.server.middlewares import deadline, memory
 from saikyo.server.middlewares.path_groups import endpoint_group
-from saikyo.server.errors import error_body
+from saikyo.server.errors import send_json
 
 
 log = logging.getLogger(__name__)
@@ -42,18 +41,6 @@ class _BodyRefused(Exception):
         self.status = status
         self.error = error
         self.detail = detail
-
-
-async def send_json(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    status: int,
-    error: str,
-    detail: Any = None,
-    headers: dict[str, str] | None = None,
-) -> None:
-    await JSONResponse(error_body(error, detail), status_code=status, headers=headers)(scope, receive, send)
 
 
 class LimitsMiddleware:

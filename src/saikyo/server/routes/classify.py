@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from saikyo.inference import labels as imagenet_labels
 from saikyo.inference.predictions import top_k
+from saikyo.server.errors import ApiError, error_response
+from saikyo.server.pipeline import (
+    Images, Timer, check_image_count, check_image_size, class_names, models_of, predict, ready_model, too_many_images,
+)
 from saikyo.server.routes import multipart
-from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, models_of, run_batch, serving
-from saikyo.server.served import ServedModel, ServedModels
+from saikyo.settings import Settings
 
 router = APIRouter()
 
 FIELD = "images"
 MAX_TEXT_FIELDS = 100  # other form fields tolerated beside the images
-
-_ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "detail": {}},
-}
-_ERROR = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
 
 CLASSIFY_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -61,22 +56,23 @@ CLASSIFY_OPENAPI: dict[str, Any] = {
                 }
             },
         },
-        "400": {"description": "no images field, or a file that is not a usable image", **_ERROR},
-        "404": {"description": "unknown model", **_ERROR},
-        "413": {"description": "body, image or image count over its limit", **_ERROR},
-        "415": {"description": "body is not multipart/form-data", **_ERROR},
-        "503": {"description": "overloaded or model not ready; see Retry-After", **_ERROR},
-        "504": {"description": "deadline passed before inference started", **_ERROR},
+        "400": error_response("no images field, or a file that is not a usable image"),
+        "404": error_response("unknown model"),
+        "413": error_response("body, image or image count over its limit"),
+        "415": error_response("body is not multipart/form-data"),
+        "503": error_response("overloaded or model not ready; see Retry-After"),
+        "504": error_response("deadline passed before inference started"),
     },
 }
 
 
-def predictions_json(probs: np.ndarray, k: int, with_labels: bool) -> list[dict[str, float]]:
+def predictions_json(probs: np.ndarray, k: int, label: Callable[[int], str] | None) -> list[dict[str, float]]:
+    """The 2018 shape: per image, the top k class keys ("282", or "282:tiger cat" with a label) -> probability."""
     idx, vals = top_k(probs, k)
     out: list[dict[str, float]] = []
     for row_i, row_v in zip(idx.tolist(), vals.tolist()):
-        if with_labels:
-            out.append({f"{i}:{imagenet_labels.name(i)}": v for i, v in zip(row_i, row_v)})
+        if label is not None:
+            out.append({f"{i}:{label(i)}": v for i, v in zip(row_i, row_v)})
         else:
             out.append({str(i): v for i, v in zip(row_i, row_v)})
     return out
@@ -101,28 +97,32 @@ async def classify(
     labels: Annotated[bool, Query(description="keys become `\"<index>:<label>\"`")] = False,
 ) -> JSONResponse:
     models = models_of(request)
-    with serving(models, model) as served:
-        return await _classify(request, models, served, topk, labels)
-
-
-async def _classify(request: Request, models: ServedModels, served: ServedModel, topk: int, labels: bool) -> JSONResponse:
-    settings = models.settings
+    ready_model(models, model)  # an unknown or unready model is refused before its body is read
     timer = Timer()
+    images = await _read(request, models.settings)
+    timer.mark("read")
+    answer = await predict(request, model, None, images, timer)
+    probs = answer.probs
+    label = class_names(answer.model, probs.shape[1]) if labels else None
+    return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), label), headers=timer.header())
 
+
+async def _read(request: Request, settings: Settings) -> Images:
+    """The multipart body -> the uploaded images, each checked against the limits."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, f"expected a multipart/form-data body with the field {FIELD!r}, got {content_type or 'none'!r}")
-
+    max_images = settings.max_images_per_request
     try:
         boundary = multipart.boundary_of(content_type)
         # LimitsMiddleware caps the body's size (Content-Length and while streaming) before this reads it.
         body = await request.body()
         # Parsing cost grows with the body: off the event loop, so probes and other requests go on meanwhile.
-        parts = await asyncio.to_thread(multipart.parse, body, boundary, settings.max_images_per_request + MAX_TEXT_FIELDS)
+        parts = await asyncio.to_thread(multipart.parse, body, boundary, max_images + MAX_TEXT_FIELDS)
         del body
     except multipart.TooManyParts as exc:
-        if sum(p.name == FIELD for p in exc.parsed) > settings.max_images_per_request:
-            raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request") from None
+        if sum(p.name == FIELD for p in exc.parsed) > max_images:
+            raise too_many_images(max_images) from None
         raise ApiError(400, f"too many text fields in the form: at most {MAX_TEXT_FIELDS}") from None
     except multipart.MultipartError as exc:
         raise ApiError(400, str(exc)) from None
@@ -131,23 +131,13 @@ async def _classify(request: Request, models: ServedModels, served: ServedModel,
     uploads = [p for p in parts if p.name == FIELD]
     if not uploads:
         raise ApiError(400, f"no {FIELD!r} field in the form", {"fields": sorted({p.name for p in parts})})
-    if len(uploads) > settings.max_images_per_request:
-        raise ApiError(413, f"too many images: the limit is {settings.max_images_per_request} per request")
-    blobs: list[bytes] = []
-    names: list[str] = []
+    check_image_count(len(uploads), max_images)
+    images = Images([], [])
     for i, up in enumerate(uploads):
         if up.filename is None:
             raise ApiError(400, f"form field {FIELD!r} item {i} is text, not a file upload")
         name = up.filename or f"image {i}"
-        if len(up.data) > settings.max_image_bytes:
-            raise ApiError(413, f"image {i} ({name!r}) is {len(up.data)} bytes; the limit is {settings.max_image_bytes}")
-        blobs.append(up.data)
-        names.append(name)
-    timer.mark("read")
-
-    pixels = await decode_or_400(models, served, blobs, names, request)
-    timer.mark("decode")
-    assert served.image_batcher is not None
-    probs = await run_batch(served.image_batcher, pixels)
-    timer.mark("infer")
-    return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), labels), headers=timer.header())
+        check_image_size(i, name, len(up.data), settings.max_image_bytes)
+        images.blobs.append(up.data)
+        images.names.append(name)
+    return images

@@ -14,8 +14,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
 from saikyo.server.middlewares.path_groups import endpoint_group
-from saikyo.server.errors import ApiError
-from saikyo.server.routes.v2.openapi import ERROR_SCHEMA
+from saikyo.server.errors import ERROR_SCHEMA, ApiError
 
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",

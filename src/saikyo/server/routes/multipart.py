@@ -1,9 +1,8 @@
-"""multipart/form-data (RFC 7578) parsed from a body already in memory.
+"""multipart/form-data (RFC 7578) parsed by python-multipart's streaming parser, within our limits.
 
-Why not Starlette's form parser: it feeds python-multipart chunk by chunk in Python and spools every
-file over 1 MB to a temporary file on disk. Here the body is already bounded by the limits middleware,
-so one pass of bytes.find over it (C speed) finds the parts and slices them out: on a 32-image, 1.8 MB
-request that is tens of microseconds instead of milliseconds of event-loop time.
+The limits middleware has already bounded the body, and the route runs this in a worker thread. The
+parser finds the parts with bytes.find (C speed); each part's bytes are kept in memory, not spooled to a
+temporary file as Starlette's form parser does. Bounded here: the part count and each part's header block.
 """
 
 from __future__ import annotations
@@ -12,9 +11,19 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+
 
 class MultipartError(ValueError):
     """The body is not well-formed multipart/form-data. The message is safe to show."""
+
+
+class TooManyParts(MultipartError):
+    def __init__(self, limit: int, parsed: list[Part]) -> None:
+        super().__init__(f"more than {limit} parts in the multipart body")
+        self.limit = limit
+        self.parsed = parsed  # the parts before the limit, so the caller can say which kind overflowed
 
 
 @dataclass(frozen=True)
@@ -26,16 +35,20 @@ class Part:
 
 
 # One part's header block (Content-Disposition, Content-Type): real ones are a few hundred bytes. The cap
-# bounds the header parsing (regexes, unescaping) a hostile filename could make us do.
+# bounds the header parsing (unescaping, unquoting) a hostile filename could make us do.
 MAX_PART_HEADER_BYTES = 16 * 1024
+MAX_PART_HEADER_LINES = 16
 
-_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _BOUNDARY_CHARS = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")
+_EXTENDED_FILENAME = re.compile(r";\s*filename\*\s*=\s*[^';]*'[^';]*'([^;\s]*)")
+_HEADER_STATES = {
+    MultipartState.HEADER_FIELD_START, MultipartState.HEADER_FIELD, MultipartState.HEADER_VALUE_START,
+    MultipartState.HEADER_VALUE, MultipartState.HEADER_VALUE_ALMOST_DONE, MultipartState.HEADERS_ALMOST_DONE,
+}  # fmt: skip
 
 
 def boundary_of(content_type: str) -> bytes:
-    params = _params(content_type)
-    boundary = params.get("boundary")
+    boundary = parse_options_header(content_type)[1].get(b"boundary", b"").decode("latin-1")
     if not boundary:
         raise MultipartError("multipart/form-data content type without a boundary parameter")
     if not _BOUNDARY_CHARS.match(boundary) or boundary.endswith(" "):
@@ -44,78 +57,120 @@ def boundary_of(content_type: str) -> bytes:
 
 
 def parse(body: bytes, boundary: bytes, max_parts: int) -> list[Part]:
+    """Every part of `body`, in order; MultipartError (TooManyParts past `max_parts`) for what is not
+    well-formed. A preamble before the first boundary and an epilogue after the last are ignored."""
     if not body.strip():
         return []
-    delimiter = b"--" + boundary
-    separator = b"\r\n" + delimiter
-    if body.startswith(delimiter):
-        pos = len(delimiter)
-    else:  # a preamble before the first boundary is allowed, and ignored
-        first = body.find(separator)
-        if first < 0:
-            raise MultipartError("no multipart boundary found in the body")
-        pos = first + len(separator)
-    parts: list[Part] = []
-    while True:
-        if body.startswith(b"--", pos):
-            return parts  # the closing delimiter; an epilogue after it is ignored
-        eol = body.find(b"\r\n", pos)
-        if eol < 0 or body[pos:eol].strip(b" \t"):
-            raise MultipartError("malformed multipart body: bad boundary line")
-        if len(parts) >= max_parts:
-            raise TooManyParts(max_parts, parts)
-        headers_start = eol + 2
-        if body.startswith(b"\r\n", headers_start):
-            headers_end, data_start = headers_start, headers_start + 2
-        else:
-            headers_end = body.find(b"\r\n\r\n", headers_start, headers_start + MAX_PART_HEADER_BYTES + 4)
-            if headers_end < 0:
-                if len(body) - headers_start > MAX_PART_HEADER_BYTES:
-                    raise MultipartError(f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
-                raise MultipartError("malformed multipart body: part headers never end")
-            data_start = headers_end + 4
-        end = body.find(separator, data_start)
-        if end < 0:
-            raise MultipartError("malformed multipart body: missing closing boundary (truncated upload?)")
-        parts.append(_part(body[headers_start:headers_end], body[data_start:end]))
-        pos = end + len(separator)
+    start = _first_boundary(body, boundary)
+    parts = _Parts(max_parts)
+    parser = MultipartParser(
+        boundary, parts.callbacks(), max_header_count=MAX_PART_HEADER_LINES, max_header_size=MAX_PART_HEADER_BYTES
+    )
+    try:
+        parser.write(body[start:] if start else body)  # a copy only when there is a preamble
+    except MultipartParseError as exc:
+        raise MultipartError(_reason(str(exc))) from None
+    if parser.state in _HEADER_STATES:
+        raise MultipartError("malformed multipart body: part headers never end")
+    if parser.state is not MultipartState.END:
+        raise MultipartError("malformed multipart body: missing closing boundary (truncated upload?)")
+    return parts.done
 
 
-class TooManyParts(MultipartError):
-    def __init__(self, limit: int, parsed: list[Part]) -> None:
-        super().__init__(f"more than {limit} parts in the multipart body")
-        self.limit = limit
-        self.parsed = parsed  # the parts before the limit, so the caller can say which kind overflowed
+def _first_boundary(body: bytes, boundary: bytes) -> int:
+    """Where the first delimiter line starts: the parser itself takes no preamble (RFC 2046 allows one)."""
+    if body.startswith(b"--" + boundary):
+        return 0
+    first = body.find(b"\r\n--" + boundary)
+    if first < 0:
+        raise MultipartError("no multipart boundary found in the body")
+    return first + 2
 
 
-def _part(raw_headers: bytes, data: bytes) -> Part:
-    disposition = None
-    content_type = None
-    for line in raw_headers.split(b"\r\n"):
-        key, sep, value = line.partition(b":")
-        if not sep:
-            raise MultipartError("malformed multipart body: bad part header line")
-        k = key.strip().lower()
-        if k == b"content-disposition":
-            disposition = value.decode("utf-8", "replace").strip()
-        elif k == b"content-type":
-            content_type = value.decode("latin-1").strip()
-    if disposition is None or not disposition.lower().startswith("form-data"):
+def _reason(error: str) -> str:
+    """The parser's message, as the kind of fault a client can fix (its state is not kept mid-write)."""
+    if "header size" in error:
+        return f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes"
+    if "header count" in error:
+        return f"a multipart part has more than {MAX_PART_HEADER_LINES} header lines"
+    if "boundary" in error:
+        return "malformed multipart body: bad boundary line"
+    if "header" in error:
+        return "malformed multipart body: bad part header line"
+    return "malformed multipart body"
+
+
+class _Parts:
+    """The parser's callbacks, collecting each part's headers and data."""
+
+    def __init__(self, max_parts: int) -> None:
+        self.max_parts = max_parts
+        self.done: list[Part] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+        self._header_bytes = 0
+        self._data: list[bytes] = []
+
+    def callbacks(self) -> dict:  # type: ignore[type-arg]
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._on_field,
+            "on_header_value": self._on_value,
+            "on_header_end": self._header_end,
+            "on_part_data": self._on_data,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        if len(self.done) >= self.max_parts:
+            raise TooManyParts(self.max_parts, self.done)
+        self._headers.clear()
+        self._header_bytes = 0
+        self._data = []
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise MultipartError(f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
+
+    def _on_field(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._field += data[start:end]
+
+    def _on_value(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).strip().lower()] = bytes(self._value).strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _on_data(self, data: bytes, start: int, end: int) -> None:
+        self._data.append(bytes(data[start:end]))
+
+    def _end(self) -> None:
+        self.done.append(_part(self._headers, b"".join(self._data)))
+        self._data = []
+
+
+def _part(headers: dict[bytes, bytes], data: bytes) -> Part:
+    disposition = headers.get(b"content-disposition")
+    if disposition is None or not disposition.lower().startswith(b"form-data"):
         raise MultipartError("multipart part without 'Content-Disposition: form-data'")
-    params = _params(disposition)
-    if "name" not in params:
+    params = parse_options_header(disposition)[1]  # bytes in, bytes out: names keep their UTF-8
+    if b"name" not in params:
         raise MultipartError("multipart part without a field name")
-    filename = params.get("filename")
-    if "filename*" in params:  # RFC 5987 form, sent by some clients despite RFC 7578
-        _, _, encoded = params["filename*"].partition("''")
-        filename = unquote(encoded) or filename
-    return Part(params["name"], filename, content_type, data)
-
-
-def _params(header: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in _PARAM.findall(header):
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        out[key.lower()] = value.strip()
-    return out
+    filename = params[b"filename"].decode("utf-8", "replace") if b"filename" in params else None
+    if filename is None:
+        # RFC 5987's filename*=UTF-8''..., which RFC 7578 forbids but some clients send (the parser skips it).
+        extended = _EXTENDED_FILENAME.search(disposition.decode("utf-8", "replace"))
+        filename = unquote(extended.group(1)) if extended else None
+    content_type = headers.get(b"content-type")
+    return Part(
+        params[b"name"].decode("utf-8", "replace"),
+        filename,
+        content_type.decode("latin-1") if content_type is not None else None,
+        data,
+    )

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "detail": {}},
-}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+from saikyo.server.errors import error_response as _error
 
 
 NO_BODY: dict[str, Any] = {"description": "true", "content": {}}

@@ -26,12 +26,14 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from saikyo import __version__
-from saikyo.inference import labels as imagenet_labels
+from saikyo.server.errors import ApiError
+from saikyo.server.pipeline import (
+    Images, Tensor, Timer, check_image_count, check_image_size, class_names, known_model, models_of, predict,
+    ready_model,
+)
 from saikyo.server.routes.v2 import openapi as doc
 from saikyo.server.routes.v2 import protocol as wire
-from saikyo.server.errors import ApiError
-from saikyo.server.pipeline import Timer, decode_or_400, known_model, models_of, run_batch, served_model, serving
-from saikyo.server.served import ServedModels, ServedModel
+from saikyo.server.served import ServedModel, ServedModels
 from saikyo.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -88,7 +90,7 @@ async def server_metadata(request: Request) -> JSONResponse:
 @router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
 async def model_metadata(request: Request, model_name: ModelName) -> JSONResponse:
     models = models_of(request)
-    return JSONResponse(metadata(served_model(models, model_name), models))
+    return JSONResponse(metadata(ready_model(models, model_name), models))
 
 
 @router.get(
@@ -98,15 +100,15 @@ async def model_metadata(request: Request, model_name: ModelName) -> JSONRespons
 )
 async def model_version_metadata(request: Request, model_name: ModelName, model_version: ModelVersion) -> JSONResponse:
     models = models_of(request)
-    return JSONResponse(metadata(served_model(models, model_name, model_version), models))
+    return JSONResponse(metadata(ready_model(models, model_name, model_version), models))
 
 
-def version_of(served: ServedModel) -> str:
-    return str(served.version or 1)
+def version_of(model: ServedModel) -> str:
+    return str(model.version or 1)
 
 
-def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
-    runner = served.runner
+def metadata(model: ServedModel, models: ServedModels) -> dict[str, Any]:
+    runner = model.runner
     assert runner is not None
     size = runner.preprocessing.input_size
     backend = str(runner.meta.get("backend", "onnxruntime"))
@@ -121,8 +123,8 @@ def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
     workers = int(settings.workers) if settings.workers.isdigit() else settings.workers
     parameters.update(decode_threads=settings.resolved_decode_threads(), workers=workers)
     return {
-        "name": served.name,
-        "versions": [str(v) for v in models.loaded_versions(served.name)] or [version_of(served)],
+        "name": model.name,
+        "versions": [str(v) for v in models.loaded_versions(model.name)] or [version_of(model)],
         "platform": PLATFORMS.get(backend, backend),
         "inputs": [
             {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
@@ -186,62 +188,47 @@ async def infer_version(request: Request, model_name: ModelName, model_version: 
     return await _infer(request, model_name, model_version)
 
 
-async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     models = models_of(request)
-    with serving(models, model_name, model_version) as served:
-        return await _infer_with(request, models, served)
-
-
-async def _infer_with(request: Request, models: ServedModels, served: ServedModel) -> Response:
+    ready_model(models, name, version)  # an unknown or unready model is refused before its body is read
     settings = models.settings
     timer = Timer()
-
     body = await request.body()  # LimitsMiddleware has capped its size
     # Decompressing and parsing cost grows with the body: off the event loop, so probes and other
     # requests keep being answered meanwhile.
     parsed = await asyncio.to_thread(
-        _read, body, request.headers.get("content-encoding"), request.headers.get(wire.HEADER_LENGTH), served, settings
+        _read, body, request.headers.get("content-encoding"), request.headers.get(wire.HEADER_LENGTH), name, settings
     )
     del body
     deadline = time.monotonic() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
     timer.mark("read")
 
-    if parsed.blobs is not None:
-        names = [f"{IMAGES}[{i}]" for i in range(len(parsed.blobs))]
-        pixels = await decode_or_400(models, served, parsed.blobs, names, request)
-        timer.mark("decode")
-        assert served.image_batcher is not None
-        probs = await run_batch(served.image_batcher, pixels, deadline)
-    else:
-        assert served.tensor_batcher is not None and parsed.tensor is not None
-        probs = await run_batch(served.tensor_batcher, list(parsed.tensor), deadline)
-    timer.mark("infer")
+    answer = await predict(request, name, version, parsed.inputs, timer, deadline)
+    probs = answer.probs
     if not np.isfinite(probs).all():
         raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
-    outputs = [_output(spec, probs) for spec in parsed.outputs]
+    outputs = [_output(spec, answer.model, probs) for spec in parsed.outputs]
     accept = request.headers.get("accept-encoding", "")
-    return await asyncio.to_thread(_respond, served.name, version_of(served), parsed.id, outputs, timer, accept)
+    return await asyncio.to_thread(_respond, answer.model.name, version_of(answer.model), parsed.id, outputs, timer, accept)
 
 
 @dataclass
 class _Parsed:
-    """A v2 request read and checked: its one input as image blobs or as an FP32 batch."""
+    """A v2 request read and checked: its one input, as images or as an FP32 batch."""
 
     id: str | None
     outputs: list[wire.RequestedOutput]
     timeout_us: int | None
-    blobs: list[bytes] | None = None
-    tensor: np.ndarray | None = None
+    inputs: Images | Tensor
 
 
-def _read(
-    body: bytes, encoding: str | None, header_length: str | None, served: ServedModel, settings: Settings
-) -> _Parsed:
-    """Body -> a checked request (in a worker thread). Every malformed request is an ApiError naming the field."""
+def _read(body: bytes, encoding: str | None, header_length: str | None, name: str, settings: Settings) -> _Parsed:
+    """Body -> a checked request (in a worker thread). Every malformed request is an ApiError naming the field.
+    Only what needs no model is checked here: the model is picked once the body is read."""
     try:
         body = wire.decompress(body, encoding, settings.max_decompressed_bytes)
         req = wire.parse_request(body, header_length, settings.max_json_bytes)
-        parsed = _Parsed(req.id, _requested_outputs(req), req.timeout_us)
+        outputs, timeout_us = _requested_outputs(req), req.timeout_us
     except wire.TooLarge as exc:
         raise ApiError(413, str(exc)) from None
     except wire.ProtocolError as exc:
@@ -250,15 +237,14 @@ def _read(
         names = [t.name for t in req.inputs]
         raise ApiError(400, f"supply exactly one input, {IMAGES!r} or {TENSOR!r}; got {names}")
     tensor = req.inputs[0]
+    inputs: Images | Tensor
     if tensor.name == IMAGES:
-        parsed.blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
+        inputs = _images(tensor, settings.max_images_per_request, settings.max_image_bytes)
     elif tensor.name == TENSOR:
-        parsed.tensor = _fp32_batch(tensor, served, settings.max_images_per_request)
+        inputs = Tensor(TENSOR, _fp32_batch(tensor, name, settings.max_images_per_request))
     else:
-        raise ApiError(
-            400, f"unknown input {tensor.name!r}; model {served.name!r} takes {IMAGES!r} (BYTES) or {TENSOR!r} (FP32)"
-        )
-    return parsed
+        raise ApiError(400, f"unknown input {tensor.name!r}; model {name!r} takes {IMAGES!r} (BYTES) or {TENSOR!r} (FP32)")
+    return _Parsed(req.id, outputs, timeout_us, inputs)
 
 
 def _respond(
@@ -278,22 +264,21 @@ def _requested_outputs(req: wire.InferenceRequest) -> list[wire.RequestedOutput]
     return req.outputs
 
 
-def _image_blobs(tensor: wire.InputTensor, max_images: int, max_image_bytes: int) -> list[bytes]:
+def _images(tensor: wire.InputTensor, max_images: int, max_image_bytes: int) -> Images:
     if tensor.datatype != "BYTES":
         raise ApiError(400, f"input {IMAGES!r} must have datatype BYTES, not {tensor.datatype!r}")
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise ApiError(400, f"input {IMAGES!r} must have shape [N] or [N, 1] with N >= 1, not {shape}")
-    if shape[0] > max_images:
-        raise ApiError(413, f"too many images: {shape[0]}; the limit is {max_images} per request")
+    check_image_count(shape[0], max_images)  # before decoding base64: it bounds the work
     try:
         blobs = wire.bytes_elements(tensor, _base64_image)
     except wire.ProtocolError as exc:
         raise ApiError(400, str(exc)) from None
+    names = [f"{IMAGES}[{i}]" for i in range(len(blobs))]
     for i, blob in enumerate(blobs):
-        if len(blob) > max_image_bytes:
-            raise ApiError(413, f"{IMAGES}[{i}] is {len(blob)} bytes; the limit is {max_image_bytes}")
-    return blobs
+        check_image_size(i, names[i], len(blob), max_image_bytes)
+    return Images(blobs, names)
 
 
 def _base64_image(value: Any, i: int) -> bytes:
@@ -311,19 +296,14 @@ def _base64_image(value: Any, i: int) -> bytes:
         ) from None
 
 
-def _fp32_batch(tensor: wire.InputTensor, served: ServedModel, max_images: int) -> np.ndarray:
-    assert served.runner is not None
-    size = served.runner.preprocessing.input_size
-    want = [3, size, size]
+def _fp32_batch(tensor: wire.InputTensor, name: str, max_images: int) -> np.ndarray:
+    """The FP32 input as an array [N, 3, H, W]; H and W are checked against the model the pipeline picks."""
     if tensor.datatype != "FP32":
         raise ApiError(400, f"input {TENSOR!r} must have datatype FP32, not {tensor.datatype!r}")
     shape = list(tensor.shape)
-    if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
-        raise ApiError(
-            400, f"input {TENSOR!r} of model {served.name!r} must have shape [N, {3}, {size}, {size}], not {shape}"
-        )
-    if shape[0] > max_images:
-        raise ApiError(413, f"too many images: {shape[0]}; the limit is {max_images} per request")
+    if len(shape) != 4 or shape[1] != 3 or shape[0] < 1:
+        raise ApiError(400, f"input {TENSOR!r} of model {name!r} must have shape [N, 3, H, W], not {shape}")
+    check_image_count(shape[0], max_images)
     try:
         batch = wire.fp32_array(tensor)
     except wire.ProtocolError as exc:
@@ -333,11 +313,11 @@ def _fp32_batch(tensor: wire.InputTensor, served: ServedModel, max_images: int) 
     return batch
 
 
-def _output(spec: wire.RequestedOutput, probs: np.ndarray) -> wire.OutputTensor:
+def _output(spec: wire.RequestedOutput, model: ServedModel, probs: np.ndarray) -> wire.OutputTensor:
     n, classes = probs.shape
     if spec.classification:
         k = min(spec.classification, classes)
-        label = imagenet_labels.name if classes == len(imagenet_labels.NAMES) else None
+        label = class_names(model, classes)
         strings = wire.classification_strings(probs, k, label)
         return wire.OutputTensor(spec.name, "BYTES", (n, k), strings=strings, binary=spec.binary)
     return wire.OutputTensor(spec.name, "FP32", (n, classes), array=probs, binary=spec.binary)

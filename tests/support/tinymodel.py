@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,20 @@ def add_model(
 
 def add_tiny_model(repository: ModelRepository, name: str = "tiny", input_size: int = 32, seed: int = 0) -> Entry:
     return add_model(repository, name, tiny_classifier(input_size, seed=seed), input_size, family="Tiny")
+
+
+def add_tiny_models(repository: ModelRepository) -> ModelRepository:
+    """The suite's tiny repository: `tiny` (32 px, seed 0) and `tiny2` (48 px, seed 1)."""
+    repository.root.mkdir(parents=True, exist_ok=True)
+    add_tiny_model(repository, "tiny", input_size=32, seed=0)
+    add_tiny_model(repository, "tiny2", input_size=48, seed=1)
+    return repository
+
+
+def copy_repository(repository: ModelRepository, destination: Path) -> ModelRepository:
+    """A copy of a shared (session) repository for a test that adds to it."""
+    shutil.copytree(repository.root, destination)
+    return ModelRepository(destination)
 
 
 def add_tiny_int8_model(repository: ModelRepository, name: str = "tiny-int8", input_size: int = 32, seed: int = 0) -> Entry:

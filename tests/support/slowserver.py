@@ -1,6 +1,6 @@
 """A deliberately slow /classify server with a known capacity: one worker, a fixed service time per image.
 
-    python tests/slowserver.py --service-ms 5      # prints its URL once listening on 127.0.0.1
+    python tests/support/slowserver.py --service-ms 5      # prints its URL once listening on 127.0.0.1
 
 Requests are served first come, first served by one worker that spends exactly `n x service` on a
 request of n images: an M/D/1 queue under Poisson arrivals, whose latency distribution is known in

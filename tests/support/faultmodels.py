@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tinymodel import add_model  # noqa: F401  (tests import it from here beside the models)
+from support.tinymodel import add_model  # noqa: F401  (tests import it from here beside the models)
 
 CLASSES = 1000
 
