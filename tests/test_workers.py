@@ -24,7 +24,7 @@ import pytest
 from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
 from support.serverproc import ServerProcess, free_port, running_server
-from support.tinymodel import add_tiny_model, tiny_classifier
+from support.tinymodel import add_model, add_tiny_model, tiny_classifier
 
 from saikyo.models.repository import ModelRepository
 from saikyo.server.worker_board import WorkerBoard, WorkerState

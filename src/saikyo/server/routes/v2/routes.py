@@ -133,7 +133,7 @@ def metadata(model: ServedModel, models: ServedModels) -> dict[str, Any]:
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, runner.num_classes]}],
         "parameters": parameters,
         # Where each serving value came from: the version's own block or the server's setting.
-        "serving": served.config.to_dict() if served.config is not None else {},
+        "serving": model.config.to_dict() if model.config is not None else {},
     }
 
 
