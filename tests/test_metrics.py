@@ -163,7 +163,9 @@ def test_a_replica_answers_with_its_own_metrics_when_the_board_is_gone(monkeypat
         def __getattr__(self, name):
             def method(*args):
                 if not self.alive:
-                    raise RuntimeError("actor died")
+                    from ray.exceptions import ActorDiedError
+
+                    raise ActorDiedError()
                 return getattr(self.board, name)(*args)
 
             return Method(method)

@@ -411,3 +411,10 @@ def test_poll_follows_new_versions_and_survives_a_failing_one(
         wait_for("version 5 serves after the failure", lambda: infer(server.url).json()["model_version"] == "5")
         assert server.log().count("model tiny version 3 unloaded") == 1  # replaced once, closed once
         assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_the_index_checks_its_body_and_filters_on_ready(explicit: ServerProcess) -> None:
+    response = httpx.post(f"{explicit.url}/v2/repository/index", json={"ready": "yes"}, timeout=10)
+    assert response.status_code == 400 and "ready" in response.json()["error"]
+    ready_only = httpx.post(f"{explicit.url}/v2/repository/index", json={"ready": True}, timeout=10).json()
+    assert ready_only and all(m["state"] == "READY" for m in ready_only)

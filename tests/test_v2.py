@@ -85,8 +85,10 @@ def test_server_and_model_metadata_and_readiness(tiny_server) -> None:
     assert model["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
     assert model["parameters"]["weights"] == "random"
 
-    index = c.get_model_repository_index()
-    assert [(m["name"], m["version"], m["state"]) for m in index] == [("tiny", "1", "READY"), ("tiny2", "1", "READY")]
+    # The repository extension is only served with model control (tests/test_model_control.py).
+    with pytest.raises(InferenceServerException) as refused:
+        c.get_model_repository_index()
+    assert refused.value.status() == "400" and "--model-control" in refused.value.message()
 
     for call in (lambda: c.get_model_metadata("no-such-model"), lambda: c.get_model_metadata("tiny", "2")):
         with pytest.raises(InferenceServerException) as err:
@@ -356,10 +358,6 @@ def test_unknown_model_and_version_are_404(tiny_server) -> None:
         response = httpx.get(tiny_server.url + path, timeout=10)
         assert response.status_code == 404 and "error" in response.json(), path
     assert httpx.get(f"{tiny_server.url}/v2/models/tiny/ready", timeout=10).status_code == 200
-    response = httpx.post(f"{tiny_server.url}/v2/repository/index", json={"ready": "yes"}, timeout=10)
-    assert response.status_code == 400 and "ready" in response.json()["error"]
-    ready_only = httpx.post(f"{tiny_server.url}/v2/repository/index", json={"ready": True}, timeout=10).json()
-    assert {m["name"] for m in ready_only} == {"tiny", "tiny2"}
 
 
 def test_gzip_request_body_round_trip(tiny_server) -> None:

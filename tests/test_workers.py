@@ -609,7 +609,7 @@ def test_poll_decides_once_for_every_worker_and_unloaded_stays_unloaded(tmp_path
 
 @pytest.mark.slow
 def test_a_frozen_worker_is_noticed_killed_and_replaced(repository: ModelRepository, tmp_path: Path) -> None:
-    args = ("--workers", "2", "--worker-heartbeat-timeout-s", "2")
+    args = ("--workers", "2", "--heartbeat-timeout-s", "2")
     with running_server(repository.root, "tiny", tmp_path / "logs", *args) as server:
         url = server.url
         frozen = worker_pids(url)["1"]
@@ -655,7 +655,7 @@ def test_a_worker_that_crashes_after_serving_is_replaced_with_a_backoff(reposito
 
 @pytest.mark.slow
 def test_a_control_call_names_the_workers_that_did_not_apply_it(versioned: ModelRepository, tmp_path: Path) -> None:
-    args = ("--workers", "2", "--model-control", "explicit", "--control-timeout-s", "2", "--worker-heartbeat-timeout-s", "120")
+    args = ("--workers", "2", "--model-control", "explicit", "--control-timeout-s", "2", "--heartbeat-timeout-s", "120")
     with running_server(versioned.root, "tiny,other", tmp_path / "logs", *args) as server:
         stuck = worker_pids(server.url)["1"]
         os.kill(stuck, signal.SIGSTOP)

@@ -189,7 +189,7 @@ class Settings:
         panel="Workers & Ray",
     )
     # A worker whose event loop stops (SIGSTOP, a deadlock) stops beating; the supervisor replaces it.
-    worker_heartbeat_timeout_s: float = setting(5.0, "--workers: a worker silent this long is killed and replaced", panel="Workers & Ray")
+    heartbeat_timeout_s: float = setting(5.0, "--workers: a worker silent this long is killed and replaced", panel="Workers & Ray")
     # A load or unload under --workers answers once every worker has applied it, or fails naming the rest.
     control_timeout_s: float = setting(300.0, "--workers: how long a load or unload waits for every worker", panel="Workers & Ray")
 
@@ -218,7 +218,7 @@ class Settings:
         object.__setattr__(self, "repository", os.fspath(self.repository))
         if self.model_control not in MODEL_CONTROL:
             raise ValueError(f"setting 'model_control' must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
-        for name in ("worker_heartbeat_timeout_s", "control_timeout_s"):
+        for name in ("heartbeat_timeout_s", "control_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"setting {name!r} must be a positive number of seconds, not {getattr(self, name)!r}")
         if not self.repository_poll_s > 0:

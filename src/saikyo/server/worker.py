@@ -10,7 +10,7 @@ What a worker adds to the single-process server:
   connections only while no worker serves (probes answer during start-up, as with one process), so a
   replacement for a dead worker takes none until its models are loaded.
 - Its slot on the WorkerBoard: state, readiness, open connections, a heartbeat every tick (a worker
-  silent for worker_heartbeat_timeout_s is frozen: the others' readiness says so and the supervisor
+  silent for heartbeat_timeout_s is frozen: the others' readiness says so and the supervisor
   replaces it). /v2/health/ready is 200 only when every worker is ready and answering.
 - Model control: a load or unload reaches every worker through the board (server/worker_control.py); a
   worker applies what was decided before it takes connections.
@@ -147,7 +147,7 @@ class Worker:
     def others_not_ready(self) -> dict[str, str]:
         """The other workers that are not ready or not answering (this one's own readiness is the
         caller's to check)."""
-        silent = self.spec.settings.worker_heartbeat_timeout_s
+        silent = self.spec.settings.heartbeat_timeout_s
         return {slot: what for slot, what in self.board.not_ready(silent).items() if slot != str(self.slot)}
 
     def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:

@@ -20,7 +20,7 @@ queue of its own, lost with it, and connections would be spread by a hash: at ra
   the log above). A worker that exits because a model given at start cannot load (exit_on_error, at
   the first start) stops the server at once: retrying would fail the same way.
 - Frozen workers: each worker beats on the board every tick; one that serves and has been silent for
-  worker_heartbeat_timeout_s (SIGSTOP, a deadlocked event loop) is killed, and then replaced as above.
+  heartbeat_timeout_s (SIGSTOP, a deadlocked event loop) is killed, and then replaced as above.
 - Signals: the first SIGTERM or SIGINT stops replacing, closes the supervisor's copy of the listening
   socket and forwards SIGTERM to every worker, which drains as one process does (server/shutdown.py);
   the supervisor exits 0 once every worker has exited 0. A second signal stops waiting: the workers
@@ -181,7 +181,7 @@ class Supervisor:
         self.failed_starts = [0] * len(specs)  # in a row, per slot
         self.exits = [0] * len(specs)  # in a row, per slot, whatever the cause: the back-off
         self.started_at = [0.0] * len(specs)
-        self.heartbeat_s = self.specs[0].settings.worker_heartbeat_timeout_s if self.specs else 0.0
+        self.heartbeat_s = self.specs[0].settings.heartbeat_timeout_s if self.specs else 0.0
         self.start_at: list[float | None] = [None] * len(specs)  # when to (re)start a slot that is down
         self.exit_codes: dict[int, int | None] = {}  # of the workers that exited after the stop
         self.stopping_since: float | None = None
@@ -317,7 +317,7 @@ class Supervisor:
                 continue
             silent = self.board.silent_for(slot)
             if silent > self.heartbeat_s:
-                log.error("worker %d (pid %s) has not answered for %.1f s (worker_heartbeat_timeout_s %g): "
+                log.error("worker %d (pid %s) has not answered for %.1f s (heartbeat_timeout_s %g): "
                           "killing it", slot, process.pid, silent, self.heartbeat_s)  # fmt: skip
                 self.board.set_state(slot, WorkerState.DOWN)  # nobody counts on it meanwhile
                 process.kill()
