@@ -32,6 +32,7 @@ import numpy as np
 from saikyo.inference.batching import DynamicBatcher
 from saikyo.models.cache import default_cache_dir
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
+from saikyo.models.label_files import labels_for
 from saikyo.models.location import is_remote, open_repository
 from saikyo.models.repository import Entry, Repository, VersionMeta
 from saikyo.runtime import Runner, RunnerError, create_runner
@@ -63,6 +64,7 @@ class ServedModel:
     version: int | None = None  # None until the repository has said which
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
+    labels: tuple[str, ...] | None = None  # class names by index; None: answers carry indices only
     users: int = 0  # requests using it now (pipeline.serving)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -273,6 +275,7 @@ class ServedModels:
         try:
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
             runner = await loop.run_in_executor(executor, self._runner_factory, entry, self.settings)
+            labels = await loop.run_in_executor(executor, labels_for, entry, runner.num_classes)
             await loop.run_in_executor(executor, self._warm_up, runner)
         except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
             self._fail(model, str(exc), executor, entry, runner)
@@ -329,6 +332,7 @@ class ServedModels:
         model.executor = executor
         model.entry = entry
         model.meta = runner.meta
+        model.labels = labels
         model.state = ModelState.READY
         if runner.meta.get("weights") == "random":
             log.warning("model %s has RANDOM weights: for benchmarking only, its predictions mean nothing", model.name)

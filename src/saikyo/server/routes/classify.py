@@ -9,7 +9,6 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from saikyo.inference import labels as imagenet_labels
 from saikyo.inference.predictions import top_k
 from saikyo.server.routes import multipart
 from saikyo.server.errors import ApiError
@@ -71,12 +70,13 @@ CLASSIFY_OPENAPI: dict[str, Any] = {
 }
 
 
-def predictions_json(probs: np.ndarray, k: int, with_labels: bool) -> list[dict[str, float]]:
+def predictions_json(probs: np.ndarray, k: int, labels: tuple[str, ...] | None) -> list[dict[str, float]]:
+    """The top k per image; with the model's `labels`, keys read "<index>:<label>"."""
     idx, vals = top_k(probs, k)
     out: list[dict[str, float]] = []
     for row_i, row_v in zip(idx.tolist(), vals.tolist()):
-        if with_labels:
-            out.append({f"{i}:{imagenet_labels.name(i)}": v for i, v in zip(row_i, row_v)})
+        if labels is not None:
+            out.append({f"{i}:{labels[i]}": v for i, v in zip(row_i, row_v)})
         else:
             out.append({str(i): v for i, v in zip(row_i, row_v)})
     return out
@@ -87,8 +87,9 @@ def predictions_json(probs: np.ndarray, k: int, with_labels: bool) -> list[dict[
     summary="Classify one or more images (the 2018 API)",
     description=(
         "Multipart upload, field `images`, one or more files. Returns one object per image in request "
-        "order mapping the top-k ImageNet class indices (strings) to probabilities, highest first. "
-        "With `labels=true` keys read `\"<index>:<label>\"`, e.g. `\"282:tiger cat\"`."
+        "order mapping the top-k class indices (strings) to probabilities, highest first. "
+        "With `labels=true` keys read `\"<index>:<label>\"`, e.g. `\"282:tiger cat\"`, with the model's own "
+        "labels (ImageNet's for the zoo); a model without labels keeps plain indices (GET /v2/models/{m} says so)."
     ),
     openapi_extra=CLASSIFY_OPENAPI,
     response_class=JSONResponse,
@@ -150,4 +151,5 @@ async def _classify(request: Request, models: ServedModels, served: ServedModel,
     assert served.image_batcher is not None
     probs = await run_batch(served.image_batcher, pixels)
     timer.mark("infer")
-    return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), labels), headers=timer.header())
+    names = served.labels if labels else None
+    return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), names), headers=timer.header())

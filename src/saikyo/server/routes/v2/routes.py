@@ -26,7 +26,6 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from saikyo import __version__
-from saikyo.inference import labels as imagenet_labels
 from saikyo.server.routes.v2 import openapi as doc
 from saikyo.server.routes.v2 import protocol as wire
 from saikyo.server.errors import ApiError
@@ -120,6 +119,7 @@ def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
     settings = models.settings
     workers = int(settings.workers) if settings.workers.isdigit() else settings.workers
     parameters.update(decode_threads=settings.resolved_decode_threads(), workers=workers)
+    parameters["labels"] = _labels_said(served)
     return {
         "name": served.name,
         "versions": [str(v) for v in models.loaded_versions(served.name)] or [version_of(served)],
@@ -131,6 +131,15 @@ def metadata(served: ServedModel, models: ServedModels) -> dict[str, Any]:
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, runner.num_classes]}],
         "parameters": parameters,
     }
+
+
+def _labels_said(served: ServedModel) -> str:
+    """What /classify?labels=true and the classification extension name classes with."""
+    labels = served.labels
+    if labels is None:
+        return "none: this model has no labels, answers carry class indices only"
+    own = served.meta.get("labels")
+    return f"{own} ({len(labels)} classes)" if isinstance(own, str) else f"ImageNet ({len(labels)} classes)"
 
 
 @router.get(
@@ -216,7 +225,7 @@ async def _infer_with(request: Request, models: ServedModels, served: ServedMode
     timer.mark("infer")
     if not np.isfinite(probs).all():
         raise ApiError(400, "the input drives the network out of float range; send a normalised tensor")
-    outputs = [_output(spec, probs) for spec in parsed.outputs]
+    outputs = [_output(spec, probs, served.labels) for spec in parsed.outputs]
     accept = request.headers.get("accept-encoding", "")
     return await asyncio.to_thread(_respond, served.name, version_of(served), parsed.id, outputs, timer, accept)
 
@@ -331,12 +340,12 @@ def _fp32_batch(tensor: wire.InputTensor, served: ServedModel, max_images: int) 
     return batch
 
 
-def _output(spec: wire.RequestedOutput, probs: np.ndarray) -> wire.OutputTensor:
+def _output(spec: wire.RequestedOutput, probs: np.ndarray, labels: tuple[str, ...] | None) -> wire.OutputTensor:
     n, classes = probs.shape
     if spec.classification:
         k = min(spec.classification, classes)
-        label = imagenet_labels.name if classes == len(imagenet_labels.NAMES) else None
-        strings = wire.classification_strings(probs, k, label)
+        # The model's own class names; without any, Triton's shape without the label: "score:index".
+        strings = wire.classification_strings(probs, k, labels.__getitem__ if labels is not None else None)
         return wire.OutputTensor(spec.name, "BYTES", (n, k), strings=strings, binary=spec.binary)
     return wire.OutputTensor(spec.name, "FP32", (n, classes), array=probs, binary=spec.binary)
 

@@ -1,0 +1,238 @@
+"""`saikyo models import`: a user's own classifier -> a new version in the repository.
+
+SOURCE is an ONNX file (any single-input image classifier, rewritten to the contract by
+models/onnx_import.py) or a PyTorch state dict for a zoo or timm architecture (exported as zoo models
+are). Labels and preprocessing come with it. Everything is built and checked in a private temporary
+directory; only then is it published (Repository.publish: files, then meta.json, renamed into place
+locally, the same path `models push` takes to s3://), so an error leaves the repository as it was.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saikyo.models import onnx_import, zoo
+from saikyo.models.contract import check_contract, io_meta
+from saikyo.models.errors import ImportRejected
+from saikyo.models.label_files import LABELS_FILE, read_labels, write_labels
+from saikyo.models.preprocessing_files import PreprocessingSpec, read_file
+from saikyo.models.provenance import sha256_file, utc_now, versions
+from saikyo.models.repository import MODEL_FILE, Repository
+
+FAMILY = "imported"
+TIMM_PREFIX = "timm:"
+DEFAULT_OPSET = 18
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ImportOptions:
+    labels: Path | None = None
+    preprocessing_file: Path | None = None
+    preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)  # from flags
+    layout: str | None = None
+    output: str | None = None
+    arch: str | None = None
+    opset: int = DEFAULT_OPSET
+
+
+@dataclass(frozen=True)
+class Imported:
+    name: str
+    version: int
+    meta: dict[str, Any]
+    notes: list[str]
+
+
+def check_name(name: str) -> None:
+    """An imported model's name: one path component, and not a zoo model's (whose name means its network)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or len(name) > 128:
+        raise ImportRejected(f"model name {name!r} must be one path component (letters, digits, - _ .), not starting with '.'")
+    base, variant = zoo.split_variant(name)
+    if base in zoo.ZOO:
+        raise ImportRejected(f"{name!r} is a zoo model's name; import under a name of your own")
+    if variant is not None:
+        raise ImportRejected(f"{name!r} ends in -{variant}, which names quantised variants; choose another name")
+
+
+def import_model(name: str, source: Path, repository: Repository, options: ImportOptions, progress: Progress | None = None) -> Imported:
+    say = progress or (lambda _msg: None)
+    check_name(name)
+    if not source.is_file():
+        raise ImportRejected(f"SOURCE {source} is not a file; expected an ONNX model or, with --arch, a PyTorch state dict")
+    flags = options.preprocessing
+    base = read_file(options.preprocessing_file) if options.preprocessing_file is not None else PreprocessingSpec()
+    asked = flags.over(base)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"saikyo-import-{name}.") as tmp:
+        path = Path(tmp) / MODEL_FILE
+        if options.arch is not None:
+            converted = _from_state_dict(source, options, asked, path, say)
+        else:
+            if options.opset != DEFAULT_OPSET:
+                raise ImportRejected("--opset is for --arch state dicts; an ONNX file keeps its own opset")
+            converted = _from_onnx(source, options, asked, path, say)
+        pre, channel_order, asked_meta, kind, found, notes, check, extra = converted
+        if not found.get("batch_fixed"):
+            check_contract(path, pre.input_size, found["num_classes"])
+        files = [path]
+        labels_meta = None
+        if options.labels is not None:
+            labels = read_labels(options.labels, found["num_classes"])
+            files.append(write_labels(labels, Path(tmp) / LABELS_FILE))
+            labels_meta = LABELS_FILE
+        weights = f"file:{sha256_file(source)}"
+        meta: dict[str, Any] = {
+            "name": name,
+            "family": FAMILY,
+            "source": kind,
+            "source_file": source.name,
+            "source_sha256": sha256_file(source),
+            "base_model": name,
+            "description": f"imported from {source.name} ({kind})",
+            "precision": "fp32",
+            "weights": weights,
+            "num_classes": found["num_classes"],
+            "input_size": pre.input_size,
+            "layout": found["layout"],
+            "output": found["output"],
+            "labels": labels_meta,
+            "preprocessing": pre.to_dict(),
+            "preprocessing_source": asked_meta,
+            "opset": _opset(path),
+            "exported_at": utc_now(),
+            "export_seconds": round(time.perf_counter() - started, 1),
+            "versions": versions(),
+            **io_meta(pre.input_size, found["num_classes"]),
+            "import_notes": notes,
+            "check": check,
+            "sha256": sha256_file(path),
+            **extra,
+        }
+        if found.get("batch_fixed"):
+            meta["serving"] = {"max_batch_size": found["batch_fixed"]}
+        say(f"publishing {name} to {repository.location}")
+        version = repository.publish(name, files, meta)
+    return Imported(name, version, meta, notes)
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _from_onnx(source: Path, options: ImportOptions, asked: PreprocessingSpec, path: Path, say: Progress) -> tuple:
+    import onnx
+
+    say(f"reading {source}")
+    model = onnx_import.load(source)
+    found = onnx_import.inspect(model, options.layout, asked.size, options.output)
+    pre, channel_order, asked_meta = asked.resolve(found.size)
+    say(f"found input {found.layout.upper()} {found.dtype} {found.size}x{found.size}, {found.num_classes} classes ({found.output}); rewriting to the serving contract")
+    rewritten, notes, check = onnx_import.to_contract(model, found, channel_order)
+    onnx.save(rewritten, str(path))
+    fixed = found.batch if onnx_import.is_fixed_batch(rewritten) else None
+    info = {"num_classes": found.num_classes, "layout": found.layout, "output": found.output, "batch_fixed": fixed}
+    return pre, channel_order, asked_meta, "onnx", info, notes, check, {}
+
+
+def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingSpec, path: Path, say: Progress) -> tuple:
+    try:
+        import torch
+
+        from saikyo.models import builders, export
+    except ImportError as exc:
+        raise ImportRejected(f"importing a state dict needs torch: pip install 'saikyo[export]' ({exc})") from None
+    from saikyo.models.errors import WeightsUnavailable
+    from saikyo.models.preprocessing_files import PreprocessingSpec as Spec
+
+    arch = options.arch or ""
+    if options.layout is not None or options.output is not None:
+        raise ImportRejected("--layout and --output describe ONNX files; a state dict's network is known from --arch")
+    say(f"reading the state dict {source}")
+    try:
+        state = builders.read_state_dict(source)
+    except WeightsUnavailable as exc:
+        raise ImportRejected(str(exc)) from None
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        timm_name = arch[len(TIMM_PREFIX) :]
+        if timm_name not in timm.list_models():
+            raise ImportRejected(f"--arch {arch}: timm has no architecture {timm_name!r} (see timm.list_models())")
+        kind = "timm"
+
+        def build(classes: int) -> Any:
+            return timm.create_model(timm_name, pretrained=False, num_classes=classes)
+
+        cfg = build(1000).pretrained_cfg
+        default = Spec(
+            size=int(cfg["input_size"][1]),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(cfg["std"]),  # type: ignore[arg-type]
+            source=f"timm pretrained_cfg of {timm_name}",
+        )
+        builder_name = f"timm.create_model({timm_name!r})"
+    else:
+        try:
+            spec = zoo.get(arch)
+        except KeyError:
+            raise ImportRejected(f"--arch {arch!r} is neither a zoo model ({', '.join(zoo.ZOO)}) nor timm:NAME") from None
+        kind = "torch"
+        builder = builders.resolve_builder(spec.builder)
+
+        def build(classes: int) -> Any:
+            return builder(num_classes=classes)
+
+        zp = spec.preprocessing
+        default = Spec(size=zp.input_size, crop_pct=zp.crop_pct, interpolation=zp.interpolation, mean=zp.mean, std=zp.std, source=f"zoo {arch}")
+        builder_name = spec.builder
+    if asked.source in ("defaults",):
+        asked = default
+    elif asked.source == "flags":
+        asked = asked.over(default)
+    num_classes = _head_classes(build(1000), state, arch)
+    say(f"building {arch} with a {num_classes}-class head")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build(num_classes)
+    try:
+        builders.load_state_dict(model, state)
+    except WeightsUnavailable as exc:
+        raise ImportRejected(f"the state dict does not fit --arch {arch}: {exc}") from None
+    model.eval()
+    pre, channel_order, asked_meta = asked.resolve(asked.size or default.size or 224)
+    if channel_order != "rgb":
+        raise ImportRejected("--channel-order bgr is for ONNX files; torch networks built here take RGB")
+    say(f"exporting to ONNX (opset {options.opset})")
+    if options.opset < export.MIN_OPSET:
+        raise ImportRejected(f"opset {options.opset} is too old; use {export.MIN_OPSET} or newer")
+    with torch.no_grad():
+        export._torch_to_onnx(model, path, pre.input_size, options.opset)
+    say("checking ONNX Runtime against torch")
+    check = export._check_against_torch(model, path, pre.input_size, num_classes)
+    info = {"num_classes": num_classes, "layout": "nchw", "output": "logits"}
+    return pre, channel_order, asked_meta, kind, info, [], check, {"builder": builder_name, "arch": arch}
+
+
+def _head_classes(model: Any, state: dict[str, Any], arch: str) -> int:
+    """K of a fine-tuned head, from the state dict: the tensor where the 1000-class network has its last
+    1000-row weight (fc.weight, classifier.1.weight, head.fc.weight ...)."""
+    own = model.state_dict()
+    heads = [k for k, v in own.items() if k.endswith("weight") and v.ndim >= 2 and v.shape[0] == 1000]
+    if not heads:
+        raise ImportRejected(f"cannot find the classifier head of {arch}")
+    key = heads[-1]
+    if key not in state:
+        raise ImportRejected(f"the state dict has no {key!r}, the classifier head of {arch}; is it a state dict of {arch}?")
+    return int(state[key].shape[0])
