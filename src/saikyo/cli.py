@@ -253,7 +253,7 @@ def models_push(
 
 
 # What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.
-_PUBLISHED = ["model.onnx", "weights.pt"]
+_PUBLISHED = ["model.onnx", "weights.pt", "labels.txt"]
 
 
 @models_app.command("export")
@@ -367,12 +367,10 @@ def models_import(
         repo = _repository(settings, check=True)
         done = import_model(name, source, repo, options, progress=lambda m: err.print(m, highlight=False))
     except (ImportRejected, RepositoryError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        err.print("nothing was written", highlight=False)
+        err.print(f"[red]error:[/] {exc} (nothing was written)", highlight=False)
         raise typer.Exit(2) from None
     except ExportError as exc:  # the export or its check failed: not the user's input
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        err.print("nothing was written", highlight=False)
+        err.print(f"[red]error:[/] {exc} (nothing was written)", highlight=False)
         raise typer.Exit(1) from None
     for note in done.notes:
         err.print(f"note: {note}", highlight=False)
