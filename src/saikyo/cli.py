@@ -333,6 +333,10 @@ def models_import(
     output: Annotated[Optional[str], typer.Option(help="logits | probabilities [default: probabilities when the graph ends in Softmax]")] = None,
     arch: Annotated[Optional[str], typer.Option(help="for a state dict: a zoo architecture (resnet50) or timm:NAME (timm:convnext_tiny)")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset when exporting a state dict (>= 17)")] = 18,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: also publish NAME-int8, statically quantised")] = None,
+    calibration_dir: Annotated[
+        Optional[Path], typer.Option(help="your photos to calibrate int8 on [default: scikit-image's photos]")
+    ] = None,
     repository: RepositoryOpt = None,
     s3_endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -363,7 +367,7 @@ def models_import(
             channel_order=channel_order,
             scale=number(scale, "scale") if scale is not None else None,
         )
-        options = ImportOptions(labels, preprocessing, flags, layout, output, arch, opset)
+        options = ImportOptions(labels, preprocessing, flags, layout, output, arch, opset, quantize, calibration_dir)
         repo = _repository(settings, check=True)
         done = import_model(name, source, repo, options, progress=lambda m: err.print(m, highlight=False))
     except (ImportRejected, RepositoryError) as exc:
@@ -381,6 +385,9 @@ def models_import(
         f"{meta['input_size']}x{meta['input_size']}, {labelled}",
         highlight=False,
     )
+    if done.int8 is not None:
+        agreement = done.int8["quantization"]["top1_agreement_with_fp32"]
+        console.print(f"and {done.int8['name']}: int8, top-1 agrees with fp32 on {agreement:.0%} of the held-out photos", highlight=False)
 
 
 @models_app.command("info")

@@ -1,0 +1,120 @@
+"""An imported model against the same network exported from the zoo: one server, the default backend, one run.
+
+    PYTHONPATH=src python benchmarks/imported_vs_zoo.py [--seconds 20 --rounds 3 --concurrency 4]
+
+The zoo side is `models export efficientnet_lite0 --weights imagenet`. The imported side is the same
+torch network as someone else's toolchain leaves it: NHWC input, a fixed batch of 1, a Softmax at the end,
+other I/O names, with a timm pretrained_cfg JSON for its preprocessing; `models import` rewrites it to the
+serving contract. Both are served by one `saikyo serve` (backend auto) and driven in alternating rounds by
+the cost lab's closed-loop client (8 images per request), so that drift on a shared machine hits both.
+
+Last line: ratio=<imported/zoo img/s> imported_img_s=<x> zoo_img_s=<y> backend=<..> cpu=<..>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from saikyo.bench.hardware import describe as describe_hardware
+from saikyo.bench.load import LoadSpec, bundled_cat, run_load
+from saikyo.bench.localserver import local_server
+from saikyo.models import builders, zoo
+from saikyo.models.export import export_model
+from saikyo.models.importing import ImportOptions, import_model
+from saikyo.models.repository import ModelRepository
+
+ZOO_MODEL = "efficientnet_lite0"
+IMPORTED = "lite0_imported"
+
+
+def foreign_file(directory: Path) -> tuple[Path, Path]:
+    """The zoo's network exported as another toolchain would: NHWC, batch 1, probabilities out."""
+    import torch
+
+    spec = zoo.get(ZOO_MODEL)
+    network = builders.build(spec, "imagenet")
+
+    class Foreign(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.network(image.permute(0, 3, 1, 2)), dim=-1)
+
+    size = spec.preprocessing.input_size
+    path = directory / "lite0_nhwc_b1_softmax.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Foreign().eval(), (torch.randn(1, size, size, 3),), str(path), input_names=["image"],
+                          output_names=["probs"], dynamo=True, external_data=False)  # fmt: skip
+    pre = spec.preprocessing
+    cfg = directory / "pretrained_cfg.json"
+    cfg.write_text(json.dumps({"input_size": [3, size, size], "mean": list(pre.mean), "std": list(pre.std),
+                               "crop_pct": pre.crop_pct, "interpolation": pre.interpolation}))  # fmt: skip
+    return path, cfg
+
+
+def measure(url: str, model: str, seconds: float, concurrency: int) -> tuple[int, float]:
+    spec = LoadSpec(url=url, model=model, mode="closed", images_per_request=8, concurrency=concurrency, seconds=seconds, warmup=4)
+    result = asyncio.run(run_load(spec, [bundled_cat()]))
+    if result.errors_by_kind():
+        raise SystemExit(f"{model}: errors {result.errors_by_kind()}")
+    return len(result.ok) * spec.images_per_request, result.duration_s
+
+
+def probabilities(url: str, model: str) -> np.ndarray:
+    """The served probabilities for the bundled cat photo (v2, BYTES input)."""
+    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(bundled_cat()[1]).decode()]}]}
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(doc).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return np.asarray(json.load(response)["outputs"][0]["data"])
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20.0, help="per model per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="saikyo-imported-vs-zoo.") as tmp:
+        root = Path(tmp)
+        repo = ModelRepository(root / "repository")
+        export_model(ZOO_MODEL, repo, weights="imagenet")
+        source, cfg = foreign_file(root)
+        done = import_model(IMPORTED, source, repo, ImportOptions(preprocessing_file=cfg))
+        print(f"imported: {'; '.join(done.notes)}")
+        with local_server(repo.root, f"{ZOO_MODEL},{IMPORTED}", root / "logs") as server:
+            backends = {m: get_json(f"{server.url}/v2/models/{m}")["parameters"]["backend"] for m in (ZOO_MODEL, IMPORTED)}
+            totals = {m: [0, 0.0] for m in (ZOO_MODEL, IMPORTED)}
+            for r in range(args.rounds):
+                order = (ZOO_MODEL, IMPORTED) if r % 2 == 0 else (IMPORTED, ZOO_MODEL)
+                for model in order:
+                    images, seconds = measure(server.url, model, args.seconds, args.concurrency)
+                    totals[model][0] += images
+                    totals[model][1] += seconds
+                    print(f"round {r + 1} {model}: {images / seconds:.1f} img/s")
+            answers = {m: probabilities(server.url, m) for m in (ZOO_MODEL, IMPORTED)}
+    zoo_rate = totals[ZOO_MODEL][0] / totals[ZOO_MODEL][1]
+    imported_rate = totals[IMPORTED][0] / totals[IMPORTED][1]
+    diff = float(np.max(np.abs(answers[ZOO_MODEL] - answers[IMPORTED])))
+    print(f"cat photo: max |probability difference| {diff:.2e}, top-1 {int(answers[ZOO_MODEL].argmax())} vs {int(answers[IMPORTED].argmax())}")
+    cpu = describe_hardware().description
+    print(f"ratio={imported_rate / zoo_rate:.3f} imported_img_s={imported_rate:.1f} zoo_img_s={zoo_rate:.1f} "
+          f"backend={backends[IMPORTED]}/{backends[ZOO_MODEL]} cpu={cpu!r}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
