@@ -27,10 +27,11 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera", "immunohistochem
 TOLERANCE = 1e-4
 
 
-def saikyo(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAIKYO_")}
-    env["COLUMNS"] = "400"  # one line per message, for matching
-    return subprocess.run([sys.executable, "-m", "saikyo", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+def saikyo(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command, without this environment's SAIKYO_* settings."""
+    clean = {k: v for k, v in (env or os.environ).items() if not k.startswith("SAIKYO_")}
+    clean["COLUMNS"] = "400"  # one line per message, for matching
+    return subprocess.run([sys.executable, "-m", "saikyo", *map(str, args)], capture_output=True, text=True, env=clean, timeout=600)
 
 
 def imported(repo: Path, name: str, source: Path, *flags: str | Path) -> dict:

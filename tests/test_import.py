@@ -193,3 +193,23 @@ def test_error_on_a_new_repository_leaves_no_directory(tmp_path: Path) -> None:
     assert done.returncode == 2 and not repo.exists()
     done = saikyo("models", "import", "resnet50", _save(tmp_path, conv_classifier()), "--repository", repo)
     assert done.returncode == 2 and "zoo model's name" in done.stderr and not repo.exists()
+
+
+@pytest.mark.slow
+def test_import_to_s3_and_push_carry_the_labels(onnx_repository, foreign, s3_server, tmp_path: Path, photos) -> None:
+    """`models import` publishes straight to s3:// (files, then meta.json), and `models push` of an import
+    takes its labels along: a server on that bucket names the classes."""
+    repo, metas = onnx_repository
+    env = s3_server.env()
+    endpoint = ("--s3-endpoint-url", s3_server.url)
+    direct = saikyo("models", "import", "mine", foreign["softmax"], "--labels", foreign["labels_txt"], "--repository", "s3://models/imported", *endpoint, env=env)
+    assert direct.returncode == 0, direct.stderr
+    assert "imported mine version 1 into s3://models/imported" in " ".join(direct.stdout.split())
+    pushed = saikyo("models", "push", "flowers", "--to", "s3://models/imported", "--repository", repo, *endpoint, env=env)
+    assert pushed.returncode == 0 and "labels.txt" in pushed.stdout, pushed.stderr
+    rows = {r["name"]: r for r in json.loads(saikyo("models", "list", "--repository", "s3://models/imported", *endpoint, "--json", env=env).stdout)}
+    assert rows["mine"]["family"] == rows["flowers"]["family"] == "imported" and rows["flowers"]["labels"] == "labels.txt"
+    with running_server("s3://models/imported", "mine,flowers", tmp_path / "logs", *endpoint, env=env) as server:  # type: ignore[arg-type]
+        for model in ("mine", "flowers"):
+            (answer,) = ask_classify(server, model, photos[:1], 5)
+            assert {key.partition(":")[2] for key in answer} == set(FLOWERS)
