@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/imported_vs_zoo.py [--seconds 20 --rounds 3 --concurrency 4]
 
 The zoo side is `models export efficientnet_lite0 --weights imagenet`. The imported side is the same
-torch network as someone else's toolchain leaves it: NHWC input, a fixed batch of 1, a Softmax at the end,
+torch network as someone else's toolchain leaves it (TorchScript's ONNX exporter): NHWC input, a fixed
+batch of 1, a Softmax at the end,
 other I/O names, with a timm pretrained_cfg JSON for its preprocessing; `models import` rewrites it to the
 serving contract. Both are served by one `saikyo serve` (backend auto) and driven in alternating rounds by
 the cost lab's closed-loop client (8 images per request), so that drift on a shared machine hits both.
@@ -19,6 +20,7 @@ import base64
 import json
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,13 @@ def foreign_file(directory: Path) -> tuple[Path, Path]:
 
     size = spec.preprocessing.input_size
     path = directory / "lite0_nhwc_b1_softmax.onnx"
-    with torch.no_grad():
+    # TorchScript's exporter, as most files in the wild were made: with a fixed batch of 1 it spells the
+    # batch out, and the import frees it. (torch.export's static shapes flatten through a batch-1
+    # as_strided gather no rewrite can free: such a file is served one image per pass.)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(Foreign().eval(), (torch.randn(1, size, size, 3),), str(path), input_names=["image"],
-                          output_names=["probs"], dynamo=True, external_data=False)  # fmt: skip
+                          output_names=["probs"], dynamo=False, opset_version=17)  # fmt: skip
     pre = spec.preprocessing
     cfg = directory / "pretrained_cfg.json"
     cfg.write_text(json.dumps({"input_size": [3, size, size], "mean": list(pre.mean), "std": list(pre.std),

@@ -20,6 +20,7 @@ def conv_classifier(
     input_name: str = "serving_default_image:0",
     output_name: str = "StatefulPartitionedCall:0",
     seed: int = 0,
+    shared_shape: bool = False,
 ) -> onnx.ModelProto:
     """conv -> relu -> global pool -> flatten by a Reshape that spells the batch out -> dense (-> Softmax),
     the way TensorFlow-to-ONNX files with a fixed batch of 1 look."""
@@ -40,8 +41,10 @@ def conv_classifier(
         helper.make_node("Relu", ["conv"], ["relu"]),
         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
         helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "fc"], [scores]),
     ]
+    if shared_shape:  # the batch-spelling shape feeds two Reshapes: nothing the import may rewrite alone
+        nodes.append(helper.make_node("Reshape", ["flat", "flat_shape"], ["flat2"]))
+    nodes.append(helper.make_node("MatMul", ["flat2" if shared_shape else "flat", "fc"], [scores]))
     if softmax:
         nodes.append(helper.make_node("Softmax", [scores], [output_name], axis=-1))
     dims = [batch, size, size, 3] if layout == "nhwc" else [batch, 3, size, size]

@@ -35,6 +35,8 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nhwc": conv_classifier(layout="nhwc", batch=1),
         # Ends in Softmax, takes BGR in 0..255 minus Caffe-style means: served probabilities must not be squashed twice.
         "softmax": conv_classifier(layout="nchw", batch="batch", softmax=True, size=40, seed=1),
+        # A batch of 1 the graph cannot be freed of: served one image per forward pass.
+        "fixed": conv_classifier(layout="nchw", batch=1, shared_shape=True, seed=3),
         # float16 throughout, dynamic batch.
         "half": conv_classifier(layout="nhwc", batch="n", dtype=TensorProto.FLOAT16, seed=2, classes=7),
     }
@@ -63,6 +65,7 @@ def onnx_repository(tmp_path_factory: pytest.TempPathFactory, foreign: dict[str,
             "--mean", ",".join(map(str, CAFFE_MEAN)), "--std", ",".join(map(str, CAFFE_STD)), "--interpolation", "bicubic",
         ),  # fmt: skip
         "half": imported(repo, "half", foreign["half"], "--crop-pct", "1.0"),
+        "fixed": imported(repo, "fixed", foreign["fixed"]),
     }
     return repo, metas
 
@@ -70,7 +73,7 @@ def onnx_repository(tmp_path_factory: pytest.TempPathFactory, foreign: dict[str,
 @pytest.fixture(scope="module")
 def onnx_server(onnx_repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo, _ = onnx_repository
-    with running_server(repo, "flowers,caffe,half,flowers-int8", tmp_path_factory.mktemp("logs")) as server:
+    with running_server(repo, "flowers,caffe,half,flowers-int8,fixed", tmp_path_factory.mktemp("logs")) as server:
         yield server
 
 
@@ -92,6 +95,15 @@ def test_softmax_at_the_end_bgr_and_pixel_scale(onnx_repository, onnx_server, fo
     assert meta["preprocessing_source"]["channel_order"] == "bgr" and meta["preprocessing"]["interpolation"] == "bicubic"
     source = onnx_source(foreign["softmax"], "nchw", 1.0, CAFFE_MEAN, CAFFE_STD, bgr=True, probabilities=True, batch=None)
     check_answers(onnx_server, "caffe", meta, photos, source, FLOWERS)
+
+
+def test_a_batch_the_graph_cannot_free_is_served_one_image_per_pass(onnx_repository, onnx_server, foreign, photos) -> None:
+    _, metas = onnx_repository
+    meta = metas["fixed"]
+    assert meta["serving"] == {"max_batch_size": 1} and meta["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert "the graph only takes a batch of 1: it is served with max_batch_size 1" in meta["import_notes"]
+    source = onnx_source(foreign["fixed"], "nchw", 1 / 255, IMAGENET_MEAN, IMAGENET_STD, batch=1)
+    check_answers(onnx_server, "fixed", meta, photos, source, None)
 
 
 def test_float16_model_without_labels_answers_indices_and_says_so(onnx_repository, onnx_server, foreign, photos) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import onnx_import, zoo
 from saikyo.models.contract import check_contract, io_meta
 from saikyo.models.errors import ImportRejected
@@ -45,6 +46,22 @@ class ImportOptions:
 
 
 @dataclass(frozen=True)
+class Converted:
+    """A source turned into the contract's model.onnx, and what meta.json says of it."""
+
+    preprocessing: Preprocessing
+    asked: dict[str, Any]  # the preprocessing as given (file, flags), for meta.json
+    source: str  # onnx | torch | timm
+    num_classes: int
+    layout: str  # the source's input layout
+    output: str  # the source's output kind: logits | probabilities
+    notes: list[str]
+    check: dict[str, Any]
+    fixed_batch: int | None = None  # the graph only takes this batch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Imported:
     name: str
     version: int
@@ -70,25 +87,23 @@ def import_model(name: str, source: Path, repository: Repository, options: Impor
     if not source.is_file():
         raise ImportRejected(f"SOURCE {source} is not a file; expected an ONNX model or, with --arch, a PyTorch state dict")
     calibration = _calibration_photos(options)
-    flags = options.preprocessing
-    base = read_file(options.preprocessing_file) if options.preprocessing_file is not None else PreprocessingSpec()
-    asked = flags.over(base)
+    given = read_file(options.preprocessing_file) if options.preprocessing_file is not None else None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"saikyo-import-{name}.") as tmp:
         path = Path(tmp) / MODEL_FILE
         if options.arch is not None:
-            converted = _from_state_dict(source, options, asked, path, say)
+            done = _from_state_dict(source, options, given, path, say)
         else:
             if options.opset != DEFAULT_OPSET:
                 raise ImportRejected("--opset is for --arch state dicts; an ONNX file keeps its own opset")
-            converted = _from_onnx(source, options, asked, path, say)
-        pre, channel_order, asked_meta, kind, found, notes, check, extra = converted
-        if not found.get("batch_fixed"):
-            check_contract(path, pre.input_size, found["num_classes"])
+            done = _from_onnx(source, options, options.preprocessing.over(given or PreprocessingSpec()), path, say)
+        pre, kind = done.preprocessing, done.source
+        if done.fixed_batch is None:
+            check_contract(path, pre.input_size, done.num_classes)
         files = [path]
         labels_meta = None
         if options.labels is not None:
-            labels = read_labels(options.labels, found["num_classes"])
+            labels = read_labels(options.labels, done.num_classes)
             files.append(write_labels(labels, Path(tmp) / LABELS_FILE))
             labels_meta = LABELS_FILE
         weights = f"file:{sha256_file(source)}"
@@ -102,25 +117,28 @@ def import_model(name: str, source: Path, repository: Repository, options: Impor
             "description": f"imported from {source.name} ({kind})",
             "precision": "fp32",
             "weights": weights,
-            "num_classes": found["num_classes"],
+            "num_classes": done.num_classes,
             "input_size": pre.input_size,
-            "layout": found["layout"],
-            "output": found["output"],
+            "layout": done.layout,
+            "output": done.output,
             "labels": labels_meta,
             "preprocessing": pre.to_dict(),
-            "preprocessing_source": asked_meta,
+            "preprocessing_source": done.asked,
             "opset": _opset(path),
             "exported_at": utc_now(),
             "export_seconds": round(time.perf_counter() - started, 1),
             "versions": versions(),
-            **io_meta(pre.input_size, found["num_classes"]),
-            "import_notes": notes,
-            "check": check,
+            **io_meta(pre.input_size, done.num_classes),
+            "import_notes": done.notes,
+            "check": done.check,
             "sha256": sha256_file(path),
-            **extra,
+            **done.extra,
         }
-        if found.get("batch_fixed"):
-            meta["serving"] = {"max_batch_size": found["batch_fixed"]}
+        if done.fixed_batch is not None:
+            # The repository's per-model serving settings: this graph cannot take larger batches.
+            meta["serving"] = {"max_batch_size": done.fixed_batch}
+            for tensor in (*meta["inputs"], *meta["outputs"]):
+                tensor["shape"][0] = done.fixed_batch
         int8 = None
         if options.quantize is not None:
             int8_files, int8 = _int8(name, files, meta, Path(tmp) / "int8", calibration, say)
@@ -130,7 +148,7 @@ def import_model(name: str, source: Path, repository: Repository, options: Impor
             int8_name = zoo.variant_name(name, "int8")
             say(f"publishing {int8_name} to {repository.location}")
             repository.publish(int8_name, int8_files, int8)
-    return Imported(name, version, meta, notes, int8)
+    return Imported(name, version, meta, done.notes, int8)
 
 
 CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -186,7 +204,7 @@ def _opset(path: Path) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _from_onnx(source: Path, options: ImportOptions, asked: PreprocessingSpec, path: Path, say: Progress) -> tuple:
+def _from_onnx(source: Path, options: ImportOptions, asked: PreprocessingSpec, path: Path, say: Progress) -> Converted:
     import onnx
 
     say(f"reading {source}")
@@ -197,11 +215,10 @@ def _from_onnx(source: Path, options: ImportOptions, asked: PreprocessingSpec, p
     rewritten, notes, check = onnx_import.to_contract(model, found, channel_order)
     onnx.save(rewritten, str(path))
     fixed = found.batch if onnx_import.is_fixed_batch(rewritten) else None
-    info = {"num_classes": found.num_classes, "layout": found.layout, "output": found.output, "batch_fixed": fixed}
-    return pre, channel_order, asked_meta, "onnx", info, notes, check, {}
+    return Converted(pre, asked_meta, "onnx", found.num_classes, found.layout, found.output, notes, check, fixed)
 
 
-def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingSpec, path: Path, say: Progress) -> tuple:
+def _from_state_dict(source: Path, options: ImportOptions, given: PreprocessingSpec | None, path: Path, say: Progress) -> Converted:
     try:
         import torch
 
@@ -209,7 +226,6 @@ def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingS
     except ImportError as exc:
         raise ImportRejected(f"importing a state dict needs torch: pip install 'saikyo[export]' ({exc})") from None
     from saikyo.models.errors import WeightsUnavailable
-    from saikyo.models.preprocessing_files import PreprocessingSpec as Spec
 
     arch = options.arch or ""
     if options.layout is not None or options.output is not None:
@@ -231,7 +247,7 @@ def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingS
             return timm.create_model(timm_name, pretrained=False, num_classes=classes)
 
         cfg = build(1000).pretrained_cfg
-        default = Spec(
+        default = PreprocessingSpec(
             size=int(cfg["input_size"][1]),
             crop_pct=float(cfg.get("crop_pct", 0.875)),
             interpolation=str(cfg.get("interpolation", "bilinear")),
@@ -252,12 +268,10 @@ def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingS
             return builder(num_classes=classes)
 
         zp = spec.preprocessing
-        default = Spec(size=zp.input_size, crop_pct=zp.crop_pct, interpolation=zp.interpolation, mean=zp.mean, std=zp.std, source=f"zoo {arch}")
+        default = PreprocessingSpec(size=zp.input_size, crop_pct=zp.crop_pct, interpolation=zp.interpolation, mean=zp.mean, std=zp.std, source=f"zoo {arch}")
         builder_name = spec.builder
-    if asked.source in ("defaults",):
-        asked = default
-    elif asked.source == "flags":
-        asked = asked.over(default)
+    # The architecture's own preprocessing unless a file says otherwise; flags over either.
+    asked = options.preprocessing.over(given or default)
     num_classes = _head_classes(build(1000), state, arch)
     say(f"building {arch} with a {num_classes}-class head")
     with torch.random.fork_rng(devices=[]):
@@ -278,8 +292,7 @@ def _from_state_dict(source: Path, options: ImportOptions, asked: PreprocessingS
         export._torch_to_onnx(model, path, pre.input_size, options.opset)
     say("checking ONNX Runtime against torch")
     check = export._check_against_torch(model, path, pre.input_size, num_classes)
-    info = {"num_classes": num_classes, "layout": "nchw", "output": "logits"}
-    return pre, channel_order, asked_meta, kind, info, [], check, {"builder": builder_name, "arch": arch}
+    return Converted(pre, asked_meta, kind, num_classes, "nchw", "logits", [], check, extra={"builder": builder_name, "arch": arch})
 
 
 def _head_classes(model: Any, state: dict[str, Any], arch: str) -> int:

@@ -98,6 +98,13 @@ class ServedModel:
 RunnerFactory = Callable[[Entry, Settings], Runner]
 
 
+def _batch_limit(meta: dict[str, Any], configured: int) -> int:
+    """The batch size a version takes: the server's, or less where its meta.json says the graph cannot
+    take more (an imported file whose batch stays fixed, models/onnx_import.py)."""
+    limit = (meta.get("serving") or {}).get("max_batch_size")
+    return min(configured, limit) if isinstance(limit, int) and limit >= 1 else configured
+
+
 class ServedModels:
     def __init__(
         self,
@@ -302,7 +309,7 @@ class ServedModels:
             model.error = f"stopped serving: {reason}"
 
         common = dict(
-            max_batch_size=s.max_batch_size,
+            max_batch_size=_batch_limit(runner.meta, s.max_batch_size),
             max_delay_ms=s.max_delay_ms,
             max_queue_images=s.max_queue_images,
             max_in_flight=in_flight,
@@ -345,7 +352,7 @@ class ServedModels:
 
     def _warm_up(self, runner: Runner) -> None:
         size = runner.preprocessing.input_size
-        for n in sorted({1, self.settings.max_batch_size}):
+        for n in sorted({1, _batch_limit(runner.meta, self.settings.max_batch_size)}):
             probs = runner.infer_pixels(np.zeros((n, size, size, 3), np.uint8))
             if probs.shape[0] != n or not np.isfinite(probs).all():
                 raise RunnerError(f"warm-up produced bad output of shape {probs.shape}")
