@@ -21,6 +21,9 @@ def create_runner(model: str | Entry, settings: Settings) -> Runner:
     name = model.name if isinstance(model, Entry) else model
     if backend == "auto":
         backend, why = auto_backend(name, settings)
+        if backend == "torch" and isinstance(model, Entry) and model.meta.get("family") == "imported":
+            # The torch runner builds zoo networks; an import is its ONNX graph (CUDA provider where installed).
+            backend, why = "onnxruntime", "an imported model is served from its ONNX graph"
         log.info("model %s: backend auto -> %s (%s)", name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner
