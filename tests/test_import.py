@@ -225,3 +225,43 @@ def test_import_to_s3_and_push_carry_the_labels(onnx_repository, foreign, s3_ser
         for model in ("mine", "flowers"):
             (answer,) = ask_classify(server, model, photos[:1], 5)
             assert {key.partition(":")[2] for key in answer} == set(FLOWERS)
+
+
+# ---- preprocessing files: what each toolchain's keys become ----
+
+
+def _pre(tmp_path: Path, doc: dict, **flags):
+    from saikyo.models.preprocessing_files import PreprocessingSpec, read_file
+
+    path = tmp_path / "pre.json"
+    path.write_text(json.dumps(doc))
+    return PreprocessingSpec(**flags).over(read_file(path))
+
+
+def test_hugging_face_resize_then_crop_and_rescale_fold_into_mean_std(tmp_path: Path) -> None:
+    doc = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+           "do_center_crop": True, "resample": 2, "image_mean": [127.5] * 3, "image_std": [127.5] * 3, "rescale_factor": 1.0}  # fmt: skip
+    pre, order, asked = _pre(tmp_path, doc).resolve(224)
+    assert (pre.input_size, pre.resize_size, pre.interpolation, order) == (224, 256, "bilinear", "rgb")
+    # (p * 1.0 - 127.5) / 127.5 == (p / 255 - 0.5) / 0.5
+    assert pre.mean == pytest.approx((0.5,) * 3) and pre.std == pytest.approx((0.5,) * 3)
+    assert asked["scale"] == 1.0 and asked["source"].startswith("Hugging Face")
+
+
+def test_timm_config_and_flags_over_it(tmp_path: Path) -> None:
+    doc = {"input_size": [3, 288, 288], "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "crop_pct": 0.95, "interpolation": "bicubic"}
+    pre, _, _ = _pre(tmp_path, doc).resolve(288)
+    assert (pre.input_size, pre.crop_pct, pre.interpolation, pre.mean) == (288, 0.95, "bicubic", (0.1, 0.2, 0.3))
+    pre, order, asked = _pre(tmp_path, doc, resize_size=320, channel_order="bgr").resolve(288)
+    assert pre.resize_size == 320 and order == "bgr" and asked["source"] == "timm pre.json and flags"
+    assert pre.mean == pytest.approx((0.3, 0.2, 0.1))  # given in the model's (BGR) order, stored in serving's RGB
+
+
+def test_unserved_resampling_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from saikyo.models.errors import ImportRejected
+
+    doc = {"image_processor_type": "X", "size": 32, "resample": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    with pytest.raises(ImportRejected, match="'lanczos' is not served.*--interpolation"):
+        _pre(tmp_path, doc).resolve(32)
+    pre, _, _ = _pre(tmp_path, doc, interpolation="bicubic").resolve(32)
+    assert pre.interpolation == "bicubic"

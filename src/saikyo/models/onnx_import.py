@@ -231,10 +231,12 @@ def _rewrite(model: onnx.ModelProto, found: Inspected, channel_order: str, notes
         graph.node.append(helper.make_node("Identity", [y], [OUTPUT_NAME]))
 
     batch: str | int = BATCH_DIM if symbolic or found.batch is None else found.batch
+    initialisers = {t.name for t in graph.initializer}
+    # Old files (IR < 4) list their weights as inputs too: those stay.
+    weights = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in graph.input if i.name in initialisers]
     del graph.input[:]
     graph.input.append(helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, 3, found.size, found.size]))
-    initialisers = {t.name for t in graph.initializer}
-    graph.input.extend(i for i in model.graph.input if i.name in initialisers)
+    graph.input.extend(weights)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [batch, found.num_classes]))
     # Intermediate shapes recorded for the old batch would contradict the new one; runtimes infer them again.
