@@ -50,7 +50,7 @@ def test_sweep_measures_skips_unexported_and_resumes(repo: ModelRepository, tmp_
     first = run_sweep(cfg, say=said.append)
     assert (first.ran, first.missing_model, first.failed) == (4, 4, 0)
     assert sum("serving at" in m for m in said) == 2  # one server per model setting
-    assert any("tiny-int8" in m and "saikyo models export" in m and "--export-missing" in m for m in said)
+    assert any("tiny-int8" in m and "saikyo models import tiny" in m and "--export-missing" in m for m in said)
     recs = records.read(out)
     assert len(recs) == 4
     assert {(r["model"], r["images_per_request"]) for r in recs} == {("tiny", 1), ("tiny", 2), ("tiny2", 1), ("tiny2", 2)}

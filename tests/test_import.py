@@ -265,3 +265,12 @@ def test_unserved_resampling_is_refused_with_the_fix(tmp_path: Path) -> None:
         _pre(tmp_path, doc).resolve(32)
     pre, _, _ = _pre(tmp_path, doc, interpolation="bicubic").resolve(32)
     assert pre.interpolation == "bicubic"
+
+
+def test_a_model_of_ones_own_not_yet_imported_is_pointed_at_import(tmp_path: Path) -> None:
+    from saikyo.models.errors import ModelNotExported
+
+    done = saikyo("serve", "--models", "flowers", "--repository", tmp_path)
+    assert done.returncode == 2 and "saikyo models import flowers YOUR_MODEL.onnx" in done.stderr, done.stderr
+    with pytest.raises(ModelNotExported, match="run: saikyo models import flowers YOUR_MODEL.onnx --labels LABELS_FILE --quantize int8"):
+        ModelRepository(tmp_path).resolve("flowers-int8")

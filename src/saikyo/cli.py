@@ -106,7 +106,10 @@ def serve(**flags: Any) -> None:
     for name in settings.models:
         # Repository entries describe themselves, so models outside the zoo serve too.
         if zoo.base_name(name) not in zoo.ZOO and not _has(repo, name):
-            err.print(f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository})")
+            err.print(
+                f"[red]error:[/] {UnknownModel(name, list(zoo.ZOO))} (and not in the repository {settings.repository}); "
+                f"a model of your own goes in with: saikyo models import {name} YOUR_MODEL.onnx"
+            )
             raise typer.Exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -283,9 +283,13 @@ def _plain_name(name: str) -> bool:
 
 
 def export_command(name: str) -> str:
-    """The command that puts `name` in a repository: the fp32 export, or the variant's quantisation."""
+    """The command that puts `name` in a repository: the fp32 export, the variant's quantisation, or the
+    import of a model the zoo does not know (README: Your own model)."""
     base, variant = zoo.split_variant(name)
+    spec = zoo.ZOO.get(base)
+    if spec is None:
+        quantize = f" --quantize {variant}" if variant is not None else ""
+        return f"saikyo models import {base} YOUR_MODEL.onnx --labels LABELS_FILE{quantize}"
     if variant is not None:
         return f"saikyo models export {base} --quantize {variant}"
-    spec = zoo.ZOO.get(base)
-    return f"saikyo models export {base} --weights {spec.default_weights if spec else 'random'}"
+    return f"saikyo models export {base} --weights {spec.default_weights}"
