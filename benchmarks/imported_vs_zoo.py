@@ -9,7 +9,9 @@ other I/O names, with a timm pretrained_cfg JSON for its preprocessing; `models 
 serving contract. Both are served by one `saikyo serve` (backend auto) and driven in alternating rounds by
 the cost lab's closed-loop client (8 images per request), so that drift on a shared machine hits both.
 
-Last line: ratio=<imported/zoo img/s> imported_img_s=<x> zoo_img_s=<y> backend=<..> cpu=<..>
+Then both runners in this process, a full batch each in turn (the forward pass alone).
+Last line: ratio=<imported/zoo img/s through the server> imported_img_s=<x> zoo_img_s=<y> runner_ratio=<..>
+backend=<..> cpu=<..>
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import argparse
 import asyncio
 import base64
 import json
+import statistics
 import tempfile
+import time
 import urllib.request
 import warnings
 from pathlib import Path
@@ -28,10 +32,13 @@ import numpy as np
 from saikyo.bench.hardware import describe as describe_hardware
 from saikyo.bench.load import LoadSpec, bundled_cat, run_load
 from saikyo.bench.localserver import local_server
+from saikyo.inference import imaging
 from saikyo.models import builders, zoo
 from saikyo.models.export import export_model
 from saikyo.models.importing import ImportOptions, import_model
 from saikyo.models.repository import ModelRepository
+from saikyo.runtime import create_runner
+from saikyo.settings import Settings
 
 ZOO_MODEL = "efficientnet_lite0"
 IMPORTED = "lite0_imported"
@@ -84,6 +91,28 @@ def probabilities(url: str, model: str) -> np.ndarray:
         return np.asarray(json.load(response)["outputs"][0]["data"])
 
 
+BATCH = 16
+
+
+def runner_comparison(repo: ModelRepository, trials: int) -> tuple[float, dict[str, float]]:
+    """Both models' runners (backend auto) in this process, one full batch of the cat's pixels each in
+    turn: the forward pass alone, where HTTP and decoding cannot hide a difference."""
+    runners = {m: create_runner(repo.get(m), Settings(repository=str(repo.root))) for m in (ZOO_MODEL, IMPORTED)}
+    pixels = {m: np.stack([imaging.decode(bundled_cat()[1], r.preprocessing)] * BATCH) for m, r in runners.items()}
+    seconds: dict[str, list[float]] = {m: [] for m in runners}
+    for m, runner in runners.items():
+        runner.infer_pixels(pixels[m])  # warm-up
+    for t in range(trials):
+        for m in (ZOO_MODEL, IMPORTED) if t % 2 == 0 else (IMPORTED, ZOO_MODEL):
+            started = time.perf_counter()
+            runners[m].infer_pixels(pixels[m])
+            seconds[m].append(time.perf_counter() - started)
+    for runner in runners.values():
+        runner.close()
+    ratio = statistics.median(z / i for z, i in zip(seconds[ZOO_MODEL], seconds[IMPORTED]))
+    return ratio, {m: BATCH * len(s) / sum(s) for m, s in seconds.items()}
+
+
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.load(response)
@@ -94,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="per model per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--runner-trials", type=int, default=20, help="in-process forward passes of a full batch, alternating")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="saikyo-imported-vs-zoo.") as tmp:
         root = Path(tmp)
@@ -105,21 +135,30 @@ def main() -> None:
         with local_server(repo.root, f"{ZOO_MODEL},{IMPORTED}", root / "logs") as server:
             backends = {m: get_json(f"{server.url}/v2/models/{m}")["parameters"]["backend"] for m in (ZOO_MODEL, IMPORTED)}
             totals = {m: [0, 0.0] for m in (ZOO_MODEL, IMPORTED)}
+            round_ratios = []
             for r in range(args.rounds):
                 order = (ZOO_MODEL, IMPORTED) if r % 2 == 0 else (IMPORTED, ZOO_MODEL)
+                rates = {}
                 for model in order:
                     images, seconds = measure(server.url, model, args.seconds, args.concurrency)
                     totals[model][0] += images
                     totals[model][1] += seconds
-                    print(f"round {r + 1} {model}: {images / seconds:.1f} img/s")
+                    rates[model] = images / seconds
+                    print(f"round {r + 1} {model}: {rates[model]:.1f} img/s")
+                round_ratios.append(rates[IMPORTED] / rates[ZOO_MODEL])
             answers = {m: probabilities(server.url, m) for m in (ZOO_MODEL, IMPORTED)}
+        runner_ratio, runner_rates = runner_comparison(repo, args.runner_trials)
     zoo_rate = totals[ZOO_MODEL][0] / totals[ZOO_MODEL][1]
     imported_rate = totals[IMPORTED][0] / totals[IMPORTED][1]
     diff = float(np.max(np.abs(answers[ZOO_MODEL] - answers[IMPORTED])))
     print(f"cat photo: max |probability difference| {diff:.2e}, top-1 {int(answers[ZOO_MODEL].argmax())} vs {int(answers[IMPORTED].argmax())}")
+    print(f"server rounds: median imported/zoo {statistics.median(round_ratios):.3f} "
+          f"(each round: {', '.join(f'{x:.3f}' for x in round_ratios)})")  # fmt: skip
+    print(f"runner, in process, batch {BATCH}: imported {runner_rates[IMPORTED]:.1f} img/s, zoo {runner_rates[ZOO_MODEL]:.1f} img/s, "
+          f"median ratio of alternating trials {runner_ratio:.3f}")  # fmt: skip
     cpu = describe_hardware().description
     print(f"ratio={imported_rate / zoo_rate:.3f} imported_img_s={imported_rate:.1f} zoo_img_s={zoo_rate:.1f} "
-          f"backend={backends[IMPORTED]}/{backends[ZOO_MODEL]} cpu={cpu!r}")  # fmt: skip
+          f"runner_ratio={runner_ratio:.3f} backend={backends[IMPORTED]}/{backends[ZOO_MODEL]} cpu={cpu!r}")  # fmt: skip
 
 
 if __name__ == "__main__":
