@@ -3,9 +3,10 @@
     PYTHONPATH=src python benchmarks/imported_vs_zoo.py [--seconds 20 --rounds 3 --concurrency 4]
 
 The zoo side is `models export efficientnet_lite0 --weights imagenet`. The imported side is the same
-torch network as someone else's toolchain leaves it (TorchScript's ONNX exporter): NHWC input, a fixed
-batch of 1, a Softmax at the end,
-other I/O names, with a timm pretrained_cfg JSON for its preprocessing; `models import` rewrites it to the
+torch network as someone else's code leaves it: NHWC input, a Softmax at the end,
+other I/O names, with a timm pretrained_cfg JSON for its preprocessing, exported by torch.export (the zoo's
+exporter: the graphs differ only where the import rewrites) or, with --exporter torchscript, by TorchScript's
+exporter with a fixed batch of 1 (a different graph of the same network); `models import` rewrites it to the
 serving contract. Both are served by one `saikyo serve` (backend auto) and driven in alternating rounds by
 the cost lab's closed-loop client (8 images per request), so that drift on a shared machine hits both.
 
@@ -44,8 +45,8 @@ ZOO_MODEL = "efficientnet_lite0"
 IMPORTED = "lite0_imported"
 
 
-def foreign_file(directory: Path) -> tuple[Path, Path]:
-    """The zoo's network exported as another toolchain would: NHWC, batch 1, probabilities out."""
+def foreign_file(directory: Path, exporter: str) -> tuple[Path, Path]:
+    """The zoo's network exported as another toolchain would: NHWC, probabilities out, other names."""
     import torch
 
     spec = zoo.get(ZOO_MODEL)
@@ -60,14 +61,21 @@ def foreign_file(directory: Path) -> tuple[Path, Path]:
             return torch.softmax(self.network(image.permute(0, 3, 1, 2)), dim=-1)
 
     size = spec.preprocessing.input_size
-    path = directory / "lite0_nhwc_b1_softmax.onnx"
-    # TorchScript's exporter, as most files in the wild were made: with a fixed batch of 1 it spells the
-    # batch out, and the import frees it. (torch.export's static shapes flatten through a batch-1
-    # as_strided gather no rewrite can free: such a file is served one image per pass.)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(Foreign().eval(), (torch.randn(1, size, size, 3),), str(path), input_names=["image"],
-                          output_names=["probs"], dynamo=False, opset_version=17)  # fmt: skip
+    path = directory / f"lite0_nhwc_softmax_{exporter}.onnx"
+    if exporter == "torchscript":
+        # TorchScript's exporter, as many files in the wild were made: a fixed batch of 1, which the import
+        # frees. It computes TF "same" padding at run time (Shape, Ceil, Pad nodes): another graph than the zoo's.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(Foreign().eval(), (torch.randn(1, size, size, 3),), str(path), input_names=["image"],
+                              output_names=["probs"], dynamo=False, opset_version=17)  # fmt: skip
+    else:
+        # The zoo's exporter (torch.export), batch dynamic: the zoo's graph plus the permute and the Softmax,
+        # so that any difference in speed is the import's doing.
+        with torch.no_grad():
+            torch.onnx.export(Foreign().eval(), (torch.randn(2, size, size, 3),), str(path), input_names=["image"],
+                              output_names=["probs"], dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False)  # fmt: skip
     pre = spec.preprocessing
     cfg = directory / "pretrained_cfg.json"
     cfg.write_text(json.dumps({"input_size": [3, size, size], "mean": list(pre.mean), "std": list(pre.std),
@@ -123,13 +131,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="per model per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--exporter", choices=("torch.export", "torchscript"), default="torch.export",
+                    help="how the 'foreign' file is made: the zoo's exporter with a dynamic batch, or TorchScript's with batch 1")
     ap.add_argument("--runner-trials", type=int, default=20, help="in-process forward passes of a full batch, alternating")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="saikyo-imported-vs-zoo.") as tmp:
         root = Path(tmp)
         repo = ModelRepository(root / "repository")
         export_model(ZOO_MODEL, repo, weights="imagenet")
-        source, cfg = foreign_file(root)
+        source, cfg = foreign_file(root, args.exporter)
         done = import_model(IMPORTED, source, repo, ImportOptions(preprocessing_file=cfg))
         print(f"imported: {'; '.join(done.notes)}")
         with local_server(repo.root, f"{ZOO_MODEL},{IMPORTED}", root / "logs") as server:
