@@ -58,7 +58,9 @@ def foreign_file(directory: Path, exporter: str) -> tuple[Path, Path]:
             self.network = network
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(self.network(image.permute(0, 3, 1, 2)), dim=-1)
+            # contiguous(): a permuted view reaching timm's flatten makes torch.export emit a strided gather
+            # (Shape, Range, Gather) that is the source graph's cost, not the import's.
+            return torch.softmax(self.network(image.permute(0, 3, 1, 2).contiguous()), dim=-1)
 
     size = spec.preprocessing.input_size
     path = directory / f"lite0_nhwc_softmax_{exporter}.onnx"
