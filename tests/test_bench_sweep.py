@@ -46,7 +46,7 @@ def test_sweep_measures_skips_unexported_and_resumes(repo: ModelRepository, tmp_
     first = run_sweep(cfg, say=said.append)
     assert (first.ran, first.missing_model, first.failed) == (4, 4, 0)
     assert sum("serving at" in m for m in said) == 2  # one server per model setting
-    assert any("tiny-int8" in m and "saikyo models export" in m and "--export-missing" in m for m in said)
+    assert any("tiny-int8" in m and "saikyo models import tiny" in m and "--export-missing" in m for m in said)
     # Progress, one plain line per cell: k of N (the int8 cells, not exported, are not counted), and an ETA
     # from the second cell on.
     counted = [m.split(":")[0] for m in said if m.startswith("cell ")]

@@ -34,7 +34,7 @@ def test_an_export_is_version_1_and_pushes_add_numbered_versions(tmp_path: Path)
         repo.publish("tiny", [v1.path], v1.meta, version=2)
     with pytest.raises(VersionNotFound, match=r"no version 3 .*versions: \[1, 2, 5\]"):
         repo.resolve("tiny", 3)
-    with pytest.raises(ModelNotExported, match="saikyo models list"):  # no zoo model to export by that name
+    with pytest.raises(ModelNotExported, match="saikyo models import nothing"):
         repo.resolve("nothing")
     with pytest.raises(ModelNotExported, match=f"saikyo models export resnet50 .*--repository {repo.root}"):
         repo.resolve("resnet50")

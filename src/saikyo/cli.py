@@ -389,7 +389,7 @@ def _transfer_progress(what: str, total: int) -> Callable[[int], None]:
 
 
 # What a version consists of; derived files (ONNX Runtime's optimised graph) are not published.
-_PUBLISHED = ["model.onnx", "weights.pt"]
+_PUBLISHED = ["model.onnx", "weights.pt", "labels.txt"]
 
 
 @models_app.command("export")
@@ -449,6 +449,83 @@ def models_export(
     console.print(f"exported {entry.name} -> {entry.path} ({entry.size_bytes / 1e6:.1f} MB, weights {entry.meta.get('weights')})")
 
 
+@models_app.command("import")
+def models_import(
+    name: Annotated[str, typer.Argument(help="the name to serve it under")],
+    source: Annotated[Path, typer.Argument(help="an ONNX file, or with --arch a PyTorch state dict (.pth, .pt, .safetensors)")],
+    labels: Annotated[Optional[Path], typer.Option(help="class names: text (one per line), JSON list, {index: name}, or a Hugging Face config.json")] = None,
+    preprocessing: Annotated[
+        Optional[Path], typer.Option(help="a Hugging Face preprocessor_config.json or a timm pretrained_cfg JSON; flags override it")
+    ] = None,
+    size: Annotated[Optional[int], typer.Option(min=8, max=4096, help="input side H = W (needed when the file's is dynamic)")] = None,
+    resize_size: Annotated[Optional[int], typer.Option(min=8, max=8192, help="shorter side before the centre crop")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="crop / resize fraction (timm's crop_pct) [default 0.875]")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="bilinear | bicubic [default bilinear]")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="per-channel mean after --scale, e.g. 0.485,0.456,0.406 [default ImageNet's]")] = None,
+    std: Annotated[Optional[str], typer.Option(help="per-channel std after --scale, e.g. 0.229,0.224,0.225 [default ImageNet's]")] = None,
+    channel_order: Annotated[Optional[str], typer.Option(help="rgb | bgr: the order the model takes [default rgb]")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="pixels 0..255 are multiplied by this before mean/std [default 1/255]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="nchw | nhwc [default: detected from the axis of size 3]")] = None,
+    output: Annotated[Optional[str], typer.Option(help="logits | probabilities [default: probabilities when the graph ends in Softmax]")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="for a state dict: a zoo architecture (resnet50) or timm:NAME (timm:convnext_tiny)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset when exporting a state dict (>= 17)")] = 18,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: also publish NAME-int8, statically quantised")] = None,
+    calibration_dir: Annotated[
+        Optional[Path], typer.Option(help="your photos to calibrate int8 on [default: scikit-image's photos]")
+    ] = None,
+    repository: RepositoryOpt = None,
+    s3_endpoint_url: EndpointOpt = None,
+) -> None:
+    """Import your own image classifier (ONNX file, or a state dict with --arch) with its labels and
+    preprocessing as a new version: checked, rewritten to the serving contract, then published.
+
+    On any error nothing is written and the command exits 2.
+    """
+    from saikyo.models.errors import ImportRejected, RepositoryError
+    from saikyo.models.importing import ImportOptions, import_model
+    from saikyo.models.onnx_import import LAYOUTS, OUTPUT_KINDS
+    from saikyo.models.preprocessing_files import PreprocessingSpec, number, triple
+
+    settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
+    try:
+        for flag, value, allowed in (("--layout", layout, LAYOUTS), ("--output", output, OUTPUT_KINDS)):
+            if value is not None and value not in allowed:
+                raise ImportRejected(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+        if resize_size is not None and crop_pct is not None:
+            raise ImportRejected("give --resize-size or --crop-pct, not both")
+        flags = PreprocessingSpec(
+            size=size,
+            resize_size=resize_size,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            mean=triple(mean, "mean") if mean is not None else None,
+            std=triple(std, "std") if std is not None else None,
+            channel_order=channel_order,
+            scale=number(scale, "scale") if scale is not None else None,
+        )
+        options = ImportOptions(labels, preprocessing, flags, layout, output, arch, opset, quantize, calibration_dir)
+        repo = _repository(settings, check=True)
+        done = import_model(name, source, repo, options, progress=lambda m: err.print(m, highlight=False))
+    except (ImportRejected, RepositoryError) as exc:
+        err.print(f"[red]error:[/] {exc} (nothing was written)", highlight=False)
+        raise typer.Exit(2) from None
+    except ExportError as exc:  # the export or its check failed: not the user's input
+        err.print(f"[red]error:[/] {exc} (nothing was written)", highlight=False)
+        raise typer.Exit(1) from None
+    for note in done.notes:
+        err.print(f"note: {note}", highlight=False)
+    meta = done.meta
+    labelled = f"labels {meta['labels']}" if meta.get("labels") else "no labels: answers carry class indices only"
+    console.print(
+        f"imported {name} version {done.version} into {repo.location}: {meta['num_classes']} classes, "
+        f"{meta['input_size']}x{meta['input_size']}, {labelled}",
+        highlight=False,
+    )
+    if done.int8 is not None:
+        agreement = done.int8["quantization"]["top1_agreement_with_fp32"]
+        console.print(f"and {done.int8['name']}: int8, top-1 agrees with fp32 on {agreement:.0%} of the held-out photos", highlight=False)
+
+
 @models_app.command("info")
 def models_info(name: str, repository: RepositoryOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """The zoo entry and, if the repository has it, its versions and the latest one's meta.json."""
@@ -485,17 +562,19 @@ def classify(
     import numpy as np
 
     from saikyo.inference import imaging
-    from saikyo.inference import labels as imagenet_labels
     from saikyo.inference.predictions import top_k
-    from saikyo.models.errors import ModelNotExported
-    from saikyo.models.errors import RepositoryError
-    from saikyo.runtime import RunnerError, load_runner
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.models.label_files import labels_for
+    from saikyo.models.location import open_repository
+    from saikyo.runtime import RunnerError, create_runner, runner_inputs
 
     name = model or zoo.DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
     _known(_repository(settings), name)
     try:
-        runner = load_runner(name, settings)
+        entry, options = runner_inputs(open_repository(settings).get(name), settings)
+        runner = create_runner(entry, options)
+        labels = labels_for(entry, runner.num_classes)
     except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
         _error(str(exc))
         raise typer.Exit(2) from None
@@ -517,7 +596,7 @@ def classify(
         table.add_column("label")
         table.add_column("probability", justify="right")
         for i, v in zip(row_i, row_v):
-            table.add_row(str(i), imagenet_labels.name(i), f"{v:.4f}")
+            table.add_row(str(i), labels[i] if labels is not None else "-", f"{v:.4f}")
         console.print(table)
 
 

@@ -25,7 +25,7 @@ def list_models(repository: Repository) -> list[dict[str, Any]]:
                 rows.append(_row(repository, versions, name, spec.family, size, f"{spec.description}, {variant} quantised"))
     listed = {r["name"] for r in rows}
     for name in sorted(set(versions) - listed):
-        rows.append(_row(repository, versions, name, None, None, "not a zoo model"))
+        rows.append(_row(repository, versions, name, None, None, None))
     return rows
 
 
@@ -35,8 +35,10 @@ def _row(
     name: str,
     family: str | None,
     input_size: int | None,
-    description: str,
+    description: str | None,
 ) -> dict[str, Any]:
+    """One listing row; a model the zoo does not know describes itself (an import: family "imported",
+    its source, its classes and labels)."""
     held = sorted(versions.get(name, []), key=lambda v: v.number)
     meta = repository.resolve(name, held[-1].number).meta if held else {}
     return {
@@ -47,5 +49,8 @@ def _row(
         "weights": meta.get("weights"),
         "size_mb": round(held[-1].model_bytes / 1e6, 1) if held else None,
         "input_size": input_size or meta.get("input_size"),
-        "description": description,
+        "description": description or meta.get("description") or "not a zoo model",
+        "source": meta.get("source", "zoo" if family else None),
+        "num_classes": meta.get("num_classes"),
+        "labels": meta.get("labels"),
     }

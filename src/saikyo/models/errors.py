@@ -56,3 +56,8 @@ class ExportError(RuntimeError):
 
 class WeightsUnavailable(ExportError):
     """The requested weights cannot be had here (offline host, unsupported source, bad file)."""
+
+
+class ImportRejected(ExportError):
+    """A model, labels or preprocessing file given to `models import` that cannot be served as it is: the
+    message says what was found and what was expected. Nothing was written."""

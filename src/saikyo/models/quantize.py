@@ -48,6 +48,24 @@ def quantize_int8(
     say = progress or (lambda _msg: None)
     base = repository.get(spec.name)
     name = zoo.variant_name(spec.name, "int8")
+    with tempfile.TemporaryDirectory(prefix=f".{name}.export.", dir=repository.root) as tmp:
+        path, meta = quantize_file(base, name, f"{spec.description}, int8 quantised", Path(tmp), calibration_images, say)
+        entry = repository.write(name, path, meta)
+    agreement = meta["quantization"]["top1_agreement_with_fp32"]
+    say(f"wrote {entry.path} ({entry.size_bytes / 1e6:.1f} MB), top-1 agrees with fp32 on {agreement:.0%}")
+    return entry
+
+
+def quantize_file(
+    base: Entry,
+    name: str,
+    description: str,
+    directory: Path,
+    calibration_images: list[Path] | None,
+    say: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]]:
+    """The int8 model.onnx of the fp32 `base` (its files local), written in `directory`, and its meta.json
+    (base's, plus how it was quantised and how its top-1 agrees with fp32 on held-out photos)."""
     pre = Preprocessing.from_dict(base.meta["preprocessing"])
     photos, sources = calibration_photos(calibration_images)
     samples = network_inputs(photos, pre)
@@ -59,54 +77,52 @@ def quantize_int8(
         "calibrate_method": CalibrationMethod.MinMax,
         # Not CalibMaxIntermediateOutputs: onnxruntime 1.32 discards the collected ranges when it is hit.
     }
-    with tempfile.TemporaryDirectory(prefix=f".{name}.export.", dir=repository.root) as tmp:
-        prepared, path = Path(tmp) / "prepared.onnx", Path(tmp) / "model.onnx"
-        say(f"quantizing {spec.name} to int8 ({len(samples)} calibration samples from {len(photos)} photos)")
-        with quiet() as log:
-            try:
-                quant_pre_process(str(base.path), str(prepared))
-                # The classifier's output stays float: uint8 logits tie the top classes' probabilities.
-                last = _output_nodes(prepared)
-                quantize_static(
-                    str(prepared),
-                    str(path),
-                    _Reader(samples),
-                    quant_format=QuantFormat.QDQ,
-                    nodes_to_exclude=last,
-                    **options,
-                )
-            except Exception as e:
-                raise ExportError(f"int8 quantization of {spec.name} failed: {e}\n{log.read()[-2000:]}") from e
-        say("comparing int8 with fp32 on the held-out photos")
-        agreement = top1_agreement(base.path, path, network_inputs(skimage_photos(HELD_OUT_PHOTOS), pre))
-        meta = {
-            **{k: v for k, v in base.meta.items() if k not in {"check", "sha256", "export_seconds", "exported_at"}},
-            "name": name,
-            "base_model": spec.name,
-            "description": f"{spec.description}, int8 quantised",
-            "precision": "int8",
-            "exported_at": utc_now(),
-            "export_seconds": round(time.perf_counter() - started, 1),
-            "versions": versions(),
-            "quantization": {
-                "tool": "onnxruntime.quantization.quantize_static",
-                "format": "QDQ",
-                "activation_type": "QUInt8",
-                "weight_type": "QInt8",
-                "per_channel": True,
-                "calibration_method": "MinMax",
-                "float_nodes": last,
-                "calibration_photos": sources,
-                "calibration_samples": len(samples),
-                "base_sha256": base.meta.get("sha256"),
-                "top1_agreement_with_fp32": agreement,
-                "agreement_photos": [f"skimage.data.{n}" for n in HELD_OUT_PHOTOS],
-            },
-            "sha256": sha256_file(path),
-        }
-        entry = repository.write(name, path, meta)
-    say(f"wrote {entry.path} ({entry.size_bytes / 1e6:.1f} MB), top-1 agrees with fp32 on {agreement:.0%}")
-    return entry
+    prepared, path = directory / "prepared.onnx", directory / "model.onnx"
+    say(f"quantizing {base.name} to int8 ({len(samples)} calibration samples from {len(photos)} photos)")
+    with quiet() as log:
+        try:
+            quant_pre_process(str(base.path), str(prepared))
+            # The classifier's output stays float: uint8 logits tie the top classes' probabilities.
+            last = _output_nodes(prepared)
+            quantize_static(
+                str(prepared),
+                str(path),
+                _Reader(samples),
+                quant_format=QuantFormat.QDQ,
+                nodes_to_exclude=last,
+                **options,
+            )
+        except Exception as e:
+            raise ExportError(f"int8 quantization of {base.name} failed: {e}\n{log.read()[-2000:]}") from e
+    prepared.unlink(missing_ok=True)
+    say("comparing int8 with fp32 on the held-out photos")
+    agreement = top1_agreement(base.path, path, network_inputs(skimage_photos(HELD_OUT_PHOTOS), pre))
+    meta = {
+        **{k: v for k, v in base.meta.items() if k not in {"check", "sha256", "export_seconds", "exported_at", "files"}},
+        "name": name,
+        "base_model": base.name,
+        "description": description,
+        "precision": "int8",
+        "exported_at": utc_now(),
+        "export_seconds": round(time.perf_counter() - started, 1),
+        "versions": versions(),
+        "quantization": {
+            "tool": "onnxruntime.quantization.quantize_static",
+            "format": "QDQ",
+            "activation_type": "QUInt8",
+            "weight_type": "QInt8",
+            "per_channel": True,
+            "calibration_method": "MinMax",
+            "float_nodes": last,
+            "calibration_photos": sources,
+            "calibration_samples": len(samples),
+            "base_sha256": base.meta.get("sha256"),
+            "top1_agreement_with_fp32": agreement,
+            "agreement_photos": [f"skimage.data.{n}" for n in HELD_OUT_PHOTOS],
+        },
+        "sha256": sha256_file(path),
+    }
+    return path, meta
 
 
 def _output_nodes(path: Path) -> list[str]:

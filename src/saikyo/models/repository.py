@@ -397,12 +397,14 @@ def plain_name(name: str) -> bool:
 
 def export_command(name: str, location: str | None = None) -> str:
     """The command that puts `name` in the local repository at `location` (default: the default one): the
-    fp32 export, or the variant's quantisation; for a name the zoo does not have, where to look."""
+    fp32 export, the variant's quantisation, or the import of a model the zoo does not know (README: Your
+    own model)."""
     base, variant = zoo.split_variant(name)
     where = "" if location in (None, DEFAULT_LOCATION) else f" --repository {shlex.quote(str(location))}"
-    if variant is not None:
-        return f"saikyo models export {base} --quantize {variant}{where}"
     spec = zoo.ZOO.get(base)
     if spec is None:
-        return "saikyo models list (the zoo's names; no zoo model is called " + repr(base) + ")"
+        quantize = f" --quantize {variant}" if variant is not None else ""
+        return f"saikyo models import {base} YOUR_MODEL.onnx --labels LABELS_FILE{quantize}{where}"
+    if variant is not None:
+        return f"saikyo models export {base} --quantize {variant}{where}"
     return f"saikyo models export {base} --weights {spec.default_weights}{where}"

@@ -23,6 +23,9 @@ def create_runner(entry: Entry, options: RunnerOptions) -> Runner:
     backend = options.backend
     if backend == "auto":
         backend, why = auto_backend(entry.name, options)
+        if backend == "torch" and entry.meta.get("family") == "imported":
+            # The torch runner builds zoo networks; an import is its ONNX graph (CUDA provider where installed).
+            backend, why = "onnxruntime", "an imported model is served from its ONNX graph"
         log.info("model %s: backend auto -> %s by the static rule, not a measurement (%s)", entry.name, backend, why)
     if backend == "onnxruntime":
         from saikyo.runtime.onnxruntime import OnnxRunner

@@ -22,7 +22,6 @@ import numpy as np
 from fastapi import Request
 
 from saikyo.inference import imaging
-from saikyo.inference import labels as imagenet_labels
 from saikyo.models.repository import version_number
 from saikyo.inference.batching import BatcherClosed, BatcherFailed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
 from saikyo.server.middlewares import deadline as deadlines
@@ -149,10 +148,11 @@ def _check_tensor_shape(model: ServedModel, tensor: Tensor) -> None:
 
 
 # ---- encode ----
-def class_names(model: ServedModel, classes: int) -> Callable[[int], str] | None:
-    """How the answers name class `i` for this model, or None when it has no names: ImageNet's for a
-    1000-class output. The one place both APIs take labels from."""
-    return imagenet_labels.name if classes == len(imagenet_labels.NAMES) else None
+def class_names(model: ServedModel) -> Callable[[int], str] | None:
+    """How the answers name class `i` for this model, or None when it has no names: its own labels
+    (ImageNet's for a zoo model, the user's for an import, server/served.py). The one place both APIs
+    take labels from."""
+    return model.labels.__getitem__ if model.labels is not None else None
 
 
 async def run_batch(

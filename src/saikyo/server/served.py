@@ -33,6 +33,7 @@ import numpy as np
 from saikyo.inference.batching import DynamicBatcher
 from saikyo.models.cache import default_cache_dir
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
+from saikyo.models.label_files import labels_for
 from saikyo.models.location import is_remote, open_repository
 from saikyo.models.repository import Entry, Repository, VersionMeta
 from saikyo.models import tunings
@@ -69,6 +70,7 @@ class ServedModel:
     digest: str = ""  # the version's meta.json sha256: a re-export under the same number differs
     entry: Entry | None = None  # its files, held against cache eviction while it is loaded
     config: ServingConfig | None = None  # what it serves with, and where each value came from
+    labels: tuple[str, ...] | None = None  # class names by index; None: answers carry indices only
     users: int = 0  # requests using it now (pipeline.held)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -100,6 +102,13 @@ class ServedModel:
 
 
 RunnerFactory = Callable[[Entry, RunnerOptions], Runner]
+
+
+def _batch_limit(meta: dict[str, Any], configured: int) -> int:
+    """The batch size a version takes: the server's, or less where its meta.json says the graph cannot
+    take more (an imported file whose batch stays fixed, models/onnx_import.py)."""
+    limit = (meta.get("serving") or {}).get("max_batch_size")
+    return min(configured, limit) if isinstance(limit, int) and limit >= 1 else configured
 
 
 class ServedModels:
@@ -312,7 +321,8 @@ class ServedModels:
             entry = await loop.run_in_executor(executor, self.repository.fetch, ref)
             options = config.runner_options(self.settings)
             runner = await loop.run_in_executor(executor, self._runner_factory, entry, options)
-            await loop.run_in_executor(executor, self._warm_up, runner, config.max_batch_size)
+            labels = await loop.run_in_executor(executor, labels_for, entry, runner.num_classes)
+            await loop.run_in_executor(executor, self._warm_up, runner, _batch_limit(runner.meta, config.max_batch_size))
         except (ModelNotExported, RepositoryError, RunnerError, UnknownModel) as exc:
             self._fail(model, str(exc), executor, entry, runner)
             return
@@ -339,7 +349,7 @@ class ServedModels:
             model.error = f"stopped serving: {reason}"
 
         common = dict(
-            max_batch_size=config.max_batch_size,
+            max_batch_size=_batch_limit(runner.meta, config.max_batch_size),
             max_delay_ms=config.max_delay_ms,
             max_queue_images=s.max_queue_images,
             max_in_flight=in_flight,
@@ -370,6 +380,7 @@ class ServedModels:
         model.entry = entry
         model.config = config
         model.meta = runner.meta
+        model.labels = labels
         model.state = ModelState.READY
         if runner.meta.get("weights") == "random":
             log.warning("model %s has RANDOM weights: for benchmarking only, its predictions mean nothing", model.name)

@@ -83,8 +83,9 @@ def predictions_json(probs: np.ndarray, k: int, label: Callable[[int], str] | No
     summary="Classify one or more images (the 2018 API)",
     description=(
         "Multipart upload, field `images`, one or more files. Returns one object per image in request "
-        "order mapping the top-k ImageNet class indices (strings) to probabilities, highest first. "
-        "With `labels=true` keys read `\"<index>:<label>\"`, e.g. `\"282:tiger cat\"`."
+        "order mapping the top-k class indices (strings) to probabilities, highest first. "
+        "With `labels=true` keys read `\"<index>:<label>\"`, e.g. `\"282:tiger cat\"`, with the model's own "
+        "labels (ImageNet's for the zoo); a model without labels keeps plain indices (GET /v2/models/{m} says so)."
     ),
     openapi_extra=CLASSIFY_OPENAPI,
     response_class=JSONResponse,
@@ -103,7 +104,7 @@ async def classify(
     timer.mark("read")
     answer = await predict(request, model, None, images, timer)
     probs = answer.probs
-    label = class_names(answer.model, probs.shape[1]) if labels else None
+    label = class_names(answer.model) if labels else None
     return JSONResponse(predictions_json(probs, min(topk, probs.shape[1]), label), headers=timer.header())
 
 

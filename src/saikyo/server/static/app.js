@@ -53,8 +53,11 @@ async function loadModels() {
 function showModelNote() {
   const info = modelInfo.get(modelSelect.value) || {};
   const random = info.weights === "random";
-  modelNote.hidden = !random;
-  modelNote.textContent = random ? "This model has random weights: good for timing, its labels mean nothing." : "";
+  const unlabelled = typeof info.labels === "string" && info.labels.startsWith("none");
+  modelNote.hidden = !random && !unlabelled;
+  modelNote.textContent = random
+    ? "This model has random weights: good for timing, its labels mean nothing."
+    : unlabelled ? "This model has no labels: classes are shown by index." : "";
 }
 
 function card(file) {
@@ -85,7 +88,7 @@ function render(node, prediction, elapsedMs, timing) {
   list.replaceChildren();
   for (const [key, probability] of Object.entries(prediction)) {
     const colon = key.indexOf(":");
-    const label = colon >= 0 ? key.slice(colon + 1) : key;
+    const label = colon >= 0 ? key.slice(colon + 1) : `class ${key}`;  // a model without labels
     const index = colon >= 0 ? key.slice(0, colon) : key;
     const item = document.createElement("li");
     const name = document.createElement("span");

@@ -122,6 +122,7 @@ def metadata(model: ServedModel, models: ServedModels) -> dict[str, Any]:
     settings = models.settings
     workers = int(settings.workers) if settings.workers.isdigit() else settings.workers
     parameters.update(decode_threads=settings.resolved_decode_threads(), workers=workers)
+    parameters["labels"] = _labels_said(model)
     return {
         "name": model.name,
         "versions": [str(v) for v in models.loaded_versions(model.name)] or [version_of(model)],
@@ -135,6 +136,15 @@ def metadata(model: ServedModel, models: ServedModels) -> dict[str, Any]:
         # Where each serving value came from: the version's own block or the server's setting.
         "serving": model.config.to_dict() if model.config is not None else {},
     }
+
+
+def _labels_said(served: ServedModel) -> str:
+    """What /classify?labels=true and the classification extension name classes with."""
+    labels = served.labels
+    if labels is None:
+        return "none: this model has no labels, answers carry class indices only"
+    own = served.meta.get("labels")
+    return f"{own} ({len(labels)} classes)" if isinstance(own, str) else f"ImageNet ({len(labels)} classes)"
 
 
 @router.get(
@@ -317,7 +327,7 @@ def _output(spec: wire.RequestedOutput, model: ServedModel, probs: np.ndarray) -
     n, classes = probs.shape
     if spec.classification:
         k = min(spec.classification, classes)
-        label = class_names(model, classes)
+        label = class_names(model)
         strings = wire.classification_strings(probs, k, label)
         return wire.OutputTensor(spec.name, "BYTES", (n, k), strings=strings, binary=spec.binary)
     return wire.OutputTensor(spec.name, "FP32", (n, classes), array=probs, binary=spec.binary)
