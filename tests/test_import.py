@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
-from foreign_models import conv_classifier, feature_map, photos_as_jpegs, token_ids, two_inputs
-from import_support import PHOTOS, ask_classify, check_answers, imported, listing, onnx_source, saikyo
+from support.foreign_models import conv_classifier, feature_map, photos_as_jpegs, token_ids, two_inputs
+from support.importing import PHOTOS, ask_classify, check_answers, imported, listing, onnx_source, saikyo
 from onnx import TensorProto
-from serverproc import ServerProcess, running_server
+from support.serverproc import ServerProcess, running_server
 
 from saikyo.inference.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from saikyo.models.repository import ModelRepository

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from foreign_models import photos_as_jpegs
-from import_support import PHOTOS, ask_classify, check_answers, imported
+from support.foreign_models import photos_as_jpegs
+from support.importing import PHOTOS, ask_classify, check_answers, imported
 from PIL import Image
-from serverproc import running_server
+from support.serverproc import running_server
 
 from saikyo.inference import imaging
 from saikyo.inference.preprocessing import Preprocessing

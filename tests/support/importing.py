@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
-from serverproc import ServerProcess
+from support.serverproc import ServerProcess
 
 from saikyo.inference import imaging
 from saikyo.inference.predictions import softmax
