@@ -9,7 +9,7 @@ Sections, in order (each appends JSON lines to --out as it measures, naming the 
           batch 1, 8, 64, 256: "img_s" with the batch already on the GPU (the model alone), "host_img_s"
           from uint8 numpy pixels to numpy probabilities (pinned copies included);
   decode  images/s to model-ready uint8 224x224 pixels: nvJPEG + resize/crop on the GPU
-          (saikyo.runtime.torch_imaging) vs saikyo.inference.imaging in a thread pool over every core,
+          (saikyo.runtime.torch.imaging) vs saikyo.inference.imaging in a thread pool over every core,
           on ImageNet-sized photos and on 1920x1280 ones; "ratio" = GPU / CPU;
   export  resnet50 (random weights) into a temporary repository with `saikyo models export`'s code
           (CPU work, run beside the raw section; if the dynamo exporter fails, TorchScript's writes it);
@@ -185,7 +185,7 @@ def raw_model(rec: Recorder, args: argparse.Namespace, name: str) -> None:
     import torch
 
     from saikyo.models import builders, zoo
-    from saikyo.runtime.torch import TorchRunner
+    from saikyo.runtime.torch.runner import TorchRunner
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     batches = tuple(args.batches)
@@ -228,7 +228,7 @@ def child_compile(rec: Recorder, args: argparse.Namespace) -> None:
     import torch
 
     from saikyo.models import builders, zoo
-    from saikyo.runtime.torch import TorchRunner
+    from saikyo.runtime.torch.runner import TorchRunner
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     batches = (8, 32) if args.quick else (64, 256)
@@ -292,7 +292,7 @@ def child_decode(rec: Recorder, args: argparse.Namespace) -> None:
 
     from saikyo.inference import imaging
     from saikyo.models import zoo
-    from saikyo.runtime import torch_imaging
+    from saikyo.runtime.torch import imaging as torch_imaging
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

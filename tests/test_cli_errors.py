@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from saikyo.models.repository import DEFAULT_LOCATION, ModelRepository
+from saikyo.models.repository import ModelRepository
+from saikyo.settings import DEFAULT_LOCATION
 from saikyo.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

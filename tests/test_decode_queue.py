@@ -18,8 +18,8 @@ from PIL import Image
 
 from saikyo.inference import imaging
 from saikyo.models import zoo
-from saikyo.runtime import torch_imaging
-from saikyo.runtime.decode_queue import DecodeQueue, DecodeQueueClosed
+from saikyo.runtime.torch import imaging as torch_imaging
+from saikyo.runtime.torch.decode_queue import DecodeQueue, DecodeQueueClosed
 
 PHOTOS = [(DATA / name).read_bytes() for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg")]
 
@@ -111,7 +111,7 @@ def test_close_finishes_what_was_submitted_then_refuses() -> None:
 @pytest.fixture(scope="module")
 def runner():  # type: ignore[no-untyped-def]
     from saikyo.models import builders
-    from saikyo.runtime.torch import TorchRunner
+    from saikyo.runtime.torch.runner import TorchRunner
 
     spec = zoo.get("squeezenet1_1")
     r = TorchRunner(

@@ -252,7 +252,7 @@ def test_fuzzed_v2_bodies_are_never_a_server_error(server, request, nesting, com
 
 # ---- item 8: a memory budget for request bodies ----
 def test_the_memory_budget_comes_from_the_setting_the_cgroup_or_the_machine(tmp_path) -> None:
-    from saikyo.server.middlewares import memory
+    from saikyo.server import memory
     from saikyo.settings import Settings
 
     s = Settings()

@@ -1,4 +1,5 @@
-"""The package's shape: the module graph has no cycles, and serving never pulls in torch."""
+"""The package's shape: the module graph has no cycles, every import reaches only its own or an earlier layer,
+and serving never pulls in torch."""
 
 from __future__ import annotations
 
@@ -81,3 +82,42 @@ def test_serving_and_the_cli_never_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# The layers, first to last: a module imports only from its own layer and those before it
+# (docs/architecture.md). The CLI modules sit on top of everything they drive.
+LAYERS = ("settings", "inference", "models", "runtime", "server", "scale", "bench", "cli")
+CLI_MODULES = {"saikyo.cli", "saikyo.bench.cli", "saikyo.__main__"}
+
+
+def layer_of(module: str) -> str | None:
+    if module in CLI_MODULES:
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that reaches a later layer, as 'a (layer) -> b (layer)'."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if here and there and LAYERS.index(there) > LAYERS.index(here):
+                found.append(f"{module} ({here}) -> {target} ({there})")
+    return found
+
+
+def test_every_module_sits_in_a_layer() -> None:
+    strays = [m for m in import_graph() if m != "saikyo" and layer_of(m) is None]
+    assert strays == [], f"modules outside the layers of docs/architecture.md: {strays}"
+
+
+def test_imports_only_reach_earlier_layers() -> None:
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"saikyo.settings": {"saikyo.models.zoo"}, "saikyo.models.zoo": set(), "saikyo.cli": {"saikyo.server.app"}}
+    assert upward_imports(graph) == ["saikyo.settings (settings) -> saikyo.models.zoo (models)"]

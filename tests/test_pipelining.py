@@ -14,7 +14,7 @@ from concurrent.futures import Future, wait
 import numpy as np
 import pytest
 
-from saikyo.runtime.pipelining import PipelineClosed, SlotPipeline
+from saikyo.runtime.torch.pipelining import PipelineClosed, SlotPipeline
 
 
 class FakeDevice:

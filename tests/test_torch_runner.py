@@ -22,7 +22,7 @@ from support.paths import CAT, CAT_CLASSES, DATA
 from PIL import Image
 from support.serverproc import running_server
 
-from saikyo.runtime import torch_imaging
+from saikyo.runtime.torch import imaging as torch_imaging
 from saikyo.inference import imaging
 from saikyo.models import zoo
 from saikyo.inference.batching import DynamicBatcher
@@ -30,7 +30,7 @@ from saikyo.models.export import export_model
 from saikyo.models.repository import WEIGHTS_FILE, ModelRepository
 from saikyo.runtime import RunnerError, auto_backend, load_runner, runner_inputs
 from saikyo.runtime.onnxruntime import OnnxRunner
-from saikyo.runtime.torch import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
+from saikyo.runtime.torch.runner import TorchRunner, bucket_for, bucket_sizes, resolve_device, resolve_dtype
 from saikyo.settings import Settings
 
 PHOTOS = [DATA / "cat.jpg", DATA / "coffee.jpg", DATA / "astronaut.jpg"]
@@ -153,7 +153,7 @@ def test_tensor_input_matches_onnx_runtime(squeezenet_pair: tuple[TorchRunner, O
 def test_padding_to_a_bucket_leaves_each_row_unchanged(squeezenet_repository: ModelRepository) -> None:
     spec = zoo.get("squeezenet1_1")
     meta = squeezenet_repository.get("squeezenet1_1").meta
-    from saikyo.runtime.torch import build_model
+    from saikyo.runtime.torch.runner import build_model
 
     model = build_model(spec, meta, squeezenet_repository.model_dir("squeezenet1_1") / WEIGHTS_FILE)
     padded = TorchRunner("sq", model, spec.preprocessing, meta, device="cpu", max_batch_size=8, pad=True)
@@ -177,7 +177,7 @@ def test_padding_to_a_bucket_leaves_each_row_unchanged(squeezenet_repository: Mo
 
 
 def padded_runner(repo: ModelRepository, **kw: object) -> TorchRunner:
-    from saikyo.runtime.torch import build_model
+    from saikyo.runtime.torch.runner import build_model
 
     spec = zoo.get("squeezenet1_1")
     meta = repo.get("squeezenet1_1").meta

@@ -27,8 +27,8 @@ from support.serverproc import ServerProcess, free_port, running_server
 from support.tinymodel import add_model, add_tiny_model, tiny_classifier
 
 from saikyo.models.repository import ModelRepository
-from saikyo.server.worker_board import WorkerBoard, WorkerState
-from saikyo.server.workers import (
+from saikyo.scale.workers.board import WorkerBoard, WorkerState
+from saikyo.scale.workers.supervisor import (
     assign_devices,
     auto_workers,
     serves_on_gpu,
@@ -266,7 +266,7 @@ def test_each_worker_runs_its_share_of_the_threads(two_workers: ServerProcess) -
     log = two_workers.log()
     assert f"with 2 workers, each with {share} intra-op and {share} decode threads" in log
     for slot in (0, 1):
-        assert f"worker {slot} saikyo.server.worker: pid " in log
+        assert f"worker {slot} saikyo.scale.workers.worker: pid " in log
         assert f"{share} intra-op and {share} decode threads" in log
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from saikyo.models import zoo
 from saikyo.models.errors import ExportError, UnknownModel
-from saikyo.settings import Settings, cli_fields, env_names, flag_of
+from saikyo.settings import DEFAULT_MODEL, Settings, cli_fields, env_names, flag_of
 
 if TYPE_CHECKING:
     from saikyo.models.repository import Repository
@@ -169,7 +169,7 @@ def serve(**flags: Any) -> None:
     from saikyo.server.http_protocol import raise_fd_limit
     from saikyo.server.middlewares.auth import AuthConfigError
     from saikyo.server.shutdown import serve as serve_draining
-    from saikyo.server.workers import listen, serve_workers, worker_count
+    from saikyo.scale.workers.supervisor import listen, serve_workers, worker_count
 
     settings = settings.with_overrides(workers=str(worker_count(settings)))
     raise_fd_limit(settings)  # before workers start: they inherit it
@@ -247,7 +247,7 @@ def models_list(
     settings = _settings(repository=repository, s3_endpoint_url=s3_endpoint_url)
     if not is_remote(settings.repository) and not Path(settings.repository).is_dir():
         # The zoo alone is a fair answer before the first export; a repository someone named must exist.
-        fix = export_command(zoo.DEFAULT_MODEL, settings.repository)
+        fix = export_command(DEFAULT_MODEL, settings.repository)
         if repository is not None or "SAIKYO_REPOSITORY" in os.environ:
             _error(f"no model repository at {settings.repository}; create it with: {fix}")
             raise typer.Exit(EXIT_USAGE)
@@ -568,7 +568,7 @@ def classify(
     from saikyo.models.location import open_repository
     from saikyo.runtime import RunnerError, create_runner, runner_inputs
 
-    name = model or zoo.DEFAULT_MODEL
+    name = model or DEFAULT_MODEL
     settings = _settings(repository=repository, models=name)
     _known(_repository(settings), name)
     try:

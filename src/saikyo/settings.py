@@ -9,8 +9,12 @@ from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from saikyo.models import zoo
-from saikyo.models.repository import DEFAULT_LOCATION
+
+# The model served when none is named, and where models live unless a flag or SAIKYO_REPOSITORY says
+# otherwise. Here, the first layer, so that models/ (the zoo, the repository) and every layer after it
+# read the same values.
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_LOCATION = "model-repository"
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; NAME-int8 is chosen by name
@@ -55,7 +59,7 @@ class Settings:
     host: str = setting("127.0.0.1", "address to bind", panel="Server")
     port: int = setting(8080, "port to listen on", panel="Server")
     # The first model is the default for requests that name none.
-    models: tuple[str, ...] = setting((zoo.DEFAULT_MODEL,), "comma-separated models; the first is the default", panel="Models & repository")
+    models: tuple[str, ...] = setting((DEFAULT_MODEL,), "comma-separated models; the first is the default", panel="Models & repository")
     # A directory, or s3://bucket/prefix (credentials from the standard AWS chain, never a setting).
     repository: str = setting(DEFAULT_LOCATION, "model repository: a directory or s3://bucket/prefix", panel="Models & repository")
     s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint for s3:// repositories (SeaweedFS, MinIO, R2, Ceph); default AWS", panel="Models & repository")
@@ -114,7 +118,7 @@ class Settings:
     )
     cuda_graphs: bool = setting(True, "torch: one CUDA graph per batch bucket", panel="GPU")
     torch_compile: bool = setting(False, "torch: torch.compile before capture (minutes at start)", panel="GPU")
-    # Batches launched before the first is back (runtime/pipelining.py): while the GPU runs one, the host
+    # Batches launched before the first is back (runtime/torch/pipelining.py): while the GPU runs one, the host
     # stages the next and copies the last one out. Each slot has its own buffers and CUDA graphs.
     torch_in_flight: int = setting(2, "torch: batches in flight on the device at once (CUDA, or padded batches)", panel="GPU")
     # Decode JPEGs on the runner's device (nvJPEG) instead of the CPU pool: auto = when it is CUDA.
@@ -178,10 +182,10 @@ class Settings:
     shutdown_delay_s: float = setting(0.0, "on SIGTERM, keep serving (not ready) this long first", panel="Server")
     drain_timeout_s: float = setting(30.0, "on SIGTERM, wait this long for requests in flight", panel="Server")
 
-    # Several server processes on one port (server/workers.py), each the whole app with its own runner,
+    # Several server processes on one port (scale/workers/supervisor.py), each the whole app with its own runner,
     # batchers and share of the cores. auto: one per core up to 8 on the CPU (separate processes keep
     # the cores busy where one ONNX Runtime run with several threads waits at every operator's barrier),
-    # two per GPU when serving on GPUs. The CPU policy is in server/workers.py:auto_workers.
+    # two per GPU when serving on GPUs. The CPU policy is in scale/workers/supervisor.py:auto_workers.
     workers: str = setting(
         "1",
         "server processes on one port, each with its share of the cores: N, or auto = on the CPU one per core "

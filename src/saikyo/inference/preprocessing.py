@@ -1,5 +1,5 @@
 """How a photo becomes a network's input, as data: the one definition that serving, device decode and
-int8 calibration all follow (inference/imaging.py applies it on the CPU, runtime/torch_imaging.py on a GPU).
+int8 calibration all follow (inference/imaging.py applies it on the CPU, runtime/torch/imaging.py on a GPU).
 """
 
 from __future__ import annotations

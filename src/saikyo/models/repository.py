@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from saikyo.models import zoo
+from saikyo.settings import DEFAULT_LOCATION
 from saikyo.models.errors import ModelNotExported, RepositoryError, VersionNotFound
 from saikyo.models.provenance import sha256_file
 from saikyo.models.tunings import MAX_TUNING_BYTES, MAX_TUNING_FILES, TUNINGS_DIR
@@ -38,8 +39,6 @@ META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.pt"
 # What an unversioned model directory counts as.
 UNVERSIONED = 1
-# Where models live unless a flag or SAIKYO_REPOSITORY says otherwise (Settings.repository's default).
-DEFAULT_LOCATION = "model-repository"
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,6 @@ ZOO: dict[str, ModelSpec] = {
     )
 }
 
-DEFAULT_MODEL = "efficientnet_lite0"
 
 # Quantised variants live beside their fp32 model as "<name>-<variant>". This module is the one place
 # that knows the spelling: everything else asks split_variant / variant_name.

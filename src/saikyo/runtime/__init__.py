@@ -39,7 +39,7 @@ def create_runner(entry: Entry, options: RunnerOptions) -> Runner:
         return OpenVinoRunner.load(entry, options)
     if backend == "torch":
         try:
-            from saikyo.runtime.torch import TorchRunner  # type: ignore[import-not-found]
+            from saikyo.runtime.torch.runner import TorchRunner  # type: ignore[import-not-found]
         except ImportError as exc:
             raise RunnerError(f"the torch backend is not available: {exc}") from None
         return TorchRunner.load(entry, options)

@@ -14,7 +14,7 @@ import numpy as np
 
 from saikyo.inference.imaging import ImageError, RequestBudget
 from saikyo.inference.preprocessing import Preprocessing
-from saikyo.runtime.pipelining import PipelineStats
+from saikyo.runtime.torch.pipelining import PipelineStats
 
 
 class RunnerError(RuntimeError):

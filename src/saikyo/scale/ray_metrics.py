@@ -1,4 +1,4 @@
-"""One /metrics for a whole Ray Serve deployment (saikyo.server.shared_metrics, on a Ray actor).
+"""One /metrics for a whole Ray Serve deployment (saikyo.scale.workers.shared_metrics, on a Ray actor).
 
 Each replica keeps its own Prometheus registry, and Ray's proxy sends a scrape to whichever replica it
 picks. So every replica publishes its exposition to a small named actor (the board) every PUBLISH_S
@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from saikyo.server.metrics import Metrics
-from saikyo.server.shared_metrics import SharedMetrics
+from saikyo.scale.workers.shared_metrics import SharedMetrics
 
 PUBLISH_S = 2.0
 STALE_S = 10.0

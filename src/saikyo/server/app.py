@@ -18,7 +18,7 @@ from saikyo.server.routes.v2 import repository as v2_repository
 from saikyo.server.routes.v2 import routes as v2
 from saikyo.server.middlewares.auth import ApiKeyMiddleware, load_admin_keys, load_keys
 from saikyo.server.errors import install_handlers
-from saikyo.server.middlewares import memory
+from saikyo.server import memory
 from saikyo.server.middlewares.limits import LimitsMiddleware
 from saikyo.server.log_setup import configure_library_logging
 from saikyo.server.served import ServedModels
@@ -53,11 +53,11 @@ def create_app(settings: Settings | None = None, models: ServedModels | None = N
         redoc_url=None,
     )
     app.state.metrics = metrics.Metrics()
-    # Under Ray or --workers: the view over every process (saikyo.server.shared_metrics).
+    # Under Ray or --workers: the view over every process (saikyo.scale.workers.shared_metrics).
     app.state.metrics_view = None
-    # Under --workers: the other workers that are not ready, {slot: what it does} (server/worker.py).
+    # Under --workers: the other workers that are not ready, {slot: what it does} (scale/workers/worker.py).
     app.state.workers_not_ready = None
-    # Under --workers with model control: the decisions every worker applies (server/worker_control.py).
+    # Under --workers with model control: the decisions every worker applies (scale/workers/control.py).
     app.state.worker_control = None
     app.state.settings = settings
     install_handlers(app)

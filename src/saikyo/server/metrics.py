@@ -13,7 +13,7 @@ What is measured where:
 
 Under Ray Serve each replica, and under --workers each worker process, has its own registry;
 `app.state.metrics_view` then turns the answering process's exposition into the whole server's (see
-saikyo.server.shared_metrics and merge_expositions).
+saikyo.scale.workers.shared_metrics and merge_expositions).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from fastapi import Request
 from saikyo.inference import imaging
 from saikyo.models.repository import version_number
 from saikyo.inference.batching import BatcherClosed, BatcherFailed, BatchFailed, DeadlineExceeded, DynamicBatcher, QueueFull
-from saikyo.server.middlewares import deadline as deadlines
+from saikyo.server import deadline as deadlines
 from saikyo.server.errors import ApiError, ClientGone
 from saikyo.runtime.base import device_decoder
 from saikyo.server.served import ModelState, ServedModel, ServedModels

@@ -144,7 +144,7 @@ class ServedModels:
         self.draining = False
         # Set when a model given at start could not load and exit_on_error is on: the server exits.
         self.startup_error: str | None = None
-        # Under --workers with poll (server/worker_control.py): whether this process decides for all,
+        # Under --workers with poll (scale/workers/control.py): whether this process decides for all,
         # and what to tell the others once it switched a version.
         self.poll_decides: Callable[[], bool] = lambda: True
         self.on_polled: Callable[[str, ServedModel], Awaitable[Any]] | None = None

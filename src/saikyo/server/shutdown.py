@@ -43,7 +43,7 @@ class DrainingServer(uvicorn.Server):
         self._on_drain = on_drain
         self._delay_s = delay_s
         # Which signals, arriving while draining, stop the wait; None: any (one process, step 4).
-        # A worker under --workers takes none: its supervisor kills it instead (server/worker.py).
+        # A worker under --workers takes none: its supervisor kills it instead (scale/workers/worker.py).
         self._force_signals = force_signals
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from saikyo.server.middlewares.path_groups import GROUPS, endpoint_group, is_control
+from saikyo.server.path_groups import GROUPS, endpoint_group, is_control
 from saikyo.server.errors import send_json
 from saikyo.settings import Settings
 

@@ -23,8 +23,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from saikyo.server.middlewares import deadline, memory
-from saikyo.server.middlewares.path_groups import endpoint_group
+from saikyo.server import deadline, memory
+from saikyo.server.path_groups import endpoint_group
 from saikyo.server.errors import send_json
 
 

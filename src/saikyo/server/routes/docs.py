@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
-from saikyo.server.middlewares.path_groups import endpoint_group
+from saikyo.server.path_groups import endpoint_group
 from saikyo.server.errors import ERROR_SCHEMA, ApiError
 
 ASSETS = {

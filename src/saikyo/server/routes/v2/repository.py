@@ -5,7 +5,7 @@ failed) and every version the repository has. All three routes need model_contro
 (settings.py) and, whenever keys are set, an admin key (middlewares/auth.py). A load answers once the
 version serves (or failed to load, while the version before it goes on serving); an unload once the
 model's requests have finished and its memory is freed (server/served.py). Under --workers both answer
-once every worker has done the same (server/worker_control.py), or fail naming the workers that did not.
+once every worker has done the same (scale/workers/control.py), or fail naming the workers that did not.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A small file in the server's shared directory, mapped by the supervisor and by every worker: for each
 worker slot its state, whether it is ready, its open connections, its process id, its heartbeat and
 the model-control generation it applied (or failed to); and how many workers the supervisor has
-replaced and the latest model-control generation (server/worker_control.py). Each slot has one writer at a time (its worker; the supervisor
+replaced and the latest model-control generation (scale/workers/control.py). Each slot has one writer at a time (its worker; the supervisor
 once that worker has exited) and readers accept a value a moment old, so aligned 8-byte words need no
 lock.
 """

@@ -1,5 +1,5 @@
 """One worker of `saikyo serve --workers N`: the whole app in a process of its own, accepting on the
-listening socket that the supervisor (server/workers.py) shares with every worker.
+listening socket that the supervisor (scale/workers/supervisor.py) shares with every worker.
 
 What a worker adds to the single-process server:
 - Accepting: a worker takes a connection only while it holds no more open connections than any other
@@ -12,10 +12,10 @@ What a worker adds to the single-process server:
 - Its slot on the WorkerBoard: state, readiness, open connections, a heartbeat every tick (a worker
   silent for heartbeat_timeout_s is frozen: the others' readiness says so and the supervisor
   replaces it). /v2/health/ready is 200 only when every worker is ready and answering.
-- Model control: a load or unload reaches every worker through the board (server/worker_control.py); a
+- Model control: a load or unload reaches every worker through the board (scale/workers/control.py); a
   worker applies what was decided before it takes connections.
 - /metrics: its exposition published to the shared directory every PUBLISH_S, merged on scrape with
-  the others' under a `worker` label (saikyo.server.shared_metrics), plus the supervisor's count of
+  the others' under a `worker` label (saikyo.scale.workers.shared_metrics), plus the supervisor's count of
   replaced workers.
 - `X-Saikyo-Worker: <slot> pid=<pid>` on every response.
 - Signals: the first SIGTERM or SIGINT drains, as one process does; later ones are ignored (a service
@@ -48,10 +48,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from saikyo.server.middlewares.response_header import ResponseHeader
-from saikyo.server.shared_metrics import DirectoryBoard, SharedMetrics
+from saikyo.scale.workers.shared_metrics import DirectoryBoard, SharedMetrics
 from saikyo.server.shutdown import DrainingServer, mark_draining, uvicorn_config
-from saikyo.server.worker_board import WorkerBoard, WorkerState
-from saikyo.server.worker_control import WorkerControl
+from saikyo.scale.workers.board import WorkerBoard, WorkerState
+from saikyo.scale.workers.control import WorkerControl
 from saikyo.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ its source. A source that stopped publishing (scaled down, died) drops out after
 per process, as Prometheus expects; sum them in the query.
 
 Two boards: a Ray actor under Ray Serve (saikyo.scale.ray_metrics) and, for processes of one machine,
-a directory (`DirectoryBoard`, used by server/worker.py).
+a directory (`DirectoryBoard`, used by scale/workers/worker.py).
 """
 
 from __future__ import annotations

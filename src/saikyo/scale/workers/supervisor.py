@@ -1,6 +1,6 @@
 """`saikyo serve --workers N`: N server processes on one port, and the supervisor that keeps them.
 
-The supervisor binds the listening socket itself and starts each worker (server/worker.py: the whole
+The supervisor binds the listening socket itself and starts each worker (scale/workers/worker.py: the whole
 app, with its own runner and batchers) with multiprocessing's "spawn" context, handing it the socket,
 as uvicorn's multiprocess manager does: a fresh interpreter per worker, inheriting none of the
 supervisor's threads or CUDA state, and one accept queue that outlives every worker. A worker that dies
@@ -45,9 +45,9 @@ from pathlib import Path
 from types import FrameType
 
 from saikyo.server.shutdown import EXIT_MODEL_ERROR
-from saikyo.server.worker import WorkerSpec, run_worker
-from saikyo.server.worker_board import WorkerBoard, WorkerState
-from saikyo.server.middlewares import memory
+from saikyo.scale.workers.worker import WorkerSpec, run_worker
+from saikyo.scale.workers.board import WorkerBoard, WorkerState
+from saikyo.server import memory
 from saikyo.settings import Settings, available_cores
 
 log = logging.getLogger(__name__)

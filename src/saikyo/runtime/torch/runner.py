@@ -9,8 +9,8 @@ that went into model.onnx -- so the ONNX file stays the CPU artefact. On CUDA:
 - uint8 NHWC pixels cross the bus (a quarter of float32's bytes) from pinned host memory with
   non-blocking copies; the cast and normalisation run inside the graph. uint8 NHWC viewed as NCHW is
   exactly the channels_last layout, so no transpose is ever materialised;
-- optionally, JPEGs decoded on the GPU (`saikyo.runtime.torch_imaging`): the batch then arrives as device tensors;
-- several batches in flight (`saikyo.runtime.pipelining`): each slot has its own input, graphs, stream and
+- optionally, JPEGs decoded on the GPU (`saikyo.runtime.torch.imaging`): the batch then arrives as device tensors;
+- several batches in flight (`saikyo.runtime.torch.pipelining`): each slot has its own input, graphs, stream and
   pinned output, so the host stages the next batch and copies the last one out while the GPU runs.
 On the CPU: fp32, eager, no padding (padding only buys fixed shapes, which eager mode does not need).
 """
@@ -35,12 +35,12 @@ from saikyo.inference.preprocessing import Preprocessing
 from saikyo.models import zoo
 from saikyo.models.errors import UnknownModel, WeightsUnavailable
 from saikyo.models.repository import WEIGHTS_FILE, Entry
-from saikyo.runtime import torch_imaging
+from saikyo.runtime.torch import imaging as torch_imaging
 from saikyo.runtime.base import Capabilities, RunnerError
-from saikyo.runtime.decode_queue import DecodeQueue
+from saikyo.runtime.torch.decode_queue import DecodeQueue
 from saikyo.runtime.options import RunnerOptions
-from saikyo.runtime.pipelining import SlotPipeline
-from saikyo.runtime.torch_imaging import host_tensor, to_device
+from saikyo.runtime.torch.pipelining import SlotPipeline
+from saikyo.runtime.torch.imaging import host_tensor, to_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -26,7 +26,7 @@ from typing import Any
 
 from saikyo.models.errors import ModelNotExported, RepositoryError, UnknownModel
 from saikyo.server.served import ServedModel, ServedModels
-from saikyo.server.worker_board import WorkerBoard, WorkerState
+from saikyo.scale.workers.board import WorkerBoard, WorkerState
 
 log = logging.getLogger(__name__)
 
