@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install-serve install-test install-browser clean
+.PHONY: serve test install-serve install-test install-browser install-redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,17 @@ install-browser:
 			|| echo "could not install chromium: the browser tests will skip"; \
 	fi
 
-test: install-test install-browser
+# The Ray head-restart test keeps the cluster's state in Redis (GCS fault tolerance): Debian's redis-server,
+# installed here when missing and we are root; otherwise that test skips and says why. Nothing starts it
+# as a service: the test runs its own on loopback.
+install-redis:
+	@if ! command -v redis-server >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing redis-server for the Ray head-restart test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+			|| echo "could not install redis-server: the head-restart test will skip"; \
+	fi
+
+test: install-test install-browser install-redis
 	$(PY) -m pytest -q
 
 clean:
