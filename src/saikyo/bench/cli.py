@@ -670,42 +670,16 @@ def tune_command(
     from saikyo.bench.cost import default_instance_type
     from saikyo.bench.hardware import describe
     from saikyo.bench.load import read_images
-    from saikyo.bench.tune import (
-        Candidate,
-        agreement_pixels,
-        candidates_for,
-        load_candidate,
-        measure_forward,
-        measure_served,
-        tune,
-    )
-    from saikyo.inference.preprocessing import Preprocessing
-    from saikyo.models import tunings, zoo
-    from saikyo.models.errors import ModelNotExported, RepositoryError
-    from saikyo.models.location import open_repository
+    from saikyo.bench.tune import Candidate, agreement_pixels, candidates_for, load_candidate, measure_forward, measure_served, tune
+    from saikyo.models import zoo
     from saikyo.runtime import openvino_installed
-    from saikyo.settings import Settings
 
     _need_bench_extra()
     p99_ms = parse_ms(p99)
-    try:
-        settings = Settings.from_env(**({"repository": repository} if repository else {}))
-        repo = open_repository(settings)
-        repo.check()
-        ref = repo.resolve(model)
-        meta = ref.meta
-        pre = Preprocessing.from_dict(meta["preprocessing"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _fail(f"{model}: unusable settings or meta.json ({exc})") from None
-    except (ModelNotExported, RepositoryError) as exc:
-        raise _fail(str(exc)) from None
+    settings, repo, pre = _tune_target(model, repository)
     hw = describe()
     pricing = _pricing(instance_type or (None if price_per_hour else default_instance_type(hw.cores or 1)), price_per_hour, None)
-    bf16 = False
-    if openvino_installed():
-        from saikyo.runtime.openvino import cpu_has_native_bf16
-
-        bf16 = cpu_has_native_bf16()
+    bf16 = _native_bf16()
     entries: dict[str, Any] = {}
 
     def entry(name: str) -> Any:
@@ -759,6 +733,48 @@ def tune_command(
         finally:
             for e in entries.values():
                 e.release()
+    _store_tune_result(result, model, repo, hw, p99_ms, images_per_request, out, write)
+
+
+def _tune_target(model: str, repository: str | None) -> tuple[Any, Any, Any]:
+    """The settings, the repository and MODEL's preprocessing `saikyo tune` works with; exit 2 naming
+    what is wrong."""
+    from saikyo.inference.preprocessing import Preprocessing
+    from saikyo.models.errors import ModelNotExported, RepositoryError
+    from saikyo.models.location import open_repository
+    from saikyo.settings import Settings
+
+    try:
+        settings = Settings.from_env(**({"repository": repository} if repository else {}))
+        repo = open_repository(settings)
+        repo.check()
+        pre = Preprocessing.from_dict(repo.resolve(model).meta["preprocessing"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"{model}: unusable settings or meta.json ({exc})") from None
+    except (ModelNotExported, RepositoryError) as exc:
+        raise _fail(str(exc)) from None
+    return settings, repo, pre
+
+
+def _native_bf16() -> bool:
+    from saikyo.runtime import openvino_installed
+
+    if not openvino_installed():
+        return False
+    from saikyo.runtime.openvino import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+def _store_tune_result(
+    result: Any, model: str, repo: Any, hw: Any, p99_ms: float, images_per_request: int, out: Path, write: bool
+) -> None:
+    """After `saikyo tune`: every served configuration as a benchmark record in `out`, the choice for
+    MODEL (and a faster accurate variant's) as tunings beside its versions, and what to do printed."""
+    from saikyo.bench import records
+    from saikyo.models import tunings
+    from saikyo.models.errors import RepositoryError
+
     mine, overall = result.best(model), result.best()
     stage1 = [s.summary() for s in result.screened]
     for served in result.served:

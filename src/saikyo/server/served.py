@@ -330,9 +330,26 @@ class ServedModels:
             log.exception("model %s failed to load", model.name)
             self._fail(model, f"{type(exc).__name__}: {exc}", executor, entry, runner)
             return
+        runner.meta["tuning"] = tuned
+        executor = self._start_batchers(model, runner, config, executor)
+        model.runner = runner
+        model.executor = executor
+        model.entry = entry
+        model.config = config
+        model.meta = runner.meta
+        model.labels = labels
+        model.state = ModelState.READY
+        if runner.meta.get("weights") == "random":
+            log.warning("model %s has RANDOM weights: for benchmarking only, its predictions mean nothing", model.name)
+        log.info("model %s version %d ready (%s)", model.name, ref.version, runner.meta.get("backend"))
+
+    def _start_batchers(
+        self, model: ServedModel, runner: Runner, config: ServingConfig, executor: ThreadPoolExecutor
+    ) -> ThreadPoolExecutor:
+        """Start `model`'s image and tensor batchers on `runner` with its own batch size and delay; returns
+        the executor they run on (one thread per forward pass the runner runs at once)."""
         pp = runner.preprocessing
         s = self.settings
-        runner.meta["tuning"] = tuned
         in_flight = runner.capabilities.max_in_flight
         if in_flight > 1:
             # The runner runs that many forward passes at once: one executor thread for each.
@@ -375,16 +392,7 @@ class ServedModels:
         )
         model.image_batcher.start()
         model.tensor_batcher.start()
-        model.runner = runner
-        model.executor = executor
-        model.entry = entry
-        model.config = config
-        model.meta = runner.meta
-        model.labels = labels
-        model.state = ModelState.READY
-        if runner.meta.get("weights") == "random":
-            log.warning("model %s has RANDOM weights: for benchmarking only, its predictions mean nothing", model.name)
-        log.info("model %s version %d ready (%s)", model.name, ref.version, runner.meta.get("backend"))
+        return executor
 
     def redact(self, error: str) -> str:
         """An error as clients may read it (503 detail, model metadata, the index): the log keeps the
