@@ -68,7 +68,7 @@ def test_the_suggested_export_names_the_repository_unless_it_is_the_default() ->
     assert ModelRepository("/srv/my models").fix("resnet50").endswith("--repository '/srv/my models'")
     assert "--repository" not in ModelRepository(DEFAULT_LOCATION).fix("resnet50")
     assert Settings().repository == DEFAULT_LOCATION
-    assert ModelRepository("/x").fix("nosuchnet").startswith("saikyo models list")
+    assert ModelRepository("/x").fix("nosuchnet").startswith("saikyo models import nosuchnet")  # not a zoo name
 
 
 def test_a_port_in_use_is_exit_1_with_one_or_several_workers(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def test_push_then_serve_from_s3_classifies_the_cat_and_a_restart_hits_the_cache
     proxy = s3_server.proxy
     assert proxy is not None
     model_key = f"/{BUCKET}/cat/efficientnet_lite0/1/model.onnx"
-    args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache"))
+    # --model-control: the index (read below) is served only with model control.
+    args = ("--s3-endpoint-url", s3_server.url, "--model-cache-dir", str(tmp_path / "cache"), "--model-control", "explicit")
     for start in (1, 2):  # the second start finds the version in the cache
         with running_server(uri, "efficientnet_lite0", tmp_path / "logs", *args, env=env) as server:  # type: ignore[arg-type]
             r = httpx.post(f"{server.url}/classify", files={"images": ("cat.jpg", CAT.read_bytes())}, timeout=60)

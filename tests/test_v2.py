@@ -85,6 +85,8 @@ def test_server_and_model_metadata_and_readiness(tiny_server) -> None:
     assert model["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
     assert model["parameters"]["weights"] == "random"
 
+    served = httpx.get(f"{tiny_server.url}/v2/models", timeout=10).json()
+    assert [(m["name"], m["version"], m["state"]) for m in served] == [("tiny", "1", "READY"), ("tiny2", "1", "READY")]
     # The repository extension is only served with model control (tests/test_model_control.py).
     with pytest.raises(InferenceServerException) as refused:
         c.get_model_repository_index()

@@ -608,9 +608,9 @@ def test_poll_decides_once_for_every_worker_and_unloaded_stays_unloaded(tmp_path
 
 
 @pytest.mark.slow
-def test_a_frozen_worker_is_noticed_killed_and_replaced(repository: ModelRepository, tmp_path: Path) -> None:
+def test_a_frozen_worker_is_noticed_killed_and_replaced(slow_repository: ModelRepository, tmp_path: Path) -> None:
     args = ("--workers", "2", "--heartbeat-timeout-s", "2")
-    with running_server(repository.root, "tiny", tmp_path / "logs", *args) as server:
+    with running_server(slow_repository.root, "tiny", tmp_path / "logs", *args) as server:
         url = server.url
         frozen = worker_pids(url)["1"]
         os.kill(frozen, signal.SIGSTOP)
@@ -637,8 +637,8 @@ def test_a_frozen_worker_is_noticed_killed_and_replaced(repository: ModelReposit
 
 
 @pytest.mark.slow
-def test_a_worker_that_crashes_after_serving_is_replaced_with_a_backoff(repository: ModelRepository, tmp_path: Path) -> None:
-    with running_server(repository.root, "tiny", tmp_path / "logs", "--workers", "2") as server:
+def test_a_worker_that_crashes_after_serving_is_replaced_with_a_backoff(slow_repository: ModelRepository, tmp_path: Path) -> None:
+    with running_server(slow_repository.root, "tiny", tmp_path / "logs", "--workers", "2") as server:
         victims = []
         for _ in range(2):
             victim = worker_pids(server.url)["1"]

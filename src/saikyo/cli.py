@@ -203,7 +203,10 @@ def _known(repo: Repository, name: str) -> None:
     except RepositoryError as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
-    _error(f"{UnknownModel(name, list(zoo.ZOO))} (and not in the repository {repo.location}); saikyo models list shows them")
+    _error(
+        f"{UnknownModel(name, list(zoo.ZOO))} (and not in the repository {repo.location}); a model of your own "
+        f"goes in with: saikyo models import {name} YOUR_MODEL.onnx; saikyo models list shows the rest"
+    )
     raise typer.Exit(EXIT_USAGE)
 
 

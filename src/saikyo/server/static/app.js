@@ -25,7 +25,7 @@ async function errorText(response) {
 
 async function loadModels() {
   try {
-    const response = await fetch(api("v2/repository/index"), { method: "POST" });
+    const response = await fetch(api("v2/models"));
     if (!response.ok) throw new Error(await errorText(response));
     const index = await response.json();
     modelSelect.replaceChildren();

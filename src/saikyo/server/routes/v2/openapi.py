@@ -155,6 +155,19 @@ REPOSITORY_INDEX: dict[int | str, dict[str, Any]] = {
 }
 
 
+SERVED_MODELS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "one entry per model this server serves (the version taking its requests) with its state",
+        "content": {
+            "application/json": {
+                "schema": REPOSITORY_INDEX[200]["content"]["application/json"]["schema"],
+                "example": [{"name": "efficientnet_lite0", "version": "1", "state": "READY", "reason": ""}],
+            }
+        },
+    },
+}
+
+
 def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
     return _optional_json_body({"parameters": {"type": "object", "properties": parameters, "additionalProperties": False}})
 

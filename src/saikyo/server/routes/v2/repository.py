@@ -79,7 +79,7 @@ async def repository_index(request: Request) -> JSONResponse:
     if not isinstance(only_ready, bool):
         raise ApiError(400, "'ready' must be true or false")
     models = models_of(request)
-    rows = [_row(m) for m in models.held() if m.ready or not only_ready]
+    rows = [index_row(m) for m in models.held() if m.ready or not only_ready]
     headers = {}
     if not only_ready:
         not_held, age = await _not_held(models, {(r["name"], r["version"]) for r in rows})
@@ -89,7 +89,8 @@ async def repository_index(request: Request) -> JSONResponse:
     return JSONResponse(sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0))), headers=headers)
 
 
-def _row(model: ServedModel) -> dict[str, str]:
+def index_row(model: ServedModel) -> dict[str, str]:
+    """A version as the index (and the list of served models) shows it."""
     reason = model.error or ("unloaded" if model.state is ModelState.UNLOADED else "")
     version = str(model.version) if model.version is not None else ""
     return {"name": model.name, "version": version, "state": _STATES.get(model.state, "UNAVAILABLE"), "reason": reason}
@@ -196,4 +197,4 @@ async def unload(request: Request, model_name: ModelName) -> JSONResponse:
     except UnknownModel:
         raise ApiError(404, f"model {model_name!r} is not loaded", {"models": list(models.models)}) from None
     await _every_worker(request, model_name, None)
-    return JSONResponse({"name": model.name, "version": _row(model)["version"], "state": "UNAVAILABLE", "reason": "unloaded"})
+    return JSONResponse({"name": model.name, "version": index_row(model)["version"], "state": "UNAVAILABLE", "reason": "unloaded"})

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from saikyo import __version__
 from saikyo.server.errors import ApiError
+from saikyo.server.routes.v2.repository import index_row
 from saikyo.server.pipeline import (
     Images, Tensor, Timer, check_image_count, check_image_size, class_names, known_model, models_of, predict,
     ready_model,
@@ -85,6 +86,21 @@ async def ready(request: Request) -> Response:
 async def server_metadata(request: Request) -> JSONResponse:
     control = request.app.state.settings.model_control != "none"
     return JSONResponse({"name": "saikyo", "version": __version__, "extensions": EXTENSIONS + [MODEL_REPOSITORY] * control})
+
+
+@router.get(
+    "/models",
+    summary="The models this server serves, with their state",
+    description=(
+        "What clients (and the demo page) may ask for: one row per served model, the version taking its "
+        "requests. It needs a client key where keys are set; the repository index, which also lists what "
+        "the server does not hold, is model control's (admin keys)."
+    ),
+    responses=doc.SERVED_MODELS,
+)
+async def served_models(request: Request) -> JSONResponse:
+    models = models_of(request)
+    return JSONResponse([index_row(m) for m in sorted(models.models.values(), key=lambda m: m.name)])
 
 
 @router.get("/models/{model_name}", summary="Model metadata: inputs and outputs", responses=doc.MODEL_METADATA)
