@@ -72,3 +72,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         pytest.skip(reason)
     with running_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture
+def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process talks to the test server with the standard AWS variables, as any client would."""
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)

@@ -372,11 +372,8 @@ def test_ray_refuses_explicit_control_and_replicas_refuse_load_and_unload() -> N
 # ---- poll, against S3 ----
 @pytest.mark.slow  # S3
 def test_poll_follows_new_versions_and_survives_a_failing_one(
-    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
-    for k, v in s3_server.env().items():
-        if k.startswith("AWS_"):
-            monkeypatch.setenv(k, v)
     bucket = S3Repository(f"s3://{BUCKET}/poll", s3_server.url, ModelCache(tmp_path / "pusher-cache", 1 << 30))
     first = tiny_repository.get("tiny")
     bucket.publish("tiny", [first.path], first.meta)

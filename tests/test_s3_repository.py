@@ -27,14 +27,6 @@ def saikyo(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.
     return subprocess.run([sys.executable, "-m", "saikyo", *args], capture_output=True, text=True, env=clean, timeout=timeout)
 
 
-@pytest.fixture
-def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process talks to the test server with the standard AWS variables, as any client would."""
-    for key, value in s3_server.env().items():
-        if key.startswith("AWS_"):
-            monkeypatch.setenv(key, value)
-
-
 def with_tiny(s3: S3Server, prefix: str, cache: Path, tiny_repository: ModelRepository) -> tuple[S3Repository, Entry]:
     """A repository at s3://models/<prefix> where the tiny model is version 1."""
     repo = S3Repository(f"s3://{BUCKET}/{prefix}", s3.url, ModelCache(cache, 1 << 30))

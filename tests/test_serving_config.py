@@ -235,11 +235,8 @@ def test_the_runner_gets_only_its_options(tmp_path: Path) -> None:
 
 
 def test_models_config_on_s3_publishes_the_next_version_there(
-    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
-    for key, value in s3_server.env().items():
-        if key.startswith("AWS_"):
-            monkeypatch.setenv(key, value)
     bucket = S3Repository(f"s3://{BUCKET}/configured", s3_server.url, ModelCache(tmp_path / "cache", 1 << 30))
     entry = tiny_repository.get("tiny")
     assert bucket.publish("tiny", [entry.path], entry.meta) == 1

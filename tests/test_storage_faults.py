@@ -17,7 +17,7 @@ import pytest
 from support.paths import CAT
 from support.s3server import BUCKET, S3Server
 from support.serverproc import running_server
-from test_s3_repository import aws_env, with_tiny  # noqa: F401  (aws_env is a fixture)
+from test_s3_repository import with_tiny
 
 from saikyo.models.cache import ModelCache
 from saikyo.models.repository import ModelRepository
@@ -32,7 +32,7 @@ def classify(url: str, timeout: float) -> float:
 
 @pytest.mark.slow
 def test_a_store_that_stops_answering_stalls_neither_inference_nor_the_index(
-    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
     repo, entry = with_tiny(s3_server, "silent", tmp_path / "seed-cache", tiny_repository)
     assert repo.publish("tiny", [entry.path], {**entry.meta, "note": "the one served"}) == 2
@@ -68,7 +68,7 @@ def test_a_store_that_stops_answering_stalls_neither_inference_nor_the_index(
 @pytest.mark.slow
 @pytest.mark.parametrize("library_debug", [False, True], ids=["debug", "debug+s3-debug-log"])
 def test_debug_logs_never_carry_the_s3_credentials(
-    library_debug: bool, tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+    library_debug: bool, tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
     from support.s3server import ACCESS_KEY, SECRET_KEY
 
@@ -91,7 +91,7 @@ def test_debug_logs_never_carry_the_s3_credentials(
 
 @pytest.mark.slow
 def test_a_cached_file_truncated_or_rewritten_is_downloaded_again_not_served(
-    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
     repo, entry = with_tiny(s3_server, "tampered", tmp_path / "cache", tiny_repository)
     proxy = s3_server.proxy
@@ -124,7 +124,7 @@ def test_a_cached_file_truncated_or_rewritten_is_downloaded_again_not_served(
 
 @pytest.mark.slow
 def test_servers_starting_together_download_a_version_once(
-    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None  # noqa: F811
+    tiny_repository: ModelRepository, s3_server: S3Server, tmp_path: Path, aws_env: None
 ) -> None:
     with_tiny(s3_server, "together", tmp_path / "seed-cache", tiny_repository)
     proxy = s3_server.proxy
