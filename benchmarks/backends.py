@@ -11,8 +11,9 @@ For each model (resnet50, squeezenet1_1, efficientnet_lite0; NAME-int8 too where
   e2e    `saikyo serve` per configuration on a loopback port, closed loop from saikyo.bench.load:
          --images-per-request images per request (the photos in tests/data), --concurrency clients;
          images/s, p50 and p99;
-  peers  benchmarks/peer_flask.py, the afternoon Flask app, on ONNX Runtime and on OpenVINO at its default
-         precision, serving the same model.onnx under the same load.
+  peers  benchmarks/peers/: the afternoon Flask app (and with --peers also LitServe, PyTriton and BentoML,
+         benchmarks/peer_servers.py), on ONNX Runtime and on OpenVINO at its default precision, serving
+         the same model.onnx under the same load.
 Configurations: onnxruntime fp32, openvino fp32, openvino bf16 (where the CPU computes bf16 natively),
 onnxruntime int8 and openvino int8 (NAME-int8); with --openvino-streams 1,2 also OpenVINO at its default
 precision with two batches in flight. `default` is what `saikyo serve` picks with no backend or
@@ -28,26 +29,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import peer_servers
+from peer_servers import peer_server
 from saikyo.bench.load import LoadSpec, read_images, run_load
-from saikyo.bench.localserver import ServerStartError, free_port, local_server, stop
+from saikyo.bench.localserver import local_server
 from saikyo.inference import imaging
 from saikyo.models import zoo
 from saikyo.models.repository import ModelRepository, export_command
@@ -56,7 +54,6 @@ from saikyo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "data"
-PEER = Path(__file__).resolve().parent / "peer_flask.py"
 MODELS = ("resnet50", "squeezenet1_1", "efficientnet_lite0")
 RATIO_MODEL = "resnet50"
 
@@ -67,7 +64,7 @@ class Config:
     model: str  # the served name: NAME or NAME-int8
     backend: str | None = None  # saikyo's; None for a peer
     precision: str = "auto"
-    peer: str | None = None  # the peer's engine
+    peer: str | None = None  # "FRAMEWORK+ENGINE" for a peer
     streams: int = 1  # OpenVINO: batches in flight
 
     def settings(self, repository: str) -> Settings:
@@ -79,7 +76,8 @@ class Config:
                 "--openvino-streams", str(self.streams), "--log-level", "warning"]  # fmt: skip
 
 
-def configs_for(model: str, repo: ModelRepository, bf16: bool, streams: list[int], say: Any) -> list[Config]:
+def configs_for(model: str, repo: ModelRepository, bf16: bool, streams: list[int], peers: list[str],
+                say: Any) -> list[Config]:  # fmt: skip
     int8 = zoo.variant_name(model, "int8")
     configs = [Config("onnxruntime/fp32", model, "onnxruntime", "fp32")]
     if openvino_installed():
@@ -94,12 +92,7 @@ def configs_for(model: str, repo: ModelRepository, bf16: bool, streams: list[int
             configs.append(Config("openvino/int8", int8, "openvino"))
     else:
         say(f"{model}: no int8 rows ({int8} is not exported: {export_command(int8)})")
-    if importlib.util.find_spec("flask") is None:
-        say("no peers: the Flask app needs flask (pip install 'saikyo[bench]')")
-        return configs
-    configs.append(Config("flask+onnxruntime", model, peer="onnxruntime"))
-    if openvino_installed():
-        configs.append(Config("flask+openvino", model, peer="openvino"))
+    configs += [Config(peer, model, peer=peer) for peer in peer_servers.available(peers, say)]
     return configs
 
 
@@ -154,58 +147,49 @@ def measure_raw(configs: list[Config], args: argparse.Namespace, emit: Any) -> d
 
 
 # ---- end to end ----
-@contextlib.contextmanager
-def peer_server(model_dir: Path, engine: str, log_dir: Path, timeout: float = 300.0) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_dir / f"peer-{engine}-{port}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(PEER), str(model_dir), "--engine", engine, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise ServerStartError(f"flask+{engine} exited with {proc.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(url + "/", timeout=2)
-            except urllib.error.HTTPError:
-                break  # it answers (404 for /): up
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise ServerStartError(f"flask+{engine} did not answer within {timeout:.0f}s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        stop(proc)
+@dataclass(frozen=True)
+class Target:
+    """A server under load: where it is, the model's name there, the wire format it reads."""
+
+    url: str
+    model: str
+    protocol: str = "classify"
+
+
+def interleaved_rounds(targets: dict[str, Target], images: Any, images_per_request: int, concurrency: int,
+                       seconds: float, rounds: int, emit: Any) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Closed loop on every target in turn, `rounds` times: a slow spell of a shared machine spreads over all.
+
+    Each target's median round by images/s, its latencies from that same round."""
+    images_by_round: dict[str, list[dict[str, float]]] = {label: [] for label in targets}
+    for r in range(rounds):
+        for label, t in targets.items():
+            spec = LoadSpec(url=t.url, model=t.model, mode="closed", protocol=t.protocol,
+                            images_per_request=images_per_request, concurrency=concurrency, seconds=seconds,
+                            warmup=2, timeout=120)  # fmt: skip
+            result = asyncio.run(run_load(spec, images))
+            lat = result.latency()
+            row = {"img_s": result.images_per_s(), "p50_ms": lat.p50 if lat else float("nan"),
+                   "p99_ms": lat.p99 if lat else float("nan"), "errors": len(result.samples) - len(result.ok)}  # fmt: skip
+            images_by_round[label].append(row)
+            emit({"section": "e2e", "model": t.model, "config": label, "round": r, "protocol": t.protocol,
+                  **{k: round(v, 1) for k, v in row.items()}})  # fmt: skip
+    return {label: sorted(v, key=lambda row: row["img_s"])[len(v) // 2] for label, v in images_by_round.items()}
 
 
 def measure_e2e(configs: list[Config], args: argparse.Namespace, log_dir: Path, emit: Any) -> dict[str, dict[str, float]]:
     repo = ModelRepository(args.repository)
-    images = read_images(PHOTOS)
-    urls: dict[str, str] = {}
+    targets: dict[str, Target] = {}
     with contextlib.ExitStack() as stack:
         for c in configs:
             if c.peer is not None:
-                urls[c.label] = stack.enter_context(peer_server(repo.model_dir(c.model), c.peer, log_dir))
+                url = stack.enter_context(peer_server(repo.model_dir(c.model), c.peer, log_dir))
+                targets[c.label] = Target(url, c.model, peer_servers.protocol(c.peer))
             else:
                 server = stack.enter_context(local_server(repo.root, c.model, log_dir, c.server_args()))
-                urls[c.label] = server.url
-        rounds: dict[str, list[dict[str, float]]] = {c.label: [] for c in configs}
-        for r in range(args.rounds):
-            for c in configs:
-                spec = LoadSpec(url=urls[c.label], model=c.model, mode="closed", images_per_request=args.images_per_request,
-                                concurrency=args.concurrency, seconds=args.seconds, warmup=2, timeout=120)  # fmt: skip
-                result = asyncio.run(run_load(spec, images))
-                lat = result.latency()
-                row = {"img_s": result.images_per_s(), "p50_ms": lat.p50 if lat else float("nan"),
-                       "p99_ms": lat.p99 if lat else float("nan"), "errors": len(result.samples) - len(result.ok)}  # fmt: skip
-                rounds[c.label].append(row)
-                emit({"section": "e2e", "model": c.model, "config": c.label, "round": r,
-                      **{k: round(v, 1) for k, v in row.items()}})  # fmt: skip
-    # Each configuration's median round by images/s, latencies from that same round.
-    return {label: sorted(v, key=lambda row: row["img_s"])[len(v) // 2] for label, v in rounds.items()}
+                targets[c.label] = Target(server.url, c.model)
+        return interleaved_rounds(targets, read_images(PHOTOS), args.images_per_request, args.concurrency,
+                                  args.seconds, args.rounds, emit)  # fmt: skip
 
 
 def main() -> None:
@@ -219,6 +203,7 @@ def main() -> None:
     ap.add_argument("--raw-seconds", type=float, default=5.0)
     ap.add_argument("--openvino-streams", default="1",
                     help="e.g. 1,2: OpenVINO at its default precision with each number of batches in flight")  # fmt: skip
+    ap.add_argument("--peers", default="flask", help="comma-separated: flask, litserve, pytriton, bentoml (none: '')")
     ap.add_argument("--quick", action="store_true", help="one round of 2 s (raw 1 s): checks the flow")
     ap.add_argument("--out", type=Path, help="append every measurement as a JSON line")
     args = ap.parse_args()
@@ -250,7 +235,8 @@ def main() -> None:
     summary: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="saikyo-backends-") as logs:
         for model in models:
-            configs = configs_for(model, repo, bf16, [int(n) for n in args.openvino_streams.split(",")], say)
+            streams = [int(n) for n in args.openvino_streams.split(",")]
+            configs = configs_for(model, repo, bf16, streams, [p for p in args.peers.split(",") if p], say)
             say(f"{model}: raw, {sum(c.backend is not None for c in configs)} configurations")
             raw = measure_raw(configs, args, emit)
             say(f"{model}: end to end, {len(configs)} servers")
@@ -268,7 +254,7 @@ def ratio_line(model: str, e2e: dict[str, dict[str, float]], default: str, bf16:
     ort = e2e["onnxruntime/fp32"]["img_s"]
     ov_default = e2e.get(f"openvino/{'bf16' if bf16 else 'fp32'}", {}).get("img_s", float("nan"))
     ov_fp32 = e2e.get("openvino/fp32", {}).get("img_s", float("nan"))
-    peers = {label: row["img_s"] for label, row in e2e.items() if label.startswith("flask+")} or {"none": float("nan")}
+    peers = {label: row["img_s"] for label, row in e2e.items() if "+" in label} or {"none": float("nan")}
     best = max(peers, key=peers.__getitem__)
     mine = e2e.get(default, {}).get("img_s", float("nan"))  # nan: the default is not a CPU engine here
     return (f"{'ratio' if model == RATIO_MODEL else model + '_ratio'}={ov_default / ort:.3f} model={model} "

@@ -19,7 +19,7 @@ from aiohttp import web
 from support.paths import ROOT
 
 from saikyo.bench.localserver import free_port
-from saikyo.bench.load import LoadError, LoadSpec, multipart_body, poisson_schedule, run_load
+from saikyo.bench.load import LoadError, LoadSpec, multipart_body, poisson_schedule, run_load, v2_body
 
 
 @dataclass
@@ -304,6 +304,34 @@ def test_seed_mode_against_the_real_server_counts_requests_and_images(tiny_serve
     assert after[1] - before[1] == 7 * 3
 
 
+def test_v2_protocol_sends_the_images_as_one_bytes_input_and_reads_the_top_k(tiny_server) -> None:
+    """--protocol v2 (a Triton client's request) against the real server: the images go through the v2
+    infer route, and each answer must hold the top 5 of every image."""
+    def scrape() -> tuple[float, float]:
+        text = httpx.get(f"{tiny_server.url}/metrics", timeout=10).text
+        return (
+            _metric(text, "saikyo_http_requests_total", route="/v2/models/{model_name}/infer", model="tiny2",
+                    status="200"),
+            _metric(text, "saikyo_images_total", model="tiny2"),
+        )  # fmt: skip
+
+    before = scrape()
+    spec = LoadSpec(url=tiny_server.url, model="tiny2", protocol="v2", images_per_request=3, requests=4, warmup=1)
+    result = run(run_load(spec))
+    after = scrape()
+    assert len(result.ok) == 4, result.errors_by_kind()
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 5 * 3)
+    body, headers = v2_body([("a.jpg", b"JPEG1"), ("b.jpg", b"JPEG22")], 3)
+    header = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+    assert header["inputs"][0]["shape"] == [3, 1]
+    assert body.endswith(b"\x05\x00\x00\x00JPEG1\x06\x00\x00\x00JPEG22\x05\x00\x00\x00JPEG1")
+    assert header["outputs"] == [{"name": "probabilities", "parameters": {"classification": 5}}]
+    with pytest.raises(ValueError, match="names the model"):
+        LoadSpec(url=tiny_server.url, protocol="v2")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        LoadSpec(url=tiny_server.url, protocol="grpc")
+
+
 def test_bench_run_cli_appends_a_record_with_the_design_fields(tiny_server, tmp_path) -> None:
     out = tmp_path / "runs.jsonl"
     cmd = [sys.executable, "-m", "saikyo", "bench", "run", "--url", tiny_server.url, "--model", "tiny",
@@ -320,6 +348,7 @@ def test_bench_run_cli_appends_a_record_with_the_design_fields(tiny_server, tmp_
                 "cost_performance_kimg_per_usd"):  # fmt: skip
         assert key in rec, key
     assert rec["url"] == tiny_server.url and rec["model"] == "tiny" and rec["mode"] == "seed"
+    assert rec["protocol"] == "classify"
     assert (rec["requests"], rec["errors"], rec["images_per_request"], rec["concurrency"]) == (4, 0, 2, 1)
     assert rec["backend"] == "onnxruntime" and rec["device"] == "cpu"  # from the server's v2 metadata
     assert rec["workers"] == 1

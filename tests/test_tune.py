@@ -4,16 +4,17 @@ versions (local and s3://) and applied by a real server on a matching CPU only."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from support.serverproc import running_server
 from support.tinymodel import add_tiny_int8_model, add_tiny_model
 
 from saikyo.bench.tune import (
     Candidate,
+    ForwardMeasure,
     Screened,
     ServeConfig,
     Served,
@@ -21,7 +22,6 @@ from saikyo.bench.tune import (
     eligible,
     front_runners,
     load_candidate,
-    measure_forward,
     tune,
 )
 from saikyo.inference.preprocessing import Preprocessing
@@ -69,6 +69,29 @@ def test_the_search_picks_the_runner_shaped_for_the_traffic(k: int, winner: Shap
     best = full.best("m")
     assert best is not None and best.config.candidate == winner.candidate
     assert {s.config.candidate for s in full.served} == set(candidates)  # both were served in stage 2
+
+
+def test_a_slow_spell_during_one_measurement_does_not_decide_between_close_engines() -> None:
+    """Two engines within 20% of each other; the machine is busy while the faster one is first measured
+    (its pass takes twice as long). One round of stage 1 picks the slower engine; interleaved rounds, each
+    candidate's median round counting, pick the faster."""
+    fast = ShapedRunner(Candidate("m", "onnxruntime", "fp32"), {1: 1.0, 2: 2.0, 8: 8.0, 16: 16.0})
+    close = ShapedRunner(Candidate("m", "openvino", "fp32"), {1: 1.2, 2: 2.4, 8: 9.6, 16: 19.2})
+    calls: list[Candidate] = []
+
+    def stage1(c: Candidate, sizes: list[int]) -> Screened:
+        calls.append(c)
+        s = {fast.candidate: fast, close.candidate: close}[c].screened(sizes)
+        return replace(s, seconds={b: t * 2 for b, t in s.seconds.items()}) if len(calls) == 1 else s
+
+    candidates = [fast.candidate, close.candidate]
+    one = tune("m", candidates, stage1, None, images_per_request=8, p99_ms=100, budget_s=60, stage1_rounds=1)
+    assert one.runners[0].candidate == close.candidate  # the slow spell decided
+    calls.clear()
+    three = tune("m", candidates, stage1, None, images_per_request=8, p99_ms=100, budget_s=60)
+    assert calls == candidates * 3  # round-robin, not one candidate's rounds back to back
+    assert three.runners[0].candidate == fast.candidate
+    assert three.screened[0].seconds[8] == pytest.approx(0.008)  # its median round
 
 
 def test_workers_are_measured_after_the_first_configuration_and_kept_out_of_the_tuning() -> None:
@@ -122,13 +145,17 @@ def test_stage1_measures_real_runners_and_the_guard_refuses_the_tiny_int8(tmp_pa
     fp32 = load_candidate(repo.get("tiny"), settings, Candidate("tiny", "onnxruntime", "fp32"))
     reference = fp32.infer_pixels(pixels)
     fp32.close()
-    measure = measure_forward(repo.get, settings, pixels, lambda: reference, seconds_per_size=0.05)
+    measure = ForwardMeasure(repo.get, settings, pixels, lambda: reference, seconds_per_size=0.05)
     same = measure(Candidate("tiny", "onnxruntime", "fp32"), [1, 2])
     int8 = measure(Candidate("tiny-int8", "onnxruntime", "int8"), [1, 2])
     assert set(same.seconds) == {1, 2} and same.agreement is None and eligible(same, 0.99)
     assert int8.agreement is not None and int8.agreement < 0.99 and not eligible(int8, 0.99)
     missing = measure(Candidate("absent", "onnxruntime", "fp32"), [1])
     assert missing.error and not eligible(missing, 0.99)
+    again = measure(Candidate("tiny-int8", "onnxruntime", "int8"), [1, 2])  # a second round: the same runner
+    assert again.agreement == int8.agreement and len(measure.runners) == 2
+    measure.close()
+    assert not measure.runners
 
 
 # ---- tunings: the file, the repository, the server ----
@@ -260,7 +287,7 @@ def test_saikyo_tune_end_to_end_writes_a_tuning_and_benchmark_records(tmp_path: 
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "stage 1: 1 of " in done.stderr and "stage 2: 1 of " in done.stderr and "best so far" in done.stderr
+    assert "stage 1: round 3 of 3, 1 of " in done.stderr and "stage 2: 1 of " in done.stderr and "best so far" in done.stderr
     cpu = this_cpu()
     tuning = tunings.find(repo, "tiny", cpu.model, cpu.cores).tuning
     assert tuning is not None and tuning.capacity_images_per_s > 0 and tuning.p99_ms == 5000

@@ -129,6 +129,8 @@ def run(
     url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8080",
     model: Annotated[Optional[str], typer.Option(help="model name [default: the server's default model]")] = None,
     mode: Annotated[str, typer.Option(help="seed (2018: sequential) | closed | open")] = "seed",
+    protocol: Annotated[str, typer.Option(help="classify (multipart POST /classify) | v2 (Open Inference Protocol "
+                                                "infer, images as a BYTES input: also a Triton server's)")] = "classify",
     images_per_request: Annotated[int, typer.Option(min=1, help="images in each request (2018: batch size)")] = 1,
     requests: Annotated[int, typer.Option(min=1, help="seed mode: measured sequential requests")] = 10,
     warmup: Annotated[int, typer.Option(min=0, help="unmeasured requests first")] = 1,
@@ -158,7 +160,7 @@ def run(
     pricing = _pricing(instance_type, price_per_hour, prices)
     try:
         spec = LoadSpec(
-            url=url, model=model, mode=mode, images_per_request=images_per_request, requests=requests,
+            url=url, model=model, mode=mode, protocol=protocol, images_per_request=images_per_request, requests=requests,
             warmup=warmup, concurrency=concurrency, rate=rate, seconds=seconds, timeout=timeout,
             max_outstanding=max_outstanding, seed=seed, api_key=_api_key(api_key_file),
         )  # fmt: skip
@@ -670,7 +672,7 @@ def tune_command(
     from saikyo.bench.cost import default_instance_type
     from saikyo.bench.hardware import describe
     from saikyo.bench.load import read_images
-    from saikyo.bench.tune import Candidate, agreement_pixels, candidates_for, load_candidate, measure_forward, measure_served, tune
+    from saikyo.bench.tune import Candidate, ForwardMeasure, agreement_pixels, candidates_for, load_candidate, measure_served, tune
     from saikyo.models import zoo
     from saikyo.runtime import openvino_installed
 
@@ -723,9 +725,11 @@ def tune_command(
     with contextlib.ExitStack() as stack:
         work = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saikyo-tune-")))
         stage2 = measure_served(entry, work, read_images(None), images_per_request, p99_ms, context)
+        stage1 = ForwardMeasure(entry, settings, pixels, fp32)
+        stack.callback(stage1.close)
         try:
             result = tune(
-                model, candidates, measure_forward(entry, settings, pixels, fp32), stage2, images_per_request,
+                model, candidates, stage1, stage2, images_per_request,
                 p99_ms, budget, min_agreement, hw.cores or 1, say,
             )  # fmt: skip
         except KeyboardInterrupt:

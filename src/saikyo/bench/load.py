@@ -1,5 +1,10 @@
 """The load generator: POST /classify in the 2018 way, in a closed loop, or in an open loop.
 
+Two wire formats carry the same images: `classify` (multipart/form-data, the 2018 API) and `v2` (the Open
+Inference Protocol's infer call with the encoded images as one BYTES input `images` of shape [N, 1] in its
+binary extension, asking for the top 5 of output `probabilities` by the classification extension: what a
+Triton client sends, answered by saikyo's v2 route and by Triton itself).
+
     seed    the 2018 method: warm-up request(s), then N sequential requests; mean response time
     closed  C workers, each sending its next request when the previous answered, for S seconds
     open    requests scheduled at Poisson arrival times (R per second) for S seconds, whether or not
@@ -9,7 +14,7 @@
             warm-up of W seconds at the same rate comes first and is not measured.
 
 The client shares the machine with the server when both run here, so it is kept cheap: one asyncio
-loop, aiohttp with keep-alive connections, and the multipart body built once per run.
+loop, aiohttp with keep-alive connections, and the request body built once per run.
 Latency statistics are over successful requests; failures are counted by kind.
 """
 
@@ -34,6 +39,8 @@ if TYPE_CHECKING:  # aiohttp is imported when a run starts: the CLI loads withou
     import aiohttp
 
 MODES = ("seed", "closed", "open")
+PROTOCOLS = ("classify", "v2")
+V2_INPUT, V2_OUTPUT, V2_TOP_K = "images", "probabilities", 5
 IMAGE_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -87,6 +94,28 @@ def multipart_body(images: Sequence[tuple[str, bytes]], count: int) -> tuple[byt
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def v2_body(images: Sequence[tuple[str, bytes]], count: int) -> tuple[bytes, dict[str, str]]:
+    """One v2 infer body with `count` encoded images (cycling through `images`), built once per run."""
+    if count < 1:
+        raise ValueError("images per request must be at least 1")
+    blob = b"".join(
+        len(data).to_bytes(4, "little") + data for data in (images[i % len(images)][1] for i in range(count))
+    )  # BYTES elements: a 4-byte little-endian length, then the bytes
+    header = json.dumps({
+        "inputs": [{"name": V2_INPUT, "datatype": "BYTES", "shape": [count, 1],
+                    "parameters": {"binary_data_size": len(blob)}}],
+        "outputs": [{"name": V2_OUTPUT, "parameters": {"classification": V2_TOP_K}}],
+    }).encode()  # fmt: skip
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return header + blob, headers
+
+
+def v2_infer_url(base_url: str, model: str) -> str:
+    from urllib.parse import quote
+
+    return f"{base_url.rstrip('/')}/v2/models/{quote(model, safe='')}/infer"
+
+
 def classify_url(base_url: str, model: str | None) -> str:
     from urllib.parse import quote
 
@@ -115,6 +144,7 @@ class LoadSpec:
     url: str  # server base URL
     model: str | None = None  # None: the server's default model (no `model` parameter sent)
     mode: str = "seed"
+    protocol: str = "classify"  # or "v2" (needs `model`)
     images_per_request: int = 1
     requests: int = 10  # seed mode
     warmup: int = 1  # requests before measuring, not counted
@@ -131,6 +161,10 @@ class LoadSpec:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if self.protocol == "v2" and not self.model:
+            raise ValueError("the v2 protocol names the model in its URL: give the model")
         if self.images_per_request < 1:
             raise ValueError("images per request must be at least 1")
         if self.mode == "seed" and self.requests < 1:
@@ -214,13 +248,20 @@ Progress = Callable[[int, float], None]  # (requests finished, seconds since sta
 
 
 class _Client:
-    def __init__(self, session: "aiohttp.ClientSession", spec: LoadSpec, body: bytes, content_type: str) -> None:
+    def __init__(self, session: "aiohttp.ClientSession", spec: LoadSpec, images: Sequence[tuple[str, bytes]]) -> None:
         import yarl
 
         self.session = session
-        self.url = yarl.URL(classify_url(spec.url, spec.model), encoded=True)  # parsed once, not per request
-        self.body = body
-        self.headers = {"Content-Type": content_type}
+        self.v2 = spec.protocol == "v2"
+        if self.v2:
+            assert spec.model is not None
+            url = v2_infer_url(spec.url, spec.model)
+            self.body, self.headers = v2_body(images, spec.images_per_request)
+        else:
+            url = classify_url(spec.url, spec.model)
+            self.body, content_type = multipart_body(images, spec.images_per_request)
+            self.headers = {"Content-Type": content_type}
+        self.url = yarl.URL(url, encoded=True)  # parsed once, not per request
         if spec.api_key:
             self.headers["Authorization"] = f"Bearer {spec.api_key}"
         self.n = spec.images_per_request
@@ -253,7 +294,12 @@ class _Client:
             body = json.loads(payload)
         except ValueError:
             return False
-        return isinstance(body, list) and len(body) == self.n
+        if not self.v2:
+            return isinstance(body, list) and len(body) == self.n
+        try:  # the classification output: BYTES [N, k]
+            return [o["shape"][0] for o in body["outputs"] if o["name"] == V2_OUTPUT] == [self.n]
+        except (TypeError, KeyError, IndexError):
+            return False
 
     async def warm_up(self, count: int) -> None:
         """Requests that are not measured; the first one also proves the server answers at all."""
@@ -287,12 +333,11 @@ async def run_load(
 ) -> LoadResult:
     import aiohttp
 
-    body, content_type = multipart_body(images or [bundled_cat()], spec.images_per_request)
     connections = {"seed": 1, "closed": spec.concurrency, "open": spec.max_outstanding}[spec.mode]
     connector = aiohttp.TCPConnector(limit=connections)
     timeout = aiohttp.ClientTimeout(total=spec.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        client = _Client(session, spec, body, content_type)
+        client = _Client(session, spec, images or [bundled_cat()])
         await client.warm_up(spec.warmup)
         result = LoadResult(spec, started=time.perf_counter())
         ticker = asyncio.create_task(_tick(progress, client, result.started)) if progress else None

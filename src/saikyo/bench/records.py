@@ -146,6 +146,7 @@ def make_record(result: LoadResult, ctx: RunContext) -> dict[str, Any]:
         "price_per_hour": ctx.pricing.price_per_hour,
         "price_source": ctx.pricing.source,
         "mode": spec.mode,
+        "protocol": spec.protocol,
         "images_per_request": spec.images_per_request,
         "concurrency": spec.concurrency if spec.mode != "open" else None,
         "rate": spec.rate if spec.mode == "open" else None,

@@ -2,7 +2,9 @@
 
     stage 1  in process, seconds each: every installed engine x every precision the CPU and the model
              support (fp32; bf16 where the CPU computes it natively; int8 where NAME-int8 is in the
-             repository), a few forward passes at a few batch sizes. Accuracy guard: a precision other
+             repository), a few forward passes at a few batch sizes, in interleaved rounds (every
+             candidate once per round, each one's median round counts: a slow spell of a shared
+             machine spreads over all of them instead of deciding between two engines). Accuracy guard: a precision other
              than fp32 is eligible only if its top-1 agrees with fp32 on the held-out photos (and the
              --calibration-dir images) at least `min_agreement` of the time.
     stage 2  end to end over HTTP, for the front-runners: `saikyo serve` on a loopback port per
@@ -16,7 +18,7 @@ a lightly loaded server runs, and what a 1-image request waits for. Whether cros
 is stage 2's question, so the front-runners also include the best at large batches.
 
 Everything that measures is injected (`Stage1` and `Stage2` callables), so that the choice is testable
-with shaped measurements; `measure_forward` and `measure_served` are the real ones.
+with shaped measurements; `ForwardMeasure` and `measure_served` are the real ones.
 """
 
 from __future__ import annotations
@@ -226,19 +228,28 @@ def tune(
     cores: int = 1,
     say: Say = lambda _m: None,
     clock: Callable[[], float] = time.monotonic,
+    stage1_rounds: int = 3,
 ) -> TuneResult:
-    """Stage 1 on every candidate, then stage 2 on the front-runners' configurations while the budget
-    lasts (at least one runs). Without `stage2`, stage 1's best stands alone (capacity unknown)."""
+    """Stage 1 on every candidate in `stage1_rounds` interleaved rounds, then stage 2 on the front-runners'
+    configurations while the budget lasts (at least one runs). Without `stage2`, stage 1's best stands
+    alone (capacity unknown)."""
     started = clock()
     k = images_per_request
     sizes = batch_sizes(k)
-    screened: list[Screened] = []
-    for i, c in enumerate(candidates, 1):
-        s = stage1(c, sizes)
-        screened.append(s)
-        best = max((x for x in screened if eligible(x, min_agreement)), key=lambda x: stage1_score(x, k, p99_ms), default=None)
-        say(f"stage 1: {i} of {len(candidates)} {c.model} {c.label}: {_stage1_line(s, min_agreement)}"
-            f"  | best so far: {_best1(best, k, p99_ms)}")  # fmt: skip
+    runs: dict[Candidate, list[Screened]] = {c: [] for c in candidates}
+    for r in range(1, stage1_rounds + 1):
+        for i, c in enumerate(candidates, 1):
+            if runs[c] and runs[c][0].error:
+                continue  # it could not run: once is enough
+            runs[c].append(stage1(c, sizes))
+            merged = [median_round(v) for v in runs.values() if v]
+            best = max((x for x in merged if eligible(x, min_agreement)), key=lambda x: stage1_score(x, k, p99_ms), default=None)
+            say(f"stage 1: round {r} of {stage1_rounds}, {i} of {len(candidates)} {c.model} {c.label}: "
+                f"{_stage1_line(median_round(runs[c]), min_agreement)}  | best so far: {_best1(best, k, p99_ms)}")  # fmt: skip
+    screened = [median_round(runs[c]) for c in candidates]
+    release = getattr(stage1, "close", None)  # ForwardMeasure's runners: stage 2 serves in other processes
+    if release is not None:
+        release()
     runners = front_runners(screened, k, p99_ms, min_agreement, own=model)
     result = TuneResult(model, k, p99_ms, min_agreement, screened, runners, [])
     if not runners:
@@ -277,6 +288,15 @@ def tune(
     return result
 
 
+def median_round(runs: Sequence[Screened]) -> Screened:
+    """One candidate's rounds as one: per batch size the median of the rounds' times (the first round's
+    agreement: the answers do not change between rounds)."""
+    first = runs[0]
+    if first.error is not None:
+        return first
+    return replace(first, seconds={b: statistics.median(r.seconds[b] for r in runs) for b in first.seconds})
+
+
 def _stage1_line(s: Screened, min_agreement: float) -> str:
     if s.error:
         return f"skipped ({s.error})"
@@ -310,44 +330,51 @@ def candidates_for(name: str, has: Callable[[str], bool], openvino: bool, bf16: 
     return out
 
 
-def measure_forward(
-    entries: Callable[[str], Any],
-    base_settings: Any,
-    pixels: np.ndarray,
-    reference: Callable[[], np.ndarray],
-    seconds_per_size: float = 1.0,
-) -> Stage1:
-    """Stage 1 for real: load the candidate's runner, time forward passes of held-out photos at each batch
-    size (median of up to `seconds_per_size` worth), and compare its top-1 with fp32's (`reference`)."""
-    from saikyo.models.errors import ModelNotExported, RepositoryError
-    from saikyo.runtime import RunnerError
+class ForwardMeasure:
+    """Stage 1 for real: each candidate's runner, loaded on its first round and kept for the next ones, times
+    forward passes of held-out photos at each batch size (median of up to `seconds_per_size` worth a round)
+    and compares its top-1 with fp32's (`reference`) once. `close()` releases the runners."""
 
-    def run(c: Candidate, sizes: list[int]) -> Screened:
-        try:
-            runner = load_candidate(entries(c.model), base_settings, c)
-        except (RunnerError, RepositoryError, ModelNotExported, OSError, ValueError) as exc:
-            return Screened(c, {}, error=str(exc).splitlines()[0][:200])
-        try:
-            timings = {}
-            for b in sizes:
-                batch = np.resize(pixels, (b, *pixels.shape[1:]))
-                runner.infer_pixels(batch)  # warm-up: first-run allocations
-                runs: list[float] = []
-                deadline = time.perf_counter() + seconds_per_size
-                while len(runs) < 3 or (time.perf_counter() < deadline and len(runs) < 50):
-                    t0 = time.perf_counter()
-                    runner.infer_pixels(batch)
-                    runs.append(time.perf_counter() - t0)
-                timings[b] = statistics.median(runs)
-            agreement = None
+    def __init__(self, entries: Callable[[str], Any], base_settings: Any, pixels: np.ndarray,
+                 reference: Callable[[], np.ndarray], seconds_per_size: float = 0.4) -> None:  # fmt: skip
+        self.entries, self.base_settings, self.pixels = entries, base_settings, pixels
+        self.reference, self.seconds_per_size = reference, seconds_per_size
+        self.runners: dict[Candidate, Any] = {}
+        self.agreements: dict[Candidate, float | None] = {}
+
+    def __call__(self, c: Candidate, sizes: list[int]) -> Screened:
+        from saikyo.models.errors import ModelNotExported, RepositoryError
+        from saikyo.runtime import RunnerError
+
+        if c not in self.runners:
+            try:
+                self.runners[c] = load_candidate(self.entries(c.model), self.base_settings, c)
+            except (RunnerError, RepositoryError, ModelNotExported, OSError, ValueError) as exc:
+                return Screened(c, {}, error=str(exc).splitlines()[0][:200])
+        runner = self.runners[c]
+        timings = {}
+        for b in sizes:
+            batch = np.resize(self.pixels, (b, *self.pixels.shape[1:]))
+            runner.infer_pixels(batch)  # warm-up: first-run allocations, caches another candidate evicted
+            runs: list[float] = []
+            deadline = time.perf_counter() + self.seconds_per_size
+            while len(runs) < 3 or (time.perf_counter() < deadline and len(runs) < 50):
+                t0 = time.perf_counter()
+                runner.infer_pixels(batch)
+                runs.append(time.perf_counter() - t0)
+            timings[b] = statistics.median(runs)
+        if c not in self.agreements:
+            self.agreements[c] = None
             if c.precision != "fp32":
-                mine = np.concatenate([runner.infer_pixels(pixels[i : i + 8]) for i in range(0, len(pixels), 8)])
-                agreement = float(np.mean(mine.argmax(1) == reference().argmax(1)))
-            return Screened(c, timings, agreement)
-        finally:
-            runner.close()
+                px = self.pixels
+                mine = np.concatenate([runner.infer_pixels(px[i : i + 8]) for i in range(0, len(px), 8)])
+                self.agreements[c] = float(np.mean(mine.argmax(1) == self.reference().argmax(1)))
+        return Screened(c, timings, self.agreements[c])
 
-    return run
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
 
 
 def agreement_pixels(preprocessing: Any, extra_images: Sequence[Path] = ()) -> np.ndarray:

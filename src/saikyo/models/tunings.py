@@ -27,6 +27,7 @@ from typing import Any
 
 from saikyo.models.errors import RepositoryError
 from saikyo.models.serving import parse_serving
+from saikyo.models.zoo import precision_of
 
 SCHEMA = "saikyo.tuning/1"
 TUNINGS_DIR = "tunings"
@@ -61,9 +62,11 @@ class Tuning:
 
     @property
     def choice(self) -> str:
-        """'openvino bf16, max batch 16, delay 2 ms, 2 streams'."""
+        """'openvino bf16, max batch 16, delay 2 ms, 2 streams'; NAME-int8's 'openvino int8, ...' (its block
+        asks the engine for fp32: the precision of the layers the file leaves in float)."""
         s = self.serving
-        parts = [f"{s.get('backend', '?')} {s.get('precision', 'fp32')}"]
+        precision = "int8" if precision_of(self.model) == "int8" else s.get("precision", "fp32")
+        parts = [f"{s.get('backend', '?')} {precision}"]
         if "max_batch_size" in s:
             parts.append(f"max batch {s['max_batch_size']}")
         if "max_delay_ms" in s:
