@@ -134,7 +134,10 @@ def test_interrupted_sweep_stops_its_server_and_resumes(repo: ModelRepository, t
         "--images-per-request", "1", "--modes", "seed,closed", "--concurrency", "1", "--seconds", "30",
         "--requests", "3", "--repository", str(repo.root), "--log-dir", str(logs), "--instance-type", "c7i.large",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background by a shell (`make test &`) hands its
+    # children SIGINT ignored, and the sweep would rightly ignore it too.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(records.read(out)) < 1 and proc.poll() is None:
