@@ -24,7 +24,7 @@ import pytest
 from support.paths import CAT
 from PIL import Image
 from support.s3server import BUCKET, S3Server
-from support.serverproc import ServerProcess, free_port, running_server
+from support.serverproc import ServerProcess, free_port, running_server, wait_for
 from support.stress import rss_mib
 from support.tinymodel import add_model, add_tiny_model, heavy_classifier, tiny_classifier
 
@@ -382,30 +382,22 @@ def test_poll_follows_new_versions_and_survives_a_failing_one(
         entry = add_model(ModelRepository(tmp_path / f"scratch-{time.monotonic_ns()}"), "tiny", model)  # type: ignore[arg-type]
         return bucket.publish("tiny", [entry.path], entry.meta)
 
-    def wait_for(what: str, check: object, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():  # type: ignore[operator]
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{what} within {timeout:.0f} s:\n{server.log_tail()}")
-
     args = ("--model-control", "poll", "--repository-poll-s", "0.3", "--s3-endpoint-url", s3_server.url,
             "--model-cache-dir", str(tmp_path / "cache"))  # fmt: skip
     with running_server(f"s3://{BUCKET}/poll", "tiny", tmp_path / "logs", *args, env=s3_server.env()) as server:  # type: ignore[arg-type]
         assert infer(server.url).json()["model_version"] == "1"
         # The same files and meta.json again: another version with the same digest is still new.
         assert bucket.publish("tiny", [first.path], first.meta) == 2
-        wait_for("version 2 serves", lambda: infer(server.url).json()["model_version"] == "2")
+        wait_for("version 2 serves", lambda: infer(server.url).json()["model_version"] == "2", server)
         assert push(tiny_classifier(seed=5)) == 3
-        wait_for("version 3 serves", lambda: infer(server.url).json()["model_version"] == "3")
+        wait_for("version 3 serves", lambda: infer(server.url).json()["model_version"] == "3", server)
         assert push(BROKEN) == 4
-        wait_for("version 4 is reported failed", lambda: (row(index(server.url), "tiny", "4") or {}).get("state") == "UNAVAILABLE")
+        wait_for("version 4 is reported failed", lambda: (row(index(server.url), "tiny", "4") or {}).get("state") == "UNAVAILABLE", server)
         assert infer(server.url).json()["model_version"] == "3"
         time.sleep(10 * 0.3)  # ten more polls: a failed version is not tried again
         assert server.log().count("model tiny version 4 failed to load") == 1
         assert push(tiny_classifier(seed=6)) == 5
-        wait_for("version 5 serves after the failure", lambda: infer(server.url).json()["model_version"] == "5")
+        wait_for("version 5 serves after the failure", lambda: infer(server.url).json()["model_version"] == "5", server)
         assert server.log().count("model tiny version 3 unloaded") == 1  # replaced once, closed once
         assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
 

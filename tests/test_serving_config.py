@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
 from support.s3server import BUCKET, S3Server
-from support.serverproc import ServerProcess, running_server
+from support.serverproc import running_server, wait_for
 from support.tinymodel import add_tiny_model
 
 from saikyo.bench.records import server_info
@@ -63,15 +62,6 @@ def index(url: str) -> list[dict[str, str]]:
         return httpx.post(f"{url}/v2/repository/index", timeout=10).json()
     except httpx.TransportError:
         return []
-
-
-def wait_for(what: str, check: object, server: ServerProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout:.0f} s:\n{server.log_tail()}")
 
 
 # ---- the block as hostile input ----

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from saikyo.bench.localserver import LocalServer, free_port, local_server, stop, wait_until_ready
 
 ServerProcess = LocalServer
 
-__all__ = ["ServerProcess", "free_port", "running_server", "stop", "wait_until_ready"]
+__all__ = ["ServerProcess", "free_port", "running_server", "stop", "wait_for", "wait_until_ready"]
 
 
 @contextlib.contextmanager
@@ -30,3 +31,13 @@ def running_server(
         args = ("--backend", "onnxruntime", *args)
     with local_server(repository, models, log_dir, args, env=env, timeout=timeout, wait_ready=wait_ready) as server:
         yield server
+
+
+def wait_for(what: str, check: Callable[[], object], server: ServerProcess, timeout: float = 60.0) -> None:
+    """Poll `check` until it is true; else fail saying `what` did not happen, with the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout:.0f} s:\n{server.log_tail()}")
