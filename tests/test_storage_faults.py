@@ -167,3 +167,33 @@ def test_staging_left_by_a_dead_download_is_removed_and_staging_counts_in_the_bu
     assert 3000 <= cache.size_bytes() < 8000
     live_owner.discard(live)
     assert not live.exists()
+
+
+def test_a_download_starting_while_another_process_cleans_up_keeps_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers starting together on one cache: one begins a download while another's first use removes the
+    staging directories nobody holds. Here that cleanup runs at the worst instant, just before the
+    download takes its staging lock; the download's directory must survive it."""
+    import fcntl
+
+    downloader = ModelCache(tmp_path, max_bytes=1 << 30)
+    other = ModelCache(tmp_path, max_bytes=1 << 30)  # another process, using the cache for the first time
+
+    class CleanupFirst:
+        LOCK_EX, LOCK_SH, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_SH, fcntl.LOCK_NB
+        ran = False
+
+        def flock(self, fd: int, op: int) -> None:
+            if op == fcntl.LOCK_EX and not self.ran:
+                self.ran = True
+                other.pin("another-version").release()
+            fcntl.flock(fd, op)
+
+    cleanup = CleanupFirst()
+    monkeypatch.setattr("saikyo.models.cache.fcntl", cleanup)
+    staging = downloader.staging()
+    assert cleanup.ran
+    (staging / "model.onnx").write_bytes(b"x" * 100)
+    (staging / "meta.json").write_text("{}")
+    assert (downloader.commit(staging, "the-version") / "model.onnx").is_file()

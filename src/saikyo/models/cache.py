@@ -147,11 +147,19 @@ class ModelCache:
     def staging(self) -> Path:
         """A new directory for a download, locked (beside it) until it is committed or discarded."""
         self._staging.mkdir(parents=True, exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix="download-", dir=self._staging))
-        fd = os.open(d.with_name(d.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._staging_locks[d] = fd
-        return d
+        # The lock first, the directory second: another process's cleanup removes any directory whose lock
+        # it can take, so a directory must never exist, even for an instant, with its lock not yet held.
+        while True:
+            fd, lock = tempfile.mkstemp(prefix="download-", suffix=".lock", dir=self._staging)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            d = Path(lock.removesuffix(".lock"))
+            try:
+                d.mkdir()
+            except FileExistsError:  # a dead download's directory that happens to have this name
+                os.close(fd)
+                continue
+            self._staging_locks[d] = fd
+            return d
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
