@@ -23,7 +23,7 @@ import httpx
 import pytest
 from support.paths import CAT
 from prometheus_client.parser import text_string_to_metric_families
-from support.serverproc import ServerProcess, free_port, running_server
+from support.serverproc import ServerProcess, free_port, running_server, wait_until_ready
 from support.tinymodel import add_model, add_tiny_model, tiny_classifier
 
 from saikyo.models.repository import ModelRepository
@@ -544,13 +544,6 @@ def _every_worker_answers(url: str, model: str) -> dict[str, tuple[int, str | No
             conn.close()
 
 
-def _wait_ready(server: ServerProcess, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, server.log_tail()
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def versioned(tmp_path: Path) -> ModelRepository:
     """tiny with versions 1 and 2, and another model beside it."""
@@ -629,7 +622,7 @@ def test_a_frozen_worker_is_noticed_killed_and_replaced(slow_repository: ModelRe
         finally:
             if _running(frozen):
                 os.kill(frozen, signal.SIGKILL)
-        _wait_ready(server)
+        wait_until_ready(server, timeout=120)
         assert f"worker 1 (pid {frozen}) has not answered for" in server.log()
         deadline = time.monotonic() + 20
         while samples(httpx.get(f"{url}/metrics").text, "saikyo_workers_replaced_total") != {frozenset(): 1.0}:
