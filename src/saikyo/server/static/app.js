@@ -36,7 +36,6 @@ async function loadModels() {
     }
     const firstReady = index.find((e) => e.state === "READY");
     if (firstReady) modelSelect.value = firstReady.name;
-    modelSelect.disabled = !firstReady;
     statusLine.textContent = firstReady ? "" : "No model is ready yet; reload in a moment.";
     await Promise.all(
       index.filter((e) => e.state === "READY").map(async (e) => {
@@ -44,6 +43,8 @@ async function loadModels() {
         if (meta.ok) modelInfo.set(e.name, (await meta.json()).parameters || {});
       }),
     );
+    // Choosable only once every model's note is known: a model picked before its metadata arrived showed none.
+    modelSelect.disabled = !firstReady;
     showModelNote();
   } catch (err) {
     statusLine.textContent = `Could not list the models: ${err.message}`;
